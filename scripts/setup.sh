@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what tokenfs needs on a fresh Debian/Ubuntu machine and builds it.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need[*]}" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+  echo "setup: /dev/fuse is missing: run the container with --device /dev/fuse --cap-add SYS_ADMIN" >&2
+  exit 1
+fi
+cargo build --release --quiet

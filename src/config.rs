@@ -1,0 +1,508 @@
+//! `tokenfs.toml`: the schema, its validation, and errors that point at the
+//! file, line, column and key.
+//!
+//! Parsing is two steps: serde reads the raw document (keeping spans), then
+//! [`Config::validate`] turns it into typed values that cannot express a
+//! wrong state (every binding names a known credential and field, every
+//! managed path is relative and inside its mount). A config that fails either
+//! step never mounts anything.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::render::{Binding, Format, KeyPath};
+use crate::store::SlotRef;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub socket: PathBuf,
+    pub credentials: BTreeMap<String, SourceConfig>,
+    pub mounts: Vec<MountConfig>,
+}
+
+/// Where a credential's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    /// Values arrive from `tokenfs set NAME` or from a CLI writing a managed file.
+    Push { initial_env: Option<String> },
+    /// Follows a file that something else rewrites (e.g. a mounted secret).
+    File { path: PathBuf },
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Push { .. } => "push",
+            SourceConfig::File { .. } => "file",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub dir: PathBuf,
+    /// Let other users reach the mount (kernel permission checks still apply).
+    pub allow_other: bool,
+    pub files: Vec<ManagedConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagedConfig {
+    /// Relative to the mount dir, normal components only.
+    pub path: PathBuf,
+    pub format: Format,
+    pub bindings: Vec<Binding>,
+    /// Create the file (with the bound keys) when it does not exist.
+    pub create: bool,
+}
+
+/// A configuration error, displayed as `file:line:column: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- raw document -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    credentials: BTreeMap<Spanned<String>, Spanned<RawCredential>>,
+    #[serde(default)]
+    mount: Vec<Spanned<RawMount>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    source: Spanned<String>,
+    initial_env: Option<String>,
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    dir: Spanned<String>,
+    #[serde(default)]
+    allow_other: bool,
+    #[serde(default)]
+    file: Vec<Spanned<RawFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    path: Spanned<String>,
+    format: Option<Spanned<String>>,
+    #[serde(default)]
+    bind: BTreeMap<Spanned<String>, Spanned<RawBind>>,
+    #[serde(default)]
+    create: bool,
+}
+
+/// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer " }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawBind {
+    Slot(String),
+    Full {
+        slot: String,
+        #[serde(default)]
+        prefix: String,
+    },
+}
+
+// ---- loading ------------------------------------------------------------
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `path` is used in error messages and to
+    /// resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let at = Locator { file: path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at.error(span, "", e.message().trim())
+        })?;
+        Config::validate(raw, &at)
+    }
+
+    fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+        let mut credentials = BTreeMap::new();
+        for (name, cred) in &raw.credentials {
+            let key = format!("credentials.{}", name.get_ref());
+            if name.get_ref().is_empty() || name.get_ref().contains(['.', ' ']) {
+                return Err(at.error(
+                    name.span(),
+                    &key,
+                    "a credential name may not be empty or contain '.' or spaces",
+                ));
+            }
+            let source = validate_source(cred.get_ref(), &key, at)?;
+            credentials.insert(name.get_ref().clone(), source);
+        }
+        let mut mounts: Vec<MountConfig> = Vec::new();
+        for (i, mount) in raw.mount.iter().enumerate() {
+            let key = format!("mount[{i}]");
+            let m = validate_mount(mount.get_ref(), &key, &credentials, at)?;
+            if let Some(other) = mounts.iter().find(|o| o.dir == m.dir) {
+                return Err(at.error(
+                    mount.get_ref().dir.span(),
+                    &format!("{key}.dir"),
+                    &format!(
+                        "{} is already mounted by an earlier [[mount]]",
+                        other.dir.display()
+                    ),
+                ));
+            }
+            mounts.push(m);
+        }
+        if mounts.is_empty() {
+            return Err(at.error(0..0, "mount", "no [[mount]] tables: nothing to serve"));
+        }
+        Ok(Config {
+            path: at.file.to_owned(),
+            socket: raw
+                .control
+                .socket
+                .as_deref()
+                .map(expand_home)
+                .unwrap_or_else(default_socket),
+            credentials,
+            mounts,
+        })
+    }
+}
+
+fn validate_source(
+    raw: &RawCredential,
+    key: &str,
+    at: &Locator<'_>,
+) -> Result<SourceConfig, ConfigError> {
+    let source = raw.source.get_ref().as_str();
+    let only = |allowed: &[&str]| -> Result<(), ConfigError> {
+        let given = [
+            ("initial_env", raw.initial_env.is_some()),
+            ("path", raw.path.is_some()),
+        ];
+        match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+            Some((k, _)) => Err(at.error(
+                raw.source.span(),
+                &format!("{key}.{k}"),
+                &format!("`{k}` does not apply to source \"{source}\""),
+            )),
+            None => Ok(()),
+        }
+    };
+    match source {
+        "push" => {
+            only(&["initial_env"])?;
+            Ok(SourceConfig::Push {
+                initial_env: raw.initial_env.clone(),
+            })
+        }
+        "file" => {
+            only(&["path"])?;
+            let path = raw.path.as_ref().ok_or_else(|| {
+                at.error(
+                    raw.source.span(),
+                    &format!("{key}.path"),
+                    "source \"file\" needs `path`",
+                )
+            })?;
+            Ok(SourceConfig::File {
+                path: expand_home(path.get_ref()),
+            })
+        }
+        other => Err(at.error(
+            raw.source.span(),
+            &format!("{key}.source"),
+            &format!("unknown source \"{other}\" (expected \"push\" or \"file\")"),
+        )),
+    }
+}
+
+fn validate_mount(
+    raw: &RawMount,
+    key: &str,
+    credentials: &BTreeMap<String, SourceConfig>,
+    at: &Locator<'_>,
+) -> Result<MountConfig, ConfigError> {
+    let dir = expand_home(raw.dir.get_ref());
+    if !dir.is_absolute() {
+        return Err(at.error(
+            raw.dir.span(),
+            &format!("{key}.dir"),
+            "must be an absolute path (or start with ~/)",
+        ));
+    }
+    let mut files: Vec<ManagedConfig> = Vec::new();
+    for (j, file) in raw.file.iter().enumerate() {
+        let fkey = format!("{key}.file[{j}]");
+        let f = validate_file(file.get_ref(), &fkey, credentials, at)?;
+        if files.iter().any(|o| o.path == f.path) {
+            return Err(at.error(
+                file.get_ref().path.span(),
+                &format!("{fkey}.path"),
+                "listed twice in this mount",
+            ));
+        }
+        files.push(f);
+    }
+    Ok(MountConfig {
+        dir,
+        allow_other: raw.allow_other,
+        files,
+    })
+}
+
+fn validate_file(
+    raw: &RawFile,
+    key: &str,
+    credentials: &BTreeMap<String, SourceConfig>,
+    at: &Locator<'_>,
+) -> Result<ManagedConfig, ConfigError> {
+    let path = PathBuf::from(raw.path.get_ref());
+    let normal = path.components().all(|c| matches!(c, Component::Normal(_)));
+    if !normal || path.as_os_str().is_empty() {
+        return Err(at.error(
+            raw.path.span(),
+            &format!("{key}.path"),
+            "must be a relative path inside the mount dir (no '..', no leading '/')",
+        ));
+    }
+    let format = match &raw.format {
+        Some(f) => f.get_ref().parse::<Format>().map_err(|e| at.error(f.span(), &format!("{key}.format"), &e.to_string()))?,
+        None => guess_format(&path).ok_or_else(|| at.error(raw.path.span(), &format!("{key}.format"),
+            "cannot tell the format from the file name: set format = \"yaml\" | \"json\" | \"toml\" | \"dotenv\" | \"ini\" | \"raw\""))?,
+    };
+    let mut bindings = Vec::new();
+    for (k, v) in &raw.bind {
+        let bkey = format!("{key}.bind.\"{}\"", k.get_ref());
+        let keypath: KeyPath = k
+            .get_ref()
+            .parse()
+            .map_err(|e| at.error(k.span(), &bkey, &format!("bad key path: {e}")))?;
+        let (slot, prefix) = match v.get_ref() {
+            RawBind::Slot(s) => (s.as_str(), String::new()),
+            RawBind::Full { slot, prefix } => (slot.as_str(), prefix.clone()),
+        };
+        let slot = SlotRef::parse(slot).map_err(|e| at.error(v.span(), &bkey, &e))?;
+        if !credentials.contains_key(&slot.credential) {
+            return Err(at.error(
+                v.span(),
+                &bkey,
+                &format!(
+                    "unknown credential `{}` (define it in [credentials.{}])",
+                    slot.credential, slot.credential
+                ),
+            ));
+        }
+        bindings.push(Binding {
+            key: keypath,
+            slot: slot.to_string(),
+            prefix,
+        });
+    }
+    Ok(ManagedConfig {
+        path,
+        format,
+        bindings,
+        create: raw.create,
+    })
+}
+
+/// The format implied by a file name, for configs that leave `format` out.
+pub fn guess_format(path: &Path) -> Option<Format> {
+    let name = path.file_name()?.to_str()?;
+    let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+    Some(match (name, ext) {
+        (".env", _) | (_, "env") => Format::Dotenv,
+        (_, "yaml" | "yml") => Format::Yaml,
+        (_, "json") => Format::Json,
+        (_, "toml") => Format::Toml,
+        (".databrickscfg", _) | (_, "ini" | "cfg") => Format::Ini,
+        _ => return None,
+    })
+}
+
+/// `~/x` → `$HOME/x`.
+pub fn expand_home(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ if p == "~" => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(p)),
+        _ => PathBuf::from(p),
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/tokenfs/control.sock`, else `~/.local/state/tokenfs/control.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TOKENFS_SOCKET") {
+        return PathBuf::from(dir);
+    }
+    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => expand_home("~/.local/state"),
+    };
+    base.join("tokenfs").join("control.sock")
+}
+
+/// Turns byte spans into line/column positions for errors.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Range<usize>, key: &str, message: &str) -> ConfigError {
+        let (line, column) = line_col(self.text, span.start);
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[credentials.databricks]
+source = "push"
+initial_env = "DATABRICKS_TOKEN"
+
+[[mount]]
+dir = "/tmp/x"
+[[mount.file]]
+path = "config.yaml"
+bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", prefix = "Bearer " } }
+"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.credentials["databricks"],
+            SourceConfig::Push {
+                initial_env: Some("DATABRICKS_TOKEN".into())
+            }
+        );
+        let f = &c.mounts[0].files[0];
+        assert_eq!(f.format, Format::Yaml);
+        assert_eq!(f.bindings.len(), 2);
+        assert!(
+            f.bindings
+                .iter()
+                .any(|b| b.prefix == "Bearer " && b.slot == "databricks.token")
+        );
+    }
+
+    #[test]
+    fn unknown_credential_names_line_column_and_key() {
+        let text = GOOD.replace(
+            "\"model.api_key\" = \"databricks.token\"",
+            "\"model.api_key\" = \"nope.token\"",
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, 10);
+        assert!(e.key.contains("bind.\"model.api_key\""), "{e}");
+        assert!(e.to_string().starts_with("t.toml:10:"), "{e}");
+        assert!(e.message.contains("unknown credential `nope`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_and_schema_errors_have_positions() {
+        let e = parse("[[mount]]\ndir = \n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let e = parse("[credentials.a]\nsource = \"push\"\ncolour = 1\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+        let e = parse("[credentials.a]\nsource = \"pusj\"\n[[mount]]\ndir=\"/x\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (2, "credentials.a.source"), "{e}");
+    }
+
+    #[test]
+    fn paths_must_stay_inside_the_mount() {
+        let text = GOOD.replace(
+            "path = \"config.yaml\"",
+            "path = \"../config.yaml\"\nformat = \"yaml\"",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.key.ends_with(".path"), "{e}");
+    }
+
+    #[test]
+    fn formats_are_guessed_from_names() {
+        assert_eq!(guess_format(Path::new(".env")), Some(Format::Dotenv));
+        assert_eq!(guess_format(Path::new("auth.json")), Some(Format::Json));
+        assert_eq!(guess_format(Path::new(".databrickscfg")), Some(Format::Ini));
+        assert_eq!(guess_format(Path::new("token")), None);
+    }
+}

@@ -1,0 +1,323 @@
+//! `tokenfs mount`: checks, mounts every directory, serves until every mount
+//! is gone, and unmounts cleanly on SIGTERM/SIGINT.
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{MountOption, Session, SessionACL};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, MountConfig};
+use crate::control;
+use crate::fs::TokenFs;
+use crate::fs::managed::Context;
+use crate::source::Sources;
+use crate::store::Store;
+
+/// How long to wait for sessions to end after an unmount request before
+/// exiting anyway (a process holding a file open keeps a lazily detached
+/// mount alive; its name is already gone).
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+enum Event {
+    Signal(i32),
+    Ended(PathBuf, std::io::Result<()>),
+}
+
+pub fn run(config: Config) -> Result<(), String> {
+    preflight(&config)?;
+    let store = Arc::new(Store::new(
+        config
+            .credentials
+            .iter()
+            .map(|(n, k)| (n.as_str(), k.kind())),
+    ));
+    let sources = Sources::start(&config, store.clone())?;
+    let ctx = Arc::new(Context {
+        store: store.clone(),
+        adopt: sources.clone(),
+    });
+    let mut filesystems = Vec::new();
+    for m in &config.mounts {
+        let root = open_dir(&m.dir)?;
+        filesystems.push(TokenFs::new(m, root, ctx.clone())?);
+    }
+    let state = Arc::new(control::State {
+        store,
+        sources,
+        mounts: filesystems.iter().map(|f| f.info.clone()).collect(),
+        started: SystemTime::now(),
+    });
+    control::serve(&config.socket, state)?;
+
+    let (tx, rx) = mpsc::channel();
+    watch_signals(tx.clone())?;
+    let mut mounted: Vec<PathBuf> = Vec::new();
+    for (fs, m) in filesystems.into_iter().zip(&config.mounts) {
+        match mount(fs, m, tx.clone()) {
+            Ok(()) => mounted.push(m.dir.clone()),
+            Err(e) => {
+                detach_all(&mounted);
+                return Err(e);
+            }
+        }
+    }
+    info!(mounts = mounted.len(), "tokenfs is serving");
+    wait(rx, &mounted);
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf]) {
+    let mut live = mounted.len();
+    let mut deadline: Option<Instant> = None;
+    while live > 0 {
+        let event = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(e) => e,
+                Err(_) => {
+                    warn!(
+                        "{live} mount(s) still busy after {EXIT_GRACE:?} (a process holds a file open); exiting anyway"
+                    );
+                    return;
+                }
+            },
+            None => match rx.recv() {
+                Ok(e) => e,
+                Err(_) => return,
+            },
+        };
+        match event {
+            Event::Signal(sig) => {
+                info!(signal = sig, "unmounting everything");
+                detach_all(mounted);
+                deadline.get_or_insert(Instant::now() + EXIT_GRACE);
+            }
+            Event::Ended(dir, res) => {
+                live -= 1;
+                match res {
+                    Ok(()) => info!(mount = %dir.display(), "unmounted"),
+                    Err(e) => error!(mount = %dir.display(), "session ended with an error: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Detaches every mount lazily: the names disappear at once, and each
+/// session ends (the kernel aborts its connection) as soon as no process
+/// uses it. fusermount3's auto-unmount only acts once the daemon is gone,
+/// so a live daemon must do this itself.
+fn detach_all(dirs: &[PathBuf]) {
+    for dir in dirs {
+        if let Err(e) = detach(dir) {
+            warn!(mount = %dir.display(), "unmount failed: {e}");
+        }
+    }
+}
+
+fn detach(dir: &Path) -> Result<(), String> {
+    if nix::unistd::geteuid().is_root() {
+        let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| "bad path".to_string())?;
+        // SAFETY: valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(format!("fusermount3: {e}")),
+    }
+}
+
+fn watch_signals(tx: mpsc::Sender<Event>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+/// Mounts one directory and runs its session on its own threads.
+fn mount(fs: TokenFs, m: &MountConfig, tx: mpsc::Sender<Event>) -> Result<(), String> {
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("tokenfs".into()),
+        MountOption::Subtype("tokenfs".into()),
+        MountOption::DefaultPermissions,
+        // fusermount3 stays behind and unmounts if the daemon dies, so a
+        // SIGKILL never leaves "Transport endpoint is not connected".
+        MountOption::AutoUnmount,
+    ];
+    // The kernel needs allow_other for auto_unmount; without `allow_other`
+    // in the config, requests from other uids (but root) get EACCES.
+    cfg.acl = if m.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::RootAndOwner
+    };
+    cfg.n_threads = Some(2);
+    cfg.clone_fd = true;
+    let session = Session::new(fs, &m.dir, &cfg).map_err(|e| mount_error(&m.dir, &e))?;
+    let dir = m.dir.clone();
+    std::thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            let res = session.run();
+            let _ = tx.send(Event::Ended(dir, res));
+        })
+        .map_err(|e| format!("cannot start the session thread: {e}"))?;
+    Ok(())
+}
+
+fn mount_error(dir: &Path, e: &std::io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (mounting needs root or CAP_SYS_ADMIN, or a setuid fusermount3 and `user_allow_other` in /etc/fuse.conf)"
+        }
+        _ => "",
+    };
+    format!("cannot mount {}: {e}{hint}", dir.display())
+}
+
+/// Everything that would make a mount fail, checked before anything is
+/// mounted, each with the one thing to do about it.
+fn preflight(config: &Config) -> Result<(), String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse is missing: run the container with --device /dev/fuse and CAP_SYS_ADMIN (or load the fuse module)".into());
+    }
+    if which("fusermount3").is_none() {
+        return Err("fusermount3 is not installed: apt-get install -y fuse3".into());
+    }
+    for m in &config.mounts {
+        let dir = &m.dir;
+        match std::fs::metadata(dir) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => clear_stale_mount(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "mount dir {} does not exist: mkdir -p {}",
+                    dir.display(),
+                    dir.display()
+                ));
+            }
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+        if is_tokenfs_mount(dir) {
+            return Err(format!(
+                "{} is already mounted by tokenfs: run `fusermount3 -u {}` (or stop the other daemon) first",
+                dir.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A daemon that died without auto-unmount leaves a dead mount; detach it.
+fn clear_stale_mount(dir: &Path) -> Result<(), String> {
+    warn!(mount = %dir.display(), "found a stale mount (its daemon is gone); detaching it");
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        _ => Err(format!(
+            "{} is a dead mount and could not be detached: run `fusermount3 -u -z {}`",
+            dir.display(),
+            dir.display()
+        )),
+    }
+}
+
+fn is_tokenfs_mount(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            return false;
+        };
+        let mount_point = fields.get(4).map(|p| unescape(p));
+        let fstype = fields.get(dash + 1).copied().unwrap_or("");
+        fstype == "fuse.tokenfs" && mount_point.as_deref() == Some(want.as_os_str().as_bytes())
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.exists())
+}
+
+/// Opens the mount dir before mounting: the only way to reach the original
+/// files once the mount hides them.
+fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: bad path", dir.display()))?;
+    // SAFETY: valid C string.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "{}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fresh fd owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

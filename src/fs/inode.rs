@@ -1,0 +1,163 @@
+//! The inode table: FUSE node ids ↔ inodes of the hidden original directory.
+//!
+//! Each known inode is held by one `O_PATH` fd, keyed by `(st_dev, st_ino)`,
+//! as virtiofsd and libfuse's `passthrough_hp` do, instead of by path: a
+//! directory renamed while in use stays correct, and holding the fd keeps the
+//! inode allocated, so its number cannot be reused while the kernel knows it.
+//!
+//! Node ids are the backing inode numbers where that is unambiguous (same
+//! device as the mount root), so `stat` and `readdir` agree on `st_ino`.
+//! Managed files and inodes on other devices get synthetic ids from a range
+//! real filesystems do not use.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+pub const ROOT_ID: u64 = 1;
+/// Start of the synthetic id range.
+const SYNTHETIC_BASE: u64 = 1 << 62;
+
+/// One inode of the backing directory tree that the kernel knows about.
+#[derive(Debug)]
+pub struct Node {
+    pub id: u64,
+    fd: OwnedFd,
+    pub key: (u64, u64),
+    /// `S_IFMT` bits of the inode (a node never changes type).
+    pub kind: libc::mode_t,
+}
+
+impl Node {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    pub fn is_symlink(&self) -> bool {
+        self.kind == libc::S_IFLNK
+    }
+}
+
+struct Entry {
+    node: Arc<Node>,
+    /// The kernel's lookup count: the node is dropped when `forget` brings it to 0.
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<u64, Entry>,
+    by_key: HashMap<(u64, u64), u64>,
+}
+
+pub struct Inodes {
+    table: Mutex<Table>,
+    root_dev: u64,
+    next_synthetic: AtomicU64,
+}
+
+impl Inodes {
+    /// A table holding the root directory (node id 1).
+    pub fn new(root: OwnedFd, root_stat: &libc::stat) -> Inodes {
+        let key = (root_stat.st_dev, root_stat.st_ino);
+        let node = Arc::new(Node {
+            id: ROOT_ID,
+            fd: root,
+            key,
+            kind: libc::S_IFDIR,
+        });
+        let mut table = Table::default();
+        table.by_key.insert(key, ROOT_ID);
+        // The root is never forgotten: one lookup the kernel never returns.
+        table.by_id.insert(ROOT_ID, Entry { node, lookups: 1 });
+        Inodes {
+            table: Mutex::new(table),
+            root_dev: root_stat.st_dev,
+            next_synthetic: AtomicU64::new(SYNTHETIC_BASE),
+        }
+    }
+
+    /// A fresh id that no backing inode will ever get (for managed files).
+    pub fn synthetic_id(&self) -> u64 {
+        self.next_synthetic.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.table.lock().by_id.get(&id).map(|e| e.node.clone())
+    }
+
+    pub fn root(&self) -> Option<Arc<Node>> {
+        self.get(ROOT_ID)
+    }
+
+    /// Registers one more kernel reference to the inode behind `fd` (a new
+    /// `O_PATH` fd whose `stat` is `st`), reusing the existing node if the
+    /// inode is already known (then `fd` is simply closed).
+    pub fn remember(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Node> {
+        let key = (st.st_dev, st.st_ino);
+        let mut table = self.table.lock();
+        if let Some(&id) = table.by_key.get(&key) {
+            if let Some(entry) = table.by_id.get_mut(&id) {
+                entry.lookups += 1;
+                return entry.node.clone();
+            }
+        }
+        let id = if st.st_dev == self.root_dev && st.st_ino > ROOT_ID && st.st_ino < SYNTHETIC_BASE
+        {
+            st.st_ino
+        } else {
+            self.synthetic_id()
+        };
+        let node = Arc::new(Node {
+            id,
+            fd,
+            key,
+            kind: st.st_mode & libc::S_IFMT,
+        });
+        table.by_key.insert(key, id);
+        table.by_id.insert(
+            id,
+            Entry {
+                node: node.clone(),
+                lookups: 1,
+            },
+        );
+        node
+    }
+
+    /// The kernel dropped `n` references to `id`.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let mut table = self.table.lock();
+        let gone = match table.by_id.get_mut(&id) {
+            Some(entry) => {
+                entry.lookups = entry.lookups.saturating_sub(n);
+                entry.lookups == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(entry) = table.by_id.remove(&id) {
+                table.by_key.remove(&entry.node.key);
+            }
+        }
+    }
+
+    /// Number of inodes held (for status and leak tests).
+    pub fn len(&self) -> usize {
+        self.table.lock().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

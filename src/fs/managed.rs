@@ -1,0 +1,547 @@
+//! A managed file: rendered from the credential snapshot on every open, and
+//! saved back (secrets turned into placeholders) on every write.
+//!
+//! Nothing here knows FUSE. The backing file lives in the hidden original
+//! directory and holds the user's bytes with each secret replaced by a
+//! placeholder; [`ManagedFile::rendering`] substitutes the current secrets.
+//! One rendering per (snapshot generation, template version) is cached and
+//! shared by every handle opened while it is current, so a config read costs
+//! an `Arc` clone, while a handle keeps its own rendering for its whole life.
+
+use std::ffi::CString;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use tracing::{info, warn};
+
+use super::inode::Node;
+use super::sys;
+use crate::config::ManagedConfig;
+use crate::render::{self, Binding, Conversion, Format, Template};
+use crate::secret::{Secret, SecretBytes};
+use crate::source::Adopt;
+use crate::store::{SlotRef, Snapshot, Store};
+
+/// Temporary files of our own atomic saves start with this; they are hidden
+/// from directory listings and swept at mount.
+pub const TMP_PREFIX: &str = ".tokenfs-tmp-";
+
+/// What the file is right now.
+enum State {
+    /// No file of that name (never created, unlinked or renamed away).
+    Absent,
+    Present {
+        template: Arc<Template>,
+        /// The bytes did not parse when saved: renderings will not either,
+        /// and that was already reported.
+        broken: bool,
+        /// Bumped on every save, so cached renderings of the old template die.
+        version: u64,
+        stat: libc::stat,
+    },
+}
+
+struct Cached {
+    generation: u64,
+    version: u64,
+    bytes: Arc<SecretBytes>,
+}
+
+/// What `tokenfs status` shows about a file.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FileHealth {
+    pub present: bool,
+    pub last_write: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// Shared by every managed file of a daemon: where values come from and go to.
+pub struct Context {
+    pub store: Arc<Store>,
+    pub adopt: Arc<dyn Adopt>,
+}
+
+pub struct ManagedFile {
+    pub id: u64,
+    /// Path relative to the mount dir, for messages.
+    pub rel: PathBuf,
+    /// Absolute path under the mount, for status.
+    pub shown: PathBuf,
+    /// The backing parent directory.
+    pub dir: Arc<Node>,
+    pub name: CString,
+    pub format: Format,
+    bindings: Vec<Binding>,
+    slots: Vec<SlotRef>,
+    state: RwLock<State>,
+    cache: Mutex<Option<Cached>>,
+    /// (thread id, handle, size) of open handles: `fstat` arrives without a
+    /// handle, and a reader must see the size of the rendering it holds.
+    opens: Mutex<Vec<(u32, u64, u64)>>,
+    health: Mutex<FileHealth>,
+    ctx: Arc<Context>,
+    saves: AtomicU64,
+}
+
+fn stat_mtime(st: &libc::stat) -> SystemTime {
+    to_time(st.st_mtime, st.st_mtime_nsec)
+}
+
+fn stat_ctime(st: &libc::stat) -> SystemTime {
+    to_time(st.st_ctime, st.st_ctime_nsec)
+}
+
+pub fn to_time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs.clamp(0, 999_999_999) as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn set_time(t: SystemTime, secs: &mut i64, nsecs: &mut i64) {
+    if let Ok(d) = t.duration_since(UNIX_EPOCH) {
+        *secs = d.as_secs() as i64;
+        *nsecs = d.subsec_nanos() as i64;
+    }
+}
+
+impl ManagedFile {
+    /// Prepares a managed file at mount time: converts real secrets in the
+    /// backing file to placeholders (a value found there becomes the
+    /// credential's first value if it has none), inserts missing keys, and
+    /// creates the file when the config says `create = true`.
+    pub fn load(
+        id: u64,
+        dir: Arc<Node>,
+        mount_dir: &std::path::Path,
+        cfg: &ManagedConfig,
+        ctx: Arc<Context>,
+    ) -> Result<ManagedFile, String> {
+        let name_os = cfg.path.file_name().unwrap_or_default();
+        let name = sys::cname(name_os).map_err(|e| format!("{}: {e}", cfg.path.display()))?;
+        let slots = cfg
+            .bindings
+            .iter()
+            .filter_map(|b| SlotRef::parse(&b.slot).ok())
+            .collect();
+        let file = ManagedFile {
+            id,
+            rel: cfg.path.clone(),
+            shown: mount_dir.join(&cfg.path),
+            dir,
+            name,
+            format: cfg.format,
+            bindings: cfg.bindings.clone(),
+            slots,
+            state: RwLock::new(State::Absent),
+            cache: Mutex::new(None),
+            opens: Mutex::new(Vec::new()),
+            health: Mutex::new(FileHealth::default()),
+            ctx,
+            saves: AtomicU64::new(0),
+        };
+        file.sweep_temp_files();
+        match sys::stat_name(file.dir.fd(), &file.name) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                let bytes = file.read_backing().map_err(|e| file.describe(&e))?;
+                file.convert_at_mount(&bytes, st)?;
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} is not a regular file (a symlink or directory); tokenfs manages regular files only: point the config at the real file",
+                    file.shown.display()
+                ));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if cfg.create {
+                    file.convert_at_mount(b"", empty_stat())?;
+                } else {
+                    info!(file = %file.shown.display(), "managed file does not exist; it appears when a program creates it");
+                }
+            }
+            Err(e) => return Err(file.describe(&e)),
+        }
+        Ok(file)
+    }
+
+    fn describe(&self, e: &io::Error) -> String {
+        format!("{}: {e}", self.shown.display())
+    }
+
+    fn read_backing(&self) -> io::Result<Vec<u8>> {
+        let fd = sys::open_at(self.dir.fd(), &self.name, libc::O_RDONLY, 0)?;
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn convert_at_mount(&self, bytes: &[u8], st: libc::stat) -> Result<(), String> {
+        let snap = self.ctx.store.snapshot();
+        let conv = self.to_template(&snap, bytes);
+        self.report_conversion(&conv, "at mount");
+        for found in conv.found {
+            let Ok(slot) = SlotRef::parse(&found.slot) else {
+                continue;
+            };
+            if self.ctx.store.snapshot().get(&slot).is_none() {
+                info!(file = %self.shown.display(), key = %found.key, slot = %slot, fingerprint = %found.value,
+                    "adopting the value found in the file as the credential's first value");
+                if let Err(why) =
+                    self.ctx
+                        .adopt
+                        .offer(&slot, found.value, &self.shown.display().to_string())
+                {
+                    warn!(file = %self.shown.display(), slot = %slot, "value found in the file was not adopted: {why}");
+                }
+            } else {
+                info!(file = %self.shown.display(), key = %found.key, slot = %slot, fingerprint = %found.value,
+                    "the file held an older value; it now shows the credential's current one");
+            }
+        }
+        let stat = if conv.template != bytes || st.st_ino == 0 {
+            self.save_backing(&conv.template)
+                .map_err(|e| self.describe(&e))?
+        } else {
+            st
+        };
+        self.install(conv.template, conv.parse_error.is_some(), stat);
+        Ok(())
+    }
+
+    /// Values (current and recent) this file's slots have had: a write that
+    /// carries one of them carries *our* token, not a new one.
+    fn known_secrets(&self, snap: &Snapshot) -> Vec<(String, Secret)> {
+        let mut known = Vec::new();
+        for slot in &self.slots {
+            if let Some(s) = snap.get(slot) {
+                known.push((slot.to_string(), s.clone()));
+            }
+            for old in self.ctx.store.recent(slot) {
+                known.push((slot.to_string(), old));
+            }
+        }
+        known
+    }
+
+    fn to_template(&self, snap: &Snapshot, bytes: &[u8]) -> Conversion {
+        let known = self.known_secrets(snap);
+        let refs: Vec<(&str, &[u8])> = known
+            .iter()
+            .map(|(slot, s)| (slot.as_str(), s.expose()))
+            .collect();
+        render::to_template(self.format, bytes, &self.bindings, &refs, true)
+    }
+
+    fn report_conversion(&self, conv: &Conversion, when: &str) {
+        if let Some(e) = &conv.parse_error {
+            let msg = format!(
+                "{} is not valid {} ({e}); kept as written",
+                self.shown.display(),
+                self.format
+            );
+            warn!(file = %self.shown.display(), "{when}: {msg}");
+            self.note_error(msg);
+        }
+        for p in &conv.problems {
+            warn!(file = %self.shown.display(), "{when}: {p}");
+        }
+        for key in &conv.inserted {
+            info!(file = %self.shown.display(), key = %key, "{when}: inserted the missing bound key");
+        }
+    }
+
+    fn install(&self, template: Vec<u8>, broken: bool, stat: libc::stat) {
+        let version = self.saves.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.state.write() = State::Present {
+            template: Arc::new(Template::new(template)),
+            broken,
+            version,
+            stat,
+        };
+        self.health.lock().present = true;
+    }
+
+    fn note_error(&self, msg: String) {
+        let mut h = self.health.lock();
+        h.last_error = Some(msg);
+        h.last_error_at = Some(SystemTime::now());
+    }
+
+    pub fn health(&self) -> FileHealth {
+        self.health.lock().clone()
+    }
+
+    pub fn is_present(&self) -> bool {
+        matches!(*self.state.read(), State::Present { .. })
+    }
+
+    /// The rendering of the current snapshot, or `None` if the file is absent.
+    pub fn rendering(&self) -> Option<Arc<SecretBytes>> {
+        let snap = self.ctx.store.snapshot();
+        let (template, version, broken) = match &*self.state.read() {
+            State::Present {
+                template,
+                version,
+                broken,
+                ..
+            } => (template.clone(), *version, *broken),
+            State::Absent => return None,
+        };
+        if let Some(c) = &*self.cache.lock() {
+            if c.generation == snap.generation && c.version == version {
+                return Some(c.bytes.clone());
+            }
+        }
+        let bytes = Arc::new(self.render(&snap, &template, broken));
+        let mut cache = self.cache.lock();
+        let newer = cache
+            .as_ref()
+            .is_some_and(|c| c.generation > snap.generation || c.version > version);
+        if !newer {
+            *cache = Some(Cached {
+                generation: snap.generation,
+                version,
+                bytes: bytes.clone(),
+            });
+        }
+        Some(bytes)
+    }
+
+    /// Renders and checks once per new (generation, template): the check
+    /// parses the result, which is too slow for every open but catches a
+    /// secret that breaks the format before a CLI trips on it.
+    fn render(&self, snap: &Snapshot, template: &Template, broken: bool) -> SecretBytes {
+        let lookup = |slot: &str| snap.get_str(slot).map(|s| s.expose());
+        let mut out = Vec::new();
+        template.render(&lookup, &mut out);
+        if broken {
+            return SecretBytes::new(out);
+        }
+        if let Err(e) = render::check(self.format, &out, &self.bindings, &lookup) {
+            let msg = format!(
+                "rendering of generation {} is not right: {e}",
+                snap.generation
+            );
+            warn!(file = %self.shown.display(), "{msg}");
+            self.note_error(msg);
+        }
+        SecretBytes::new(out)
+    }
+
+    /// `stat` of the file as readers see it: mode without group and other
+    /// bits, times that advance with every generation, and a size no reader
+    /// can be truncated by.
+    ///
+    /// The kernel does not say which handle an `fstat` is about (`fh` comes
+    /// only from a few internal paths), and a reader such as Node's
+    /// `readFileSync` sizes its buffer by `fstat` and stops there. So the size
+    /// is that of the current rendering or of any rendering the calling
+    /// thread still holds open, whichever is larger: readers read to EOF or
+    /// to that size, and both give them the whole file.
+    pub fn stat(&self, tid: u32, fh: Option<u64>) -> Option<libc::stat> {
+        let mut st = match &*self.state.read() {
+            State::Present { stat, .. } => *stat,
+            State::Absent => return None,
+        };
+        let (exact, held) = {
+            let opens = self.opens.lock();
+            let exact = fh.and_then(|fh| opens.iter().find(|o| o.1 == fh).map(|o| o.2));
+            let held = opens.iter().filter(|o| o.0 == tid).map(|o| o.2).max();
+            (exact, held)
+        };
+        let size = match exact {
+            Some(size) => size,
+            None => {
+                let current = self.rendering().map_or(0, |r| r.len() as u64);
+                held.map_or(current, |h| h.max(current))
+            }
+        };
+        let published = self.ctx.store.snapshot().published_at;
+        let mtime = stat_mtime(&st).max(published);
+        let ctime = stat_ctime(&st).max(published);
+        st.st_size = size as i64;
+        st.st_blocks = size.div_ceil(512) as i64;
+        st.st_mode &= !0o077;
+        set_time(mtime, &mut st.st_mtime, &mut st.st_mtime_nsec);
+        set_time(ctime, &mut st.st_ctime, &mut st.st_ctime_nsec);
+        Some(st)
+    }
+
+    pub fn track_open(&self, tid: u32, fh: u64, size: u64) {
+        self.opens.lock().push((tid, fh, size));
+    }
+
+    pub fn track_size(&self, fh: u64, size: u64) {
+        if let Some(o) = self.opens.lock().iter_mut().find(|o| o.1 == fh) {
+            o.2 = size;
+        }
+    }
+
+    pub fn track_close(&self, fh: u64, tid: u32) {
+        self.opens.lock().retain(|o| o.1 != fh || o.0 != tid);
+    }
+
+    pub fn track_release(&self, fh: u64) {
+        self.opens.lock().retain(|o| o.1 != fh);
+    }
+
+    /// Saves bytes a program wrote (through an open handle, or as a file it
+    /// renamed over this one). Secrets become placeholders again; a new value
+    /// at a bound key is offered to its credential's source; bytes that do not
+    /// parse are saved as written and logged. Errors are the writer's errno.
+    pub fn commit(&self, bytes: &[u8]) -> io::Result<()> {
+        let snap = self.ctx.store.snapshot();
+        let conv = self.to_template(&snap, bytes);
+        self.report_conversion(&conv, "write");
+        let stat = match self.save_backing(&conv.template) {
+            Ok(st) => st,
+            Err(e) => {
+                let msg = format!(
+                    "saving {} failed: {e}; the previous content is kept",
+                    self.shown.display()
+                );
+                tracing::error!(file = %self.shown.display(), "{msg}");
+                self.note_error(msg);
+                return Err(e);
+            }
+        };
+        self.install(conv.template, conv.parse_error.is_some(), stat);
+        self.health.lock().last_write = Some(SystemTime::now());
+        for found in conv.found {
+            let Ok(slot) = SlotRef::parse(&found.slot) else {
+                continue;
+            };
+            match self
+                .ctx
+                .adopt
+                .offer(&slot, found.value, &self.shown.display().to_string())
+            {
+                Ok(()) => {
+                    info!(file = %self.shown.display(), key = %found.key, slot = %slot, "adopted a new value written by a program")
+                }
+                Err(why) => {
+                    warn!(file = %self.shown.display(), key = %found.key, slot = %slot, "a value written by a program was not adopted: {why}")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the backing file atomically: temp file, fsync, rename, fsync of
+    /// the directory. Keeps the previous owner; the mode never grants group or
+    /// other access. On any error the previous file is untouched.
+    fn save_backing(&self, bytes: &[u8]) -> io::Result<libc::stat> {
+        let previous = match &*self.state.read() {
+            State::Present { stat, .. } => Some(*stat),
+            State::Absent => None,
+        };
+        let tmp_name = format!(
+            "{TMP_PREFIX}{}-{}",
+            std::process::id(),
+            self.saves.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = sys::cname(std::ffi::OsStr::new(&tmp_name))?;
+        let mode = previous.map_or(0o600, |st| st.st_mode & 0o700);
+        let fd = sys::open_at(
+            self.dir.fd(),
+            &tmp,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            mode,
+        )?;
+        let written = (|| {
+            let mut file = std::fs::File::from(fd);
+            file.write_all(bytes)?;
+            if let Some(st) = previous {
+                // Keep the owner of the original (we may be root serving a user).
+                if st.st_uid != euid() || st.st_gid != egid() {
+                    sys::chown_fd(file.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
+                }
+            }
+            file.sync_all()?;
+            sys::rename_at(self.dir.fd(), &tmp, self.dir.fd(), &self.name, 0)?;
+            sys::stat_fd(file.as_fd())
+        })();
+        match written {
+            Ok(st) => {
+                if let Ok(d) = sys::reopen(self.dir.fd(), libc::O_RDONLY | libc::O_DIRECTORY) {
+                    let _ = d.sync_all();
+                }
+                Ok(st)
+            }
+            Err(e) => {
+                let _ = sys::unlink_at(self.dir.fd(), &tmp, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// The file was unlinked or renamed away (its backing file is gone).
+    pub fn set_absent(&self) {
+        *self.state.write() = State::Absent;
+        *self.cache.lock() = None;
+        self.health.lock().present = false;
+    }
+
+    /// Creates the file empty (a program called `creat` on the name).
+    pub fn create_empty(&self, mode: u32) -> io::Result<()> {
+        let fd = sys::open_at(
+            self.dir.fd(),
+            &self.name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            mode & 0o700,
+        )?;
+        let st = sys::stat_fd(fd.as_fd())?;
+        self.install(Vec::new(), false, st);
+        Ok(())
+    }
+
+    /// Re-reads the backing file's metadata after chmod/chown/utimens.
+    pub fn refresh_stat(&self) -> io::Result<()> {
+        let st = sys::stat_name(self.dir.fd(), &self.name)?;
+        if let State::Present { stat, .. } = &mut *self.state.write() {
+            *stat = st;
+        }
+        Ok(())
+    }
+
+    /// Removes temp files a crashed daemon may have left in the backing dir.
+    fn sweep_temp_files(&self) {
+        let Ok(dir) = sys::reopen(self.dir.fd(), libc::O_RDONLY | libc::O_DIRECTORY) else {
+            return;
+        };
+        let mut stale = Vec::new();
+        let _ = sys::read_dir(&dir, 0, |e| {
+            if e.name.starts_with(TMP_PREFIX.as_bytes()) {
+                stale.push(e.name);
+            }
+            true
+        });
+        for name in stale {
+            if let Ok(c) = CString::new(name) {
+                if sys::unlink_at(self.dir.fd(), &c, 0).is_ok() {
+                    info!(file = %self.shown.display(), "removed a temp file left by an earlier run");
+                }
+            }
+        }
+    }
+}
+
+fn empty_stat() -> libc::stat {
+    // SAFETY: libc::stat is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+fn egid() -> u32 {
+    nix::unistd::getegid().as_raw()
+}

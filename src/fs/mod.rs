@@ -1,0 +1,296 @@
+//! The FUSE filesystem: translates kernel requests into operations on managed
+//! files ([`managed`]) or on the hidden original directory ([`passthrough`]).
+//!
+//! No policy lives here: which files are managed, how they render and what a
+//! write means are decided by [`managed::ManagedFile`]; this layer only maps
+//! node ids and handles, picks cache lifetimes, and turns `io::Error`s into
+//! errnos. Nothing here panics on input: every failure becomes an errno.
+
+pub mod inode;
+pub mod managed;
+mod ops;
+mod passthrough;
+pub mod sys;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, ReplyEntry, Request,
+};
+use parking_lot::Mutex;
+use tracing::warn;
+
+use self::inode::{Inodes, Node};
+use self::managed::{Context, ManagedFile};
+use crate::config::MountConfig;
+use crate::secret::SecretBytes;
+
+/// Attribute and entry lifetime for passthrough inodes. Every change to them
+/// arrives through this mount, and the kernel drops its cached attributes of
+/// an inode it changes, so a short TTL only saves round trips.
+const PASSTHROUGH_TTL: Duration = Duration::from_secs(1);
+/// Managed files are never cached by the kernel: size and content change with
+/// every rotation.
+const NO_CACHE: Duration = Duration::ZERO;
+
+/// One mounted directory.
+pub struct TokenFs {
+    pub dir: PathBuf,
+    inodes: Inodes,
+    managed: Managed,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// Whether the kernel accepted FUSE passthrough for this session.
+    kernel_passthrough: AtomicBool,
+    /// One backing file per inode, shared by its open handles (the kernel
+    /// refuses a second one while the first is in use).
+    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    pub info: Arc<MountInfo>,
+}
+
+/// What status shows about a mount (shared with the control server).
+pub struct MountInfo {
+    pub dir: PathBuf,
+    pub files: Vec<Arc<ManagedFile>>,
+    pub kernel_passthrough: AtomicBool,
+}
+
+#[derive(Default)]
+struct Managed {
+    by_id: HashMap<u64, Arc<ManagedFile>>,
+    by_name: HashMap<((u64, u64), Vec<u8>), Arc<ManagedFile>>,
+    /// Directories that hold managed files. Names there get entry TTL 0: after
+    /// a program renames its temp file over a managed file, the kernel's
+    /// cached name must not keep pointing at the temp file's inode.
+    parents: HashSet<(u64, u64)>,
+}
+
+impl Managed {
+    fn find(&self, parent: &Node, name: &OsStr) -> Option<&Arc<ManagedFile>> {
+        if !self.parents.contains(&parent.key) {
+            return None;
+        }
+        self.by_name.get(&(parent.key, name.as_bytes().to_vec()))
+    }
+}
+
+enum Handle {
+    File {
+        file: File,
+        _backing: Option<Arc<BackingId>>,
+    },
+    Dir(Mutex<File>),
+    Managed(ManagedHandle),
+}
+
+/// An open managed file: the rendering it saw at `open()`, and for writers a
+/// private copy that is committed on `flush`/`fsync`/`release`.
+struct ManagedHandle {
+    file: Arc<ManagedFile>,
+    snapshot: Arc<SecretBytes>,
+    write: Option<Mutex<WriteBuf>>,
+}
+
+struct WriteBuf {
+    /// May hold secrets (the rendering it started from): zeroed on drop.
+    data: Vec<u8>,
+    dirty: bool,
+    append: bool,
+}
+
+impl Drop for WriteBuf {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn file_type(mode: libc::mode_t) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dirent_type(t: u8) -> FileType {
+    match t {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn to_attr(id: u64, st: &libc::stat) -> FileAttr {
+    let t = managed::to_time;
+    FileAttr {
+        ino: INodeNo(id),
+        size: st.st_size.max(0) as u64,
+        blocks: st.st_blocks.max(0) as u64,
+        atime: t(st.st_atime, st.st_atime_nsec),
+        mtime: t(st.st_mtime, st.st_mtime_nsec),
+        ctime: t(st.st_ctime, st.st_ctime_nsec),
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+impl TokenFs {
+    /// Builds the filesystem for one mount from the directory fd opened before
+    /// mounting, loading (and converting) its managed files.
+    pub fn new(cfg: &MountConfig, root: OwnedFd, ctx: Arc<Context>) -> Result<TokenFs, String> {
+        let shown = cfg.dir.display().to_string();
+        let root_stat =
+            sys::stat_fd(std::os::fd::AsFd::as_fd(&root)).map_err(|e| format!("{shown}: {e}"))?;
+        let inodes = Inodes::new(root, &root_stat);
+        let mut managed = Managed::default();
+        let mut files = Vec::new();
+        for fcfg in &cfg.files {
+            let parent = resolve_parent(&inodes, &fcfg.path).map_err(|e| {
+                format!(
+                    "{}: the directory of a managed file must exist: {e}",
+                    cfg.dir.join(&fcfg.path).display()
+                )
+            })?;
+            let id = inodes.synthetic_id();
+            let file = Arc::new(ManagedFile::load(
+                id,
+                parent.clone(),
+                &cfg.dir,
+                fcfg,
+                ctx.clone(),
+            )?);
+            managed.parents.insert(parent.key);
+            managed
+                .by_name
+                .insert((parent.key, file.name.as_bytes().to_vec()), file.clone());
+            managed.by_id.insert(id, file.clone());
+            files.push(file);
+        }
+        let info = Arc::new(MountInfo {
+            dir: cfg.dir.clone(),
+            files,
+            kernel_passthrough: AtomicBool::new(false),
+        });
+        Ok(TokenFs {
+            dir: cfg.dir.clone(),
+            inodes,
+            managed,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            kernel_passthrough: AtomicBool::new(false),
+            backing: Mutex::new(HashMap::new()),
+            info,
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn entry_ttl(&self, parent: &Node) -> Duration {
+        if self.managed.parents.contains(&parent.key) {
+            NO_CACHE
+        } else {
+            PASSTHROUGH_TTL
+        }
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Registers a newly created or found inode with the kernel's lookup.
+    fn remember(&self, parent: &Node, name: &OsStr) -> io::Result<(Arc<Node>, libc::stat)> {
+        let cname = sys::cname(name)?;
+        let fd = sys::open_path(parent.fd(), &cname)?;
+        let st = sys::stat_fd(std::os::fd::AsFd::as_fd(&fd))?;
+        Ok((self.inodes.remember(fd, &st), st))
+    }
+
+    /// Files created by another uid (with `allow_other`) belong to that uid,
+    /// as they would on the original filesystem.
+    fn chown_to_caller(&self, req: &Request, parent: &Node, name: &OsStr) {
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 || (req.uid() == euid && req.gid() == nix::unistd::getegid().as_raw()) {
+            return;
+        }
+        let res = sys::cname(name)
+            .and_then(|c| sys::open_path(parent.fd(), &c))
+            .and_then(|fd| {
+                sys::chown_fd(
+                    std::os::fd::AsFd::as_fd(&fd),
+                    Some(req.uid()),
+                    Some(req.gid()),
+                )
+            });
+        if let Err(e) = res {
+            warn!(mount = %self.dir.display(), "cannot give a new file to uid {}: {e}", req.uid());
+        }
+    }
+
+    fn reply_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
+        match self.remember(parent, name) {
+            Ok((node, st)) => reply.entry_with_ttls(
+                &PASSTHROUGH_TTL,
+                &self.entry_ttl(parent),
+                &to_attr(node.id, &st),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Walks from the root to the directory that holds `path`.
+fn resolve_parent(inodes: &Inodes, path: &Path) -> io::Result<Arc<Node>> {
+    let mut node = inodes
+        .root()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    let Some(parent) = path.parent() else {
+        return Ok(node);
+    };
+    for comp in parent.components() {
+        let c = sys::cname(comp.as_os_str())?;
+        let fd = sys::open_path(node.fd(), &c)?;
+        let st = sys::stat_fd(std::os::fd::AsFd::as_fd(&fd))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        node = inodes.remember(fd, &st);
+    }
+    Ok(node)
+}

@@ -1,0 +1,645 @@
+//! `impl fuser::Filesystem`: one short method per kernel request, each
+//! deciding only whether the name or node is managed and delegating.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, info};
+
+use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, errno, sys, to_attr};
+use crate::fs::managed::TMP_PREFIX;
+
+/// Replies with an error, or runs the success path.
+macro_rules! tri {
+    ($reply:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e.into()),
+        }
+    };
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    errno(&e)
+}
+
+impl fuser::Filesystem for TokenFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        // Kernel passthrough needs CAP_SYS_ADMIN to register backing files;
+        // stack depth 2 lets the backing directory itself be on overlayfs
+        // (as a container's root is).
+        let passthrough = nix::unistd::geteuid().is_root()
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok();
+        self.kernel_passthrough
+            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+        self.info
+            .kernel_passthrough
+            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+        info!(mount = %self.dir.display(), kernel_passthrough = passthrough, abi = %format!("{:?}", config.kernel_abi()), "mounted");
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        debug!(mount = %self.dir.display(), "session destroyed");
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let p = tri!(reply, self.node(parent));
+        if let Some(m) = self.managed.find(&p, name) {
+            let st = tri!(reply, m.stat(req.pid(), None).ok_or(Errno::ENOENT));
+            return reply.entry_with_ttls(&NO_CACHE, &NO_CACHE, &to_attr(m.id, &st), Generation(0));
+        }
+        if self.managed.parents.contains(&p.key)
+            && name.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes())
+        {
+            return reply.error(Errno::ENOENT);
+        }
+        self.reply_entry(&p, name, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(m) = self.managed.by_id.get(&ino.0) {
+            let st = tri!(
+                reply,
+                m.stat(req.pid(), fh.map(|f| f.0)).ok_or(Errno::ENOENT)
+            );
+            return reply.attr(&NO_CACHE, &to_attr(m.id, &st));
+        }
+        let node = tri!(reply, self.node(ino));
+        let st = tri!(reply, sys::stat_fd(node.fd()).map_err(io_errno));
+        reply.attr(&PASSTHROUGH_TTL, &to_attr(node.id, &st));
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = super::passthrough::AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        if let Some(m) = self.managed.by_id.get(&ino.0) {
+            tri!(reply, self.managed_setattr(m, &change, fh));
+            let st = tri!(
+                reply,
+                m.stat(req.pid(), fh.map(|f| f.0)).ok_or(Errno::ENOENT)
+            );
+            return reply.attr(&NO_CACHE, &to_attr(m.id, &st));
+        }
+        let node = tri!(reply, self.node(ino));
+        let st = tri!(reply, self.passthrough_setattr(&node, &change, fh));
+        reply.attr(&PASSTHROUGH_TTL, &to_attr(node.id, &st));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let node = tri!(reply, self.node(ino));
+        let target = tri!(reply, sys::readlink_fd(node.fd()).map_err(io_errno));
+        reply.data(&target);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        tri!(reply, self.not_managed_name(&p, name));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(
+            reply,
+            sys::mknod_at(p.fd(), &c, mode, rdev as libc::dev_t).map_err(io_errno)
+        );
+        self.chown_to_caller(req, &p, name);
+        self.reply_entry(&p, name, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        tri!(reply, self.not_managed_name(&p, name));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(reply, sys::mkdir_at(p.fd(), &c, mode).map_err(io_errno));
+        self.chown_to_caller(req, &p, name);
+        self.reply_entry(&p, name, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = tri!(reply, self.node(parent));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(reply, sys::unlink_at(p.fd(), &c, 0).map_err(io_errno));
+        if let Some(m) = self.managed.find(&p, name) {
+            info!(file = %m.shown.display(), "managed file unlinked; it reappears when a program creates it");
+            m.set_absent();
+        }
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = tri!(reply, self.node(parent));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(
+            reply,
+            sys::unlink_at(p.fd(), &c, libc::AT_REMOVEDIR).map_err(io_errno)
+        );
+        reply.ok();
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        tri!(reply, self.not_managed_name(&p, link_name));
+        let c = tri!(reply, sys::cname(link_name).map_err(io_errno));
+        let t = tri!(reply, sys::cname(target.as_os_str()).map_err(io_errno));
+        tri!(reply, sys::symlink_at(&t, p.fd(), &c).map_err(io_errno));
+        self.chown_to_caller(req, &p, link_name);
+        self.reply_entry(&p, link_name, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        let np = tri!(reply, self.node(newparent));
+        tri!(reply, self.rename_any(&p, name, &np, newname, flags));
+        reply.ok();
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        if self.managed.by_id.contains_key(&ino.0) {
+            // A second name for a managed file would show its placeholders.
+            return reply.error(Errno::EPERM);
+        }
+        let node = tri!(reply, self.node(ino));
+        let np = tri!(reply, self.node(newparent));
+        tri!(reply, self.not_managed_name(&np, newname));
+        let c = tri!(reply, sys::cname(newname).map_err(io_errno));
+        tri!(
+            reply,
+            sys::link_fd(node.fd(), np.fd(), &c).map_err(io_errno)
+        );
+        self.reply_entry(&np, newname, reply);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(m) = self.managed.by_id.get(&ino.0) {
+            let fh = tri!(reply, self.open_managed(m, flags.0, req.pid()));
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        let node = tri!(reply, self.node(ino));
+        let file = tri!(reply, sys::reopen(node.fd(), flags.0).map_err(io_errno));
+        match self.backing_for(&node, &file, |f| reply.open_backing(f)) {
+            Some(id) => {
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    _backing: Some(id.clone()),
+                });
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            }
+            None => {
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    _backing: None,
+                });
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        match &*h {
+            Handle::Managed(mh) => mh.read(offset, size, |bytes| reply.data(bytes)),
+            Handle::File { file, .. } => {
+                let mut buf = vec![0u8; size as usize];
+                let n = tri!(reply, sys::pread(file, &mut buf, offset).map_err(io_errno));
+                reply.data(&buf[..n]);
+            }
+            Handle::Dir(_) => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        match &*h {
+            Handle::Managed(mh) => {
+                let len = tri!(reply, mh.write(offset, data));
+                mh.file.track_size(fh.0, len);
+                reply.written(data.len() as u32);
+            }
+            Handle::File { file, .. } => {
+                let n = tri!(reply, sys::pwrite(file, data, offset).map_err(io_errno));
+                reply.written(n as u32);
+            }
+            Handle::Dir(_) => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        if let Handle::Managed(mh) = &*h {
+            // close() waits for flush but not for release: when the opening
+            // thread closes, forget the handle's size now, so its next fstat
+            // is not answered with this one's. (A forked child closing its
+            // inherited copy also flushes; that must not count.)
+            mh.file.track_close(fh.0, req.pid());
+            tri!(reply, mh.commit());
+        }
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.handles.lock().remove(&fh.0);
+        if let Some(Handle::Managed(mh)) = h.as_deref() {
+            mh.file.track_release(fh.0);
+            // Normally flush already committed; this catches writers that
+            // never flushed (e.g. an mmap).
+            if let Err(e) = mh.commit() {
+                tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        match &*h {
+            Handle::Managed(mh) => tri!(reply, mh.commit()),
+            Handle::File { file, .. } => {
+                let r = if datasync {
+                    file.sync_data()
+                } else {
+                    file.sync_all()
+                };
+                tri!(reply, r.map_err(io_errno));
+            }
+            Handle::Dir(d) => tri!(reply, d.lock().sync_all().map_err(io_errno)),
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let node = tri!(reply, self.node(ino));
+        let dir = tri!(
+            reply,
+            sys::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_errno)
+        );
+        let fh = self.add_handle(Handle::Dir(parking_lot::Mutex::new(dir)));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        let node = tri!(reply, self.node(ino));
+        let h = tri!(reply, self.handle(fh));
+        let Handle::Dir(dir) = &*h else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        self.list_dir(&node, &dir.lock(), offset, reply);
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        if let Handle::Dir(d) = &*h {
+            tri!(reply, d.lock().sync_all().map_err(io_errno));
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let root = tri!(reply, self.node(INodeNo(super::inode::ROOT_ID)));
+        let s = tri!(reply, sys::statvfs_fd(root.fd()).map_err(io_errno));
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            s.f_namemax as u32,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let fd = tri!(reply, self.xattr_target(ino));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(
+            reply,
+            sys::xattr::set(std::os::fd::AsFd::as_fd(&fd), &c, value, flags).map_err(io_errno)
+        );
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let fd = tri!(reply, self.xattr_target(ino));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        let v = tri!(
+            reply,
+            sys::xattr::get(std::os::fd::AsFd::as_fd(&fd), &c, size as usize).map_err(io_errno)
+        );
+        if size == 0 {
+            reply.size(v.len() as u32)
+        } else {
+            reply.data(&v)
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let fd = tri!(reply, self.xattr_target(ino));
+        let v = tri!(
+            reply,
+            sys::xattr::list(std::os::fd::AsFd::as_fd(&fd), size as usize).map_err(io_errno)
+        );
+        if size == 0 {
+            reply.size(v.len() as u32)
+        } else {
+            reply.data(&v)
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fd = tri!(reply, self.xattr_target(ino));
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        tri!(
+            reply,
+            sys::xattr::remove(std::os::fd::AsFd::as_fd(&fd), &c).map_err(io_errno)
+        );
+        reply.ok();
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Mounted with default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let p = tri!(reply, self.node(parent));
+        if let Some(m) = self.managed.find(&p, name).cloned() {
+            let fh = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
+            let st = tri!(reply, m.stat(req.pid(), Some(fh)).ok_or(Errno::ENOENT));
+            return reply.created(
+                &NO_CACHE,
+                &to_attr(m.id, &st),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            );
+        }
+        let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        let fd = tri!(
+            reply,
+            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(io_errno)
+        );
+        self.chown_to_caller(req, &p, name);
+        let (node, st) = tri!(reply, self.remember(&p, name).map_err(io_errno));
+        let file = std::fs::File::from(fd);
+        let ttl = self.entry_ttl(&p);
+        match self.backing_for(&node, &file, |f| reply.open_backing(f)) {
+            Some(id) => {
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    _backing: Some(id.clone()),
+                });
+                reply.created_passthrough(
+                    &ttl,
+                    &to_attr(node.id, &st),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &id,
+                );
+            }
+            None => {
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    _backing: None,
+                });
+                reply.created(
+                    &ttl,
+                    &to_attr(node.id, &st),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                );
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        let Handle::File { file, .. } = &*h else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        tri!(
+            reply,
+            sys::fallocate(file, mode, offset, length).map_err(io_errno)
+        );
+        reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        let Handle::File { file, .. } = &*h else {
+            return reply.error(Errno::EINVAL);
+        };
+        let off = tri!(reply, sys::lseek(file, offset, whence).map_err(io_errno));
+        reply.offset(off);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let src = tri!(reply, self.handle(fh_in));
+        let dst = tri!(reply, self.handle(fh_out));
+        let (Handle::File { file: s, .. }, Handle::File { file: d, .. }) = (&*src, &*dst) else {
+            // Managed files: let the kernel fall back to read + write.
+            return reply.error(Errno::EXDEV);
+        };
+        let n = tri!(
+            reply,
+            sys::copy_file_range(s, offset_in, d, offset_out, len).map_err(io_errno)
+        );
+        reply.written(n as u32);
+    }
+}

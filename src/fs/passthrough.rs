@@ -1,0 +1,386 @@
+//! The halves of requests that need more than one syscall: attribute changes,
+//! renames that involve a managed name, opens (with kernel passthrough), and
+//! directory listings. Everything is relative to fds of the hidden directory.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use fuser::{BackingId, Errno, FileHandle, INodeNo, RenameFlags, ReplyDirectory, TimeOrNow};
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use super::inode::Node;
+use super::managed::{ManagedFile, TMP_PREFIX};
+use super::{Handle, ManagedHandle, TokenFs, WriteBuf, dirent_type, errno, sys};
+use crate::secret::SecretBytes;
+
+fn io_errno(e: io::Error) -> Errno {
+    errno(&e)
+}
+
+/// The changes one `setattr` asks for.
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if n < 0 {
+                    s -= 1;
+                    n += 1_000_000_000;
+                }
+                libc::timespec {
+                    tv_sec: s as libc::time_t,
+                    tv_nsec: n as libc::c_long,
+                }
+            }
+        },
+    }
+}
+
+/// Applies mode, owner and times to the inode behind an `O_PATH` fd.
+fn apply_meta(fd: std::os::fd::BorrowedFd<'_>, c: &AttrChange, is_symlink: bool) -> io::Result<()> {
+    if let Some(mode) = c.mode {
+        sys::chmod_fd(fd, mode & 0o7777)?;
+    }
+    if c.uid.is_some() || c.gid.is_some() {
+        sys::chown_fd(fd, c.uid, c.gid)?;
+    }
+    if c.atime.is_some() || c.mtime.is_some() {
+        sys::utimens_fd(fd, &[timespec(c.atime), timespec(c.mtime)], is_symlink)?;
+    }
+    Ok(())
+}
+
+impl TokenFs {
+    pub(super) fn passthrough_setattr(
+        &self,
+        node: &Node,
+        c: &AttrChange,
+        fh: Option<FileHandle>,
+    ) -> Result<libc::stat, Errno> {
+        if let Some(size) = c.size {
+            let via_handle = fh.and_then(|fh| self.handle(fh).ok());
+            match via_handle.as_deref() {
+                Some(Handle::File { file, .. }) => file.set_len(size).map_err(io_errno)?,
+                _ => sys::truncate_fd(node.fd(), size).map_err(io_errno)?,
+            }
+        }
+        apply_meta(node.fd(), c, node.is_symlink()).map_err(io_errno)?;
+        sys::stat_fd(node.fd()).map_err(io_errno)
+    }
+
+    pub(super) fn managed_setattr(
+        &self,
+        m: &ManagedFile,
+        c: &AttrChange,
+        fh: Option<FileHandle>,
+    ) -> Result<(), Errno> {
+        if !m.is_present() {
+            return Err(Errno::ENOENT);
+        }
+        if let Some(size) = c.size {
+            let handle = fh.and_then(|fh| self.handle(fh).ok());
+            match handle.as_deref() {
+                Some(Handle::Managed(mh)) if mh.write.is_some() => mh.truncate(size)?,
+                _ => {
+                    // truncate(2) by path: applies to what readers see now.
+                    let mut bytes = m.rendering().map(|r| r.to_vec()).unwrap_or_default();
+                    bytes.resize(size as usize, 0);
+                    let bytes = SecretBytes::new(bytes);
+                    m.commit(&bytes).map_err(io_errno)?;
+                }
+            }
+        }
+        if c.mode.is_some()
+            || c.uid.is_some()
+            || c.gid.is_some()
+            || c.atime.is_some()
+            || c.mtime.is_some()
+        {
+            let fd = sys::open_path(m.dir.fd(), &m.name).map_err(io_errno)?;
+            apply_meta(fd.as_fd(), c, false).map_err(io_errno)?;
+            m.refresh_stat().map_err(io_errno)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses to make a managed name into something else (a directory, a
+    /// symlink, a device, a hard link).
+    pub(super) fn not_managed_name(&self, parent: &Node, name: &OsStr) -> Result<(), Errno> {
+        match self.managed.find(parent, name) {
+            Some(m) if m.is_present() => Err(Errno::EEXIST),
+            Some(_) => Err(Errno::EPERM),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn rename_any(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        np: &Node,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let src = self.managed.find(p, name).cloned();
+        let dst = self.managed.find(np, newname).cloned();
+        let (c_old, c_new) = (
+            sys::cname(name).map_err(io_errno)?,
+            sys::cname(newname).map_err(io_errno)?,
+        );
+        match (src, dst) {
+            (None, None) => {
+                sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)
+            }
+            (None, Some(dst)) => self.rename_onto_managed(p, name, &dst, flags),
+            (Some(src), None) => {
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    return Err(Errno::EXDEV);
+                }
+                sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)?;
+                info!(file = %src.shown.display(), "managed file renamed away (its copy keeps the placeholders); it reappears when a program creates it");
+                src.set_absent();
+                Ok(())
+            }
+            (Some(a), Some(b)) if Arc::ptr_eq(&a, &b) => Ok(()),
+            // Two managed files: let the program fall back to copy + unlink,
+            // which goes through the normal write path.
+            (Some(_), Some(_)) => Err(Errno::EXDEV),
+        }
+    }
+
+    /// The atomic-save pattern: a program wrote a temp file and renames it
+    /// over a managed file. The temp file's bytes are committed as a write
+    /// (secrets become placeholders) and the temp file is removed, so the
+    /// managed file keeps its inode and no token lands on disk.
+    fn rename_onto_managed(
+        &self,
+        p: &Node,
+        name: &OsStr,
+        dst: &ManagedFile,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return Err(Errno::EXDEV);
+        }
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) && dst.is_present() {
+            return Err(Errno::EEXIST);
+        }
+        let c = sys::cname(name).map_err(io_errno)?;
+        let st = sys::stat_name(p.fd(), &c).map_err(io_errno)?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EXDEV),
+        }
+        let fd = sys::open_at(p.fd(), &c, libc::O_RDONLY, 0).map_err(io_errno)?;
+        let mut bytes = Vec::with_capacity(st.st_size.max(0) as usize);
+        io::Read::read_to_end(&mut File::from(fd), &mut bytes).map_err(io_errno)?;
+        let bytes = SecretBytes::new(bytes);
+        dst.commit(&bytes).map_err(io_errno)?;
+        if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
+            warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
+        }
+        Ok(())
+    }
+
+    pub(super) fn open_managed(
+        &self,
+        m: &Arc<ManagedFile>,
+        flags: i32,
+        tid: u32,
+    ) -> Result<u64, Errno> {
+        let snapshot = m.rendering().ok_or(Errno::ENOENT)?;
+        let write = if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            let truncate = flags & libc::O_TRUNC != 0;
+            let data = if truncate {
+                Vec::new()
+            } else {
+                snapshot.to_vec()
+            };
+            Some(Mutex::new(WriteBuf {
+                data,
+                dirty: truncate,
+                append: flags & libc::O_APPEND != 0,
+            }))
+        } else {
+            None
+        };
+        let size = match &write {
+            Some(w) => w.lock().data.len(),
+            None => snapshot.len(),
+        };
+        let fh = self.add_handle(Handle::Managed(ManagedHandle {
+            file: m.clone(),
+            snapshot,
+            write,
+        }));
+        m.track_open(tid, fh, size as u64);
+        Ok(fh)
+    }
+
+    pub(super) fn create_managed(
+        &self,
+        m: &Arc<ManagedFile>,
+        mode: u32,
+        flags: i32,
+        tid: u32,
+    ) -> Result<u64, Errno> {
+        if m.is_present() {
+            if flags & libc::O_EXCL != 0 {
+                return Err(Errno::EEXIST);
+            }
+        } else {
+            m.create_empty(mode).map_err(io_errno)?;
+            info!(file = %m.shown.display(), "managed file created by a program");
+        }
+        self.open_managed(m, flags, tid)
+    }
+
+    /// The kernel passthrough backing file for `node`, registering `file` if
+    /// the inode has none yet. `None` means: forward reads and writes.
+    pub(super) fn backing_for(
+        &self,
+        node: &Node,
+        file: &File,
+        open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self
+            .kernel_passthrough
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let mut backing = self.backing.lock();
+        if let Some(id) = backing.get(&node.id).and_then(|w| w.upgrade()) {
+            return Some(id);
+        }
+        match open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                backing.retain(|_, w| w.strong_count() > 0);
+                backing.insert(node.id, Arc::downgrade(&id));
+                Some(id)
+            }
+            Err(e) => {
+                warn!(mount = %self.dir.display(), "kernel passthrough refused ({e}); forwarding reads and writes");
+                None
+            }
+        }
+    }
+
+    /// Lists a directory, giving managed files their own node ids and hiding
+    /// our temp files.
+    pub(super) fn list_dir(&self, node: &Node, dir: &File, offset: u64, mut reply: ReplyDirectory) {
+        let hide_tmp = self.managed.parents.contains(&node.key);
+        let listed = sys::read_dir(dir, offset as i64, |e| {
+            if hide_tmp && e.name.starts_with(TMP_PREFIX.as_bytes()) {
+                return true;
+            }
+            let name = OsStr::from_bytes(&e.name);
+            let ino = self.managed.find(node, name).map_or(e.ino, |m| m.id);
+            // `add` returns true when the reply buffer is full.
+            !reply.add(
+                INodeNo(ino),
+                e.next_offset as u64,
+                dirent_type(e.kind),
+                name,
+            )
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// An fd for xattr calls: the backing file of a managed file, or the node.
+    pub(super) fn xattr_target(&self, ino: INodeNo) -> Result<OwnedFd, Errno> {
+        if let Some(m) = self.managed.by_id.get(&ino.0) {
+            return sys::open_path(m.dir.fd(), &m.name).map_err(io_errno);
+        }
+        let node = self.node(ino)?;
+        if node.is_symlink() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        node.fd().try_clone_to_owned().map_err(io_errno)
+    }
+}
+
+impl ManagedHandle {
+    pub(super) fn read(&self, offset: u64, size: u32, reply: impl FnOnce(&[u8])) {
+        let slice = |bytes: &[u8]| {
+            let start = (offset as usize).min(bytes.len());
+            let end = start.saturating_add(size as usize).min(bytes.len());
+            reply(&bytes[start..end]);
+        };
+        match &self.write {
+            Some(w) => slice(&w.lock().data),
+            None => slice(&self.snapshot),
+        }
+    }
+
+    /// Writes into the handle's private copy; returns its new length.
+    pub(super) fn write(&self, offset: u64, data: &[u8]) -> Result<u64, Errno> {
+        let w = self.write.as_ref().ok_or(Errno::EBADF)?;
+        let mut w = w.lock();
+        let start = if w.append {
+            w.data.len()
+        } else {
+            offset as usize
+        };
+        let end = start.checked_add(data.len()).ok_or(Errno::EFBIG)?;
+        if w.data.len() < end {
+            w.data.resize(end, 0);
+        }
+        w.data[start..end].copy_from_slice(data);
+        w.dirty = true;
+        Ok(w.data.len() as u64)
+    }
+
+    pub(super) fn truncate(&self, size: u64) -> Result<(), Errno> {
+        let w = self.write.as_ref().ok_or(Errno::EBADF)?;
+        let mut w = w.lock();
+        w.data.resize(size as usize, 0);
+        w.dirty = true;
+        Ok(())
+    }
+
+    /// Saves the private copy if it changed since the last commit.
+    pub(super) fn commit(&self) -> Result<(), Errno> {
+        let Some(w) = &self.write else { return Ok(()) };
+        let mut w = w.lock();
+        if !w.dirty {
+            return Ok(());
+        }
+        self.file.commit(&w.data).map_err(io_errno)?;
+        w.dirty = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! tokenfs: serve AI-CLI config files from an in-memory credential snapshot.
+//!
+//! Data flow (see `DESIGN.md`): [`source`]s publish into the [`store`];
+//! [`render`] turns a snapshot into file bytes; [`fs`] serves them over FUSE
+//! and passes every other file through; [`control`] answers `tokenfs status`,
+//! `set`, `rotate` and `token`; [`daemon`] wires them together.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod fs;
+pub mod render;
+pub mod secret;
+pub mod source;
+pub mod store;

@@ -1,0 +1,187 @@
+//! The `tokenfs` command line: parses arguments and dispatches.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokenfs::config::{self, Config};
+use tokenfs::control::{self, Request};
+
+#[derive(Parser)]
+#[command(
+    name = "tokenfs",
+    version,
+    about = "Serve AI-CLI config files with always-current tokens, from memory, over FUSE"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the control socket is: `--socket`, else the one a config names,
+/// else the default.
+#[derive(clap::Args)]
+struct Target {
+    /// The daemon's config (to find its control socket).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The control socket (default: $XDG_RUNTIME_DIR/tokenfs/control.sock or ~/.local/state/tokenfs/control.sock).
+    #[arg(long, env = "TOKENFS_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount every directory in the config and serve until all are unmounted.
+    Mount {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config without mounting anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show credentials (fingerprints only), mounts and the last errors.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a new value for a credential, read from standard input.
+    Set {
+        name: String,
+        /// token, access_token, refresh_token or id_token.
+        #[arg(long, default_value = "token")]
+        field: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Ask a credential's source to mint a new token now.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a credential's current secret (for apiKeyHelper-style hooks).
+    Token {
+        name: String,
+        #[arg(long, default_value = "token")]
+        field: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn socket_of(target: &Target) -> Result<PathBuf, String> {
+    if let Some(s) = &target.socket {
+        return Ok(s.clone());
+    }
+    match &target.config {
+        Some(c) => Config::load(c).map(|c| c.socket).map_err(|e| e.to_string()),
+        None => Ok(config::default_socket()),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Mount { config } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            tokenfs::daemon::run(config)
+        }
+        Command::Check { config } => {
+            let c = Config::load(&config).map_err(|e| e.to_string())?;
+            let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
+            println!(
+                "{}: ok ({} credentials, {} mounts, {files} managed files)",
+                config.display(),
+                c.credentials.len(),
+                c.mounts.len()
+            );
+            Ok(())
+        }
+        Command::Status { target, json } => {
+            let v = control::call(&socket_of(&target)?, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let s: control::Status = serde_json::from_value(v)
+                    .map_err(|e| format!("unexpected status reply: {e}"))?;
+                print!("{}", control::render_status(&s));
+            }
+            Ok(())
+        }
+        Command::Set {
+            name,
+            field,
+            target,
+        } => {
+            let mut secret = String::new();
+            std::io::stdin()
+                .read_to_string(&mut secret)
+                .map_err(|e| format!("reading the secret from stdin: {e}"))?;
+            if secret.trim().is_empty() {
+                return Err(
+                    "no secret on standard input (usage: printf %s \"$TOKEN\" | tokenfs set NAME)"
+                        .into(),
+                );
+            }
+            let v = control::call(
+                &socket_of(&target)?,
+                &Request::Set {
+                    name: name.clone(),
+                    field: Some(field),
+                    secret,
+                },
+            )?;
+            eprintln!("{name}: published generation {}", v["generation"]);
+            Ok(())
+        }
+        Command::Rotate { name, target } => {
+            let v = control::call(
+                &socket_of(&target)?,
+                &Request::Rotate { name: name.clone() },
+            )?;
+            eprintln!("{name}: rotated, generation {}", v["generation"]);
+            Ok(())
+        }
+        Command::Token {
+            name,
+            field,
+            target,
+        } => {
+            let v = control::call(
+                &socket_of(&target)?,
+                &Request::Token {
+                    name,
+                    field: Some(field),
+                },
+            )?;
+            println!("{}", v["secret"].as_str().unwrap_or_default());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

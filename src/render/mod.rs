@@ -1,0 +1,361 @@
+//! Templates: a managed file's bytes with every secret replaced by a
+//! placeholder, and the way back.
+//!
+//! Rendering is plain substitution into precomputed segments (it runs on
+//! every open). Converting bytes *into* a template, and checking a rendering,
+//! use each format's real parser for meaning and never rewrite what they do
+//! not have to: comments, key order, quoting and layout survive byte for byte.
+//! Nothing here knows about FUSE, files or the store.
+
+mod formats;
+mod template;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use template::Template;
+
+use crate::secret::Secret;
+
+/// The syntax of a managed file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Yaml,
+    Json,
+    Toml,
+    Dotenv,
+    Ini,
+    Raw,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Yaml => "yaml",
+            Format::Json => "json",
+            Format::Toml => "toml",
+            Format::Dotenv => "dotenv",
+            Format::Ini => "ini",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        [
+            Format::Yaml,
+            Format::Json,
+            Format::Toml,
+            Format::Dotenv,
+            Format::Ini,
+            Format::Raw,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == s)
+        .ok_or_else(|| {
+            format!("unknown format \"{s}\" (expected yaml, json, toml, dotenv, ini or raw)")
+        })
+    }
+}
+
+/// A key path into a document: dot-separated segments, where an all-digit
+/// segment indexes a sequence. For INI the first segment is the section and
+/// the rest (dots included) the key; for `raw` the empty path is the file.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyPath {
+    raw: String,
+    segments: Vec<String>,
+}
+
+impl KeyPath {
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// The segments as INI sees them: section, then the key (may hold dots).
+    fn ini_parts(&self) -> Option<(&str, &str)> {
+        self.raw.split_once('.')
+    }
+}
+
+impl FromStr for KeyPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KeyPath, String> {
+        if s.is_empty() {
+            return Ok(KeyPath {
+                raw: String::new(),
+                segments: Vec::new(),
+            });
+        }
+        let segments: Vec<String> = s.split('.').map(str::to_owned).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(format!("`{s}` has an empty segment"));
+        }
+        Ok(KeyPath {
+            raw: s.to_owned(),
+            segments,
+        })
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.raw.is_empty() {
+            "(whole file)"
+        } else {
+            &self.raw
+        })
+    }
+}
+
+/// Where a secret goes: the value at `key` is exactly `prefix + secret`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub key: KeyPath,
+    /// An opaque slot name such as `databricks.token`.
+    pub slot: String,
+    pub prefix: String,
+}
+
+/// The placeholder text for a slot. Valid as a YAML plain scalar, inside
+/// JSON/TOML strings, and in dotenv and INI values.
+pub fn placeholder(slot: &str) -> String {
+    format!("{}{slot}{}", template::OPEN, template::CLOSE)
+}
+
+/// A value found at a bound key that is not ours: a candidate for adoption.
+pub struct Found {
+    pub slot: String,
+    pub key: KeyPath,
+    /// Without the binding's prefix.
+    pub value: Secret,
+}
+
+/// The result of turning bytes into a template.
+#[derive(Default)]
+pub struct Conversion {
+    pub template: Vec<u8>,
+    pub found: Vec<Found>,
+    pub inserted: Vec<KeyPath>,
+    /// The input did not parse: the template is the input with known
+    /// secrets replaced, nothing else changed.
+    pub parse_error: Option<FormatError>,
+    /// Notes for the log. Never contain document text.
+    pub problems: Vec<String>,
+}
+
+/// A parse error's position and the parser's message (never document text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}, column {column}: {message}")]
+pub struct FormatError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("does not parse: {0}")]
+    Parse(FormatError),
+    #[error("key {key} is missing")]
+    Missing { key: KeyPath },
+    #[error("key {key} does not hold the secret of {slot}")]
+    Mismatch { key: KeyPath, slot: String },
+}
+
+/// What a key path leads to in a parsed document.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    Missing,
+    Str(String),
+    /// A number, mapping, list…: not ours to touch.
+    Other(&'static str),
+}
+
+/// Turns bytes (found at mount time, or just written by a program) into a
+/// template. See the module doc; in short: known secrets become
+/// placeholders, other values at bound keys are reported in `found` (and
+/// also become placeholders), missing keys are inserted if asked.
+pub fn to_template(
+    format: Format,
+    input: &[u8],
+    bindings: &[Binding],
+    known: &[(&str, &[u8])],
+    insert_missing: bool,
+) -> Conversion {
+    let substituted = replace_known(input, known);
+    let mut conv = Conversion {
+        template: substituted.clone(),
+        ..Conversion::default()
+    };
+    let scrub = |m: String| scrub(m, known);
+    let Ok(mut text) = String::from_utf8(substituted) else {
+        conv.parse_error = Some(FormatError {
+            line: 0,
+            column: 0,
+            message: "not UTF-8".into(),
+        });
+        return conv;
+    };
+    if let Err(e) = formats::parse_check(format, &text) {
+        conv.parse_error = Some(FormatError {
+            message: scrub(e.message),
+            ..e
+        });
+        return conv;
+    }
+    for b in bindings {
+        let ph = format!("{}{}", b.prefix, placeholder(&b.slot));
+        match formats::value_at(format, &text, &b.key) {
+            Ok(Lookup::Str(v)) if v == ph => {}
+            Ok(Lookup::Str(v)) => match adopt_value(format, &mut text, b, &v, &ph) {
+                Ok(Some(found)) => conv.found.push(found),
+                Ok(None) => {}
+                Err(p) => conv.problems.push(scrub(p)),
+            },
+            Ok(Lookup::Missing) if insert_missing => {
+                match formats::insert(format, &text, &b.key, &ph) {
+                    Ok(t) => {
+                        text = t;
+                        conv.inserted.push(b.key.clone());
+                    }
+                    Err(p) => conv
+                        .problems
+                        .push(scrub(format!("cannot insert key {}: {p}", b.key))),
+                }
+            }
+            Ok(Lookup::Missing) => {}
+            Ok(Lookup::Other(kind)) => {
+                conv.problems.push(format!(
+                    "key {} holds {kind}, not a string; left alone",
+                    b.key
+                ));
+            }
+            Err(e) => conv
+                .problems
+                .push(scrub(format!("key {}: {}", b.key, e.message))),
+        }
+    }
+    conv.template = text.into_bytes();
+    conv
+}
+
+/// Replaces the value at a binding's key with its placeholder; returns the
+/// old value (minus prefix) unless it was empty.
+fn adopt_value(
+    format: Format,
+    text: &mut String,
+    b: &Binding,
+    value: &str,
+    ph: &str,
+) -> Result<Option<Found>, String> {
+    let Some(secret) = value.strip_prefix(b.prefix.as_str()) else {
+        return Err(format!(
+            "key {} does not start with the expected prefix; left alone",
+            b.key
+        ));
+    };
+    *text = formats::replace_value(format, text, &b.key, value, ph).ok_or_else(|| {
+        format!(
+            "cannot locate the value of key {} in the text (escaped?); left alone",
+            b.key
+        )
+    })?;
+    if secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Found {
+        slot: b.slot.clone(),
+        key: b.key.clone(),
+        value: Secret::new(secret),
+    }))
+}
+
+/// Every occurrence of every known secret becomes its placeholder, longest
+/// first (so a token that contains another is not split).
+fn replace_known(input: &[u8], known: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut order: Vec<&(&str, &[u8])> = known.iter().filter(|(_, v)| !v.is_empty()).collect();
+    order.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+    let mut out = input.to_vec();
+    for (slot, value) in order {
+        out = replace_bytes(&out, value, placeholder(slot).as_bytes());
+    }
+    out
+}
+
+fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hay.len());
+    let mut i = 0;
+    while i < hay.len() {
+        if hay[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(hay[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Replaces any known secret in a message by its fingerprint.
+fn scrub(mut message: String, known: &[(&str, &[u8])]) -> String {
+    for (_, v) in known {
+        if let Ok(s) = std::str::from_utf8(v) {
+            if !s.is_empty() && message.contains(s) {
+                message = message.replace(s, &Secret::new(s).fingerprint());
+            }
+        }
+    }
+    message
+}
+
+/// Checks a rendering: it parses, and each bound key holds prefix + secret.
+pub fn check<'a>(
+    format: Format,
+    rendered: &[u8],
+    bindings: &[Binding],
+    secret_for: &dyn Fn(&str) -> Option<&'a [u8]>,
+) -> Result<(), RenderError> {
+    let text = std::str::from_utf8(rendered).map_err(|_| {
+        RenderError::Parse(FormatError {
+            line: 0,
+            column: 0,
+            message: "not UTF-8".into(),
+        })
+    })?;
+    formats::parse_check(format, text).map_err(RenderError::Parse)?;
+    for b in bindings {
+        let Some(secret) = secret_for(&b.slot) else {
+            continue;
+        };
+        let want = [b.prefix.as_bytes(), secret].concat();
+        match formats::value_at(format, text, &b.key).map_err(RenderError::Parse)? {
+            Lookup::Str(v) if v.as_bytes() == want.as_slice() => {}
+            Lookup::Missing => return Err(RenderError::Missing { key: b.key.clone() }),
+            _ => {
+                return Err(RenderError::Mismatch {
+                    key: b.key.clone(),
+                    slot: b.slot.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,163 @@
+//! Credential sources: where values come from, and who decides whether a
+//! value a program wrote into a managed file is adopted.
+//!
+//! Sources know nothing about files or FUSE: they publish into the
+//! [`Store`](crate::store::Store) and answer [`Adopt::offer`].
+
+pub mod file;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::{Config, SourceConfig};
+use crate::secret::Secret;
+use crate::store::{Field, HealthState, SlotRef, Store, Update};
+
+/// Receives values that programs wrote at bound keys of managed files.
+pub trait Adopt: Send + Sync {
+    /// Offers `value` for `slot`. Must not block on the network (it runs on
+    /// a FUSE thread): a source that validates remotely queues the value and
+    /// answers `Ok` once queued. `origin` names the file, for logs.
+    fn offer(&self, slot: &SlotRef, value: Secret, origin: &str) -> Result<(), String>;
+}
+
+/// Every configured credential's source.
+pub struct Sources {
+    store: Arc<Store>,
+    kinds: BTreeMap<String, SourceConfig>,
+}
+
+/// Rejects values that cannot be a token: a config line pasted by mistake
+/// (`api_key: x`), control characters, whitespace inside.
+pub fn plausible(value: &Secret) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("empty value".into());
+    }
+    if value
+        .expose_str()
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "value {value} contains whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
+impl Sources {
+    /// Starts every source: seeds push credentials from their `initial_env`
+    /// and starts a watcher thread per `file` credential.
+    pub fn start(config: &Config, store: Arc<Store>) -> Result<Arc<Sources>, String> {
+        let sources = Arc::new(Sources {
+            store: store.clone(),
+            kinds: config.credentials.clone(),
+        });
+        for (name, kind) in &config.credentials {
+            match kind {
+                SourceConfig::Push {
+                    initial_env: Some(var),
+                } => sources.seed_from_env(name, var),
+                SourceConfig::Push { initial_env: None } => {}
+                SourceConfig::File { path } => file::start(name, path, store.clone())?,
+            }
+        }
+        Ok(sources)
+    }
+
+    fn seed_from_env(&self, name: &str, var: &str) {
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => {
+                let secret = Secret::new(v);
+                info!(credential = name, fingerprint = %secret, "initial value from ${var}");
+                self.store.publish(name, Update::token(secret));
+            }
+            _ => info!(
+                credential = name,
+                "${var} is not set; waiting for `tokenfs set {name}`"
+            ),
+        }
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&SourceConfig> {
+        self.kinds.get(name)
+    }
+
+    /// `tokenfs set NAME`: a human (or a rotator) pushes a value.
+    pub fn set(&self, name: &str, field: Field, value: Secret) -> Result<u64, String> {
+        let kind = self
+            .kinds
+            .get(name)
+            .ok_or_else(|| format!("no credential named `{name}`"))?;
+        match kind {
+            SourceConfig::Push { .. } => {}
+            SourceConfig::File { path } => {
+                return Err(format!(
+                    "credential `{name}` follows {}; write that file instead",
+                    path.display()
+                ));
+            }
+        }
+        plausible(&value)?;
+        let fp = value.fingerprint();
+        let generation = self.store.publish(
+            name,
+            Update {
+                fields: vec![(field, value)],
+                expires_at: None,
+            },
+        );
+        info!(credential = name, fingerprint = %fp, "value set through the control socket");
+        Ok(generation.unwrap_or_else(|| self.store.snapshot().generation))
+    }
+
+    /// `tokenfs rotate NAME`: only sources that can mint support it.
+    pub fn rotate(&self, name: &str) -> Result<u64, String> {
+        match self.kinds.get(name) {
+            None => Err(format!("no credential named `{name}`")),
+            Some(k) => Err(format!(
+                "credential `{name}` has source \"{}\", which cannot mint a token: push a new one with `tokenfs set {name}`",
+                k.kind()
+            )),
+        }
+    }
+}
+
+impl Adopt for Sources {
+    fn offer(&self, slot: &SlotRef, value: Secret, origin: &str) -> Result<(), String> {
+        let kind = self
+            .kinds
+            .get(&slot.credential)
+            .ok_or_else(|| format!("no credential named `{}`", slot.credential))?;
+        match kind {
+            SourceConfig::Push { .. } => {
+                if let Err(why) = plausible(&value) {
+                    self.store.record_error(
+                        &slot.credential,
+                        HealthState::Degraded,
+                        format!("rejected a value written to {origin}: {why}"),
+                    );
+                    return Err(why);
+                }
+                self.store.publish(
+                    &slot.credential,
+                    Update {
+                        fields: vec![(slot.field, value)],
+                        expires_at: None,
+                    },
+                );
+                Ok(())
+            }
+            SourceConfig::File { path } => {
+                warn!(credential = %slot.credential, fingerprint = %value, "ignoring a value written to {origin}");
+                Err(format!(
+                    "credential `{}` follows {}; edit that file instead",
+                    slot.credential,
+                    path.display()
+                ))
+            }
+        }
+    }
+}

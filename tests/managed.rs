@@ -1,0 +1,223 @@
+//! Managed files through a real mount: rendering per open, rotation,
+//! writes (in place and temp + rename), inode and mtime behaviour.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+
+fn setup(initial: &str) -> (Scratch, std::path::PathBuf, Backing, Daemon) {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    s.write("home/.hermes/config.yaml", &hermes_yaml(initial));
+    s.write("home/.hermes/notes.txt", "not managed\n");
+    let backing = Backing::open(&dir);
+    let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
+    (s, dir, backing, d)
+}
+
+#[test]
+fn existing_token_is_adopted_and_replaced_by_a_placeholder_on_disk() {
+    let first = token("first", 36);
+    let (_s, dir, backing, d) = setup(&first);
+    assert_eq!(
+        fs::read_to_string(dir.join("config.yaml")).unwrap(),
+        hermes_yaml(&first)
+    );
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    assert!(!on_disk.contains(&first), "token on disk: {on_disk}");
+    assert_eq!(on_disk, hermes_yaml("__tokenfs:databricks.token__"));
+    let st = d.status();
+    assert!(
+        st["credentials"][0]["fields"]["token"]
+            .as_str()
+            .unwrap()
+            .starts_with("dapi…")
+    );
+}
+
+#[test]
+fn each_open_sees_the_current_token_and_a_held_handle_keeps_its_snapshot() {
+    let (_s, dir, _b, d) = setup(&token("a", 30));
+    let path = dir.join("config.yaml");
+    let mut held = fs::File::open(&path).unwrap();
+    let before = fs::read_to_string(&path).unwrap();
+    let next = token("b", 77);
+    let shorter = token("c", 22);
+    d.set("databricks", &next);
+    // The next open sees the new token, with the right size.
+    let after = fs::read_to_string(&path).unwrap();
+    assert_eq!(after, hermes_yaml(&next));
+    assert_eq!(fs::metadata(&path).unwrap().len(), after.len() as u64);
+    // The handle opened before the rotation reads the old file, whole.
+    let mut old = String::new();
+    held.read_to_string(&mut old).unwrap();
+    assert_eq!(old, before);
+    // A shorter token next: fstat on the old (longer) handle must never
+    // report less than it holds, or size-trusting readers truncate. (The
+    // kernel answers a stat within the clock tick of the last lookup from its
+    // cache, TTL 0 being counted in jiffies: wait one tick.)
+    let mut long_held = fs::File::open(&path).unwrap();
+    d.set("databricks", &shorter);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        long_held.metadata().unwrap().len(),
+        after.len() as u64,
+        "{}",
+        d.log_text()
+    );
+    let mut long = String::new();
+    long_held.read_to_string(&mut long).unwrap();
+    assert_eq!(long, after);
+    drop(long_held);
+    held.seek(SeekFrom::Start(0)).unwrap();
+    let mut again = String::new();
+    held.read_to_string(&mut again).unwrap();
+    assert_eq!(again, before);
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        hermes_yaml(&shorter).len() as u64
+    );
+}
+
+#[test]
+fn inode_is_stable_and_mtime_advances_with_every_generation() {
+    let (_s, dir, _b, d) = setup(&token("a", 30));
+    let path = dir.join("config.yaml");
+    let m0 = fs::metadata(&path).unwrap();
+    let mut last = m0.mtime() as i128 * 1_000_000_000 + m0.mtime_nsec() as i128;
+    for i in 0..5 {
+        d.set("databricks", &token(&format!("r{i}"), 40 + i));
+        let m = fs::metadata(&path).unwrap();
+        let ns = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+        assert_eq!(m.ino(), m0.ino(), "inode changed on rotation");
+        assert!(ns > last, "mtime did not advance: {ns} <= {last}");
+        assert!(m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128 >= ns);
+        last = ns;
+    }
+    // Writes keep the inode too.
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, text.replace("max_turns: 60", "max_turns: 61")).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().ino(), m0.ino());
+    assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn in_place_edit_persists_with_placeholders() {
+    let tok = token("edit", 32);
+    let (_s, dir, backing, _d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let edited = fs::read_to_string(&path)
+        .unwrap()
+        .replace("max_turns: 60", "max_turns: 90\n  # added by a human");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(edited.as_bytes()).unwrap();
+    drop(f);
+    assert_eq!(fs::read_to_string(&path).unwrap(), edited);
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    assert_eq!(
+        on_disk,
+        edited.replace(&tok, "__tokenfs:databricks.token__")
+    );
+}
+
+#[test]
+fn temp_file_and_rename_persists_and_keeps_the_managed_inode() {
+    let tok = token("ren", 32);
+    let (_s, dir, backing, _d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let ino = fs::metadata(&path).unwrap().ino();
+    let edited = fs::read_to_string(&path)
+        .unwrap()
+        .replace("max_turns: 60", "max_turns: 75");
+    let tmp = dir.join(".config.yaml.tmp.1234");
+    fs::write(&tmp, &edited).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), edited);
+    assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+    assert!(!tmp.exists());
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    assert!(
+        on_disk.contains("max_turns: 75") && !on_disk.contains(&tok),
+        "{on_disk}"
+    );
+    assert!(backing.read(".config.yaml.tmp.1234").is_none());
+}
+
+#[test]
+fn a_new_value_written_at_the_bound_key_is_adopted() {
+    let (_s, dir, backing, d) = setup(&token("old", 32));
+    let path = dir.join("config.yaml");
+    let fresh = token("fresh", 48);
+    fs::write(&path, hermes_yaml(&fresh)).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), hermes_yaml(&fresh));
+    let st = d.status();
+    assert!(st["generation"].as_u64().unwrap() >= 2);
+    assert!(
+        !String::from_utf8(backing.read("config.yaml").unwrap())
+            .unwrap()
+            .contains(&fresh)
+    );
+}
+
+#[test]
+fn a_malformed_write_is_kept_as_written_and_logged() {
+    let tok = token("bad", 32);
+    let (_s, dir, backing, d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let broken = format!("model: [unclosed\n  api_key: {tok}\n");
+    fs::write(&path, &broken).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), broken);
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    assert_eq!(
+        on_disk,
+        broken.replace(&tok, "__tokenfs:databricks.token__")
+    );
+    let st = d.status();
+    let err = st["mounts"][0]["files"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("not valid yaml"), "{st}");
+    assert!(d.log_text().contains("kept as written"));
+}
+
+#[test]
+fn unlink_and_recreate_a_managed_file() {
+    let (_s, dir, _b, d) = setup(&token("u", 32));
+    let path = dir.join("config.yaml");
+    fs::remove_file(&path).unwrap();
+    assert!(!path.exists());
+    let tok = token("cur", 32);
+    d.set("databricks", &tok);
+    fs::write(&path, "model:\n  api_key: x\n").unwrap();
+    // "x" is not plausible? It is a new value: adopted. Then rendering shows it.
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("model:\n  api_key: "), "{text}");
+}
+
+#[test]
+fn passthrough_files_are_untouched() {
+    let (_s, dir, backing, _d) = setup(&token("p", 32));
+    assert_eq!(
+        fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "not managed\n"
+    );
+    fs::write(dir.join("notes.txt"), "changed\n").unwrap();
+    assert_eq!(backing.read("notes.txt").unwrap(), b"changed\n");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["config.yaml", "notes.txt"]);
+}
