@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -34,6 +35,27 @@ pub enum SourceConfig {
     Push { initial_env: Option<String> },
     /// Follows a file that something else rewrites (e.g. a mounted secret).
     File { path: PathBuf },
+    /// Mints and revokes Databricks personal access tokens itself.
+    Databricks(DatabricksConfig),
+}
+
+/// `source = "databricks"`: see [`crate::source::databricks`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabricksConfig {
+    /// Workspace URL, e.g. `https://adb-123.4.azuredatabricks.net` (no trailing slash).
+    pub host: String,
+    /// Environment variable holding the bootstrap PAT (else `tokenfs set`).
+    pub initial_env: Option<String>,
+    pub rotate_every: Duration,
+    pub lifetime: Duration,
+    /// How long a replaced token stays valid for in-flight requests.
+    pub revoke_grace: Duration,
+    /// Comment on minted tokens; also how `cleanup_orphans` recognises ours.
+    pub comment: String,
+    /// Revoke tokens with our comment that an earlier run left behind.
+    pub cleanup_orphans: bool,
+    /// Per-request timeout (connect and total).
+    pub timeout: Duration,
 }
 
 impl SourceConfig {
@@ -41,6 +63,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Push { .. } => "push",
             SourceConfig::File { .. } => "file",
+            SourceConfig::Databricks(_) => "databricks",
         }
     }
 }
@@ -110,6 +133,34 @@ struct RawCredential {
     source: Spanned<String>,
     initial_env: Option<String>,
     path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    rotate_every: Option<Spanned<String>>,
+    lifetime: Option<Spanned<String>>,
+    revoke_grace: Option<Spanned<String>>,
+    comment: Option<String>,
+    cleanup_orphans: Option<bool>,
+    timeout: Option<Spanned<String>>,
+}
+
+impl RawCredential {
+    /// The optional keys that are set, by name (for "does not apply" errors).
+    fn given(&self) -> Vec<&'static str> {
+        let keys = [
+            ("initial_env", self.initial_env.is_some()),
+            ("path", self.path.is_some()),
+            ("host", self.host.is_some()),
+            ("rotate_every", self.rotate_every.is_some()),
+            ("lifetime", self.lifetime.is_some()),
+            ("revoke_grace", self.revoke_grace.is_some()),
+            ("comment", self.comment.is_some()),
+            ("cleanup_orphans", self.cleanup_orphans.is_some()),
+            ("timeout", self.timeout.is_some()),
+        ];
+        keys.into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| k)
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]
@@ -224,12 +275,8 @@ fn validate_source(
 ) -> Result<SourceConfig, ConfigError> {
     let source = raw.source.get_ref().as_str();
     let only = |allowed: &[&str]| -> Result<(), ConfigError> {
-        let given = [
-            ("initial_env", raw.initial_env.is_some()),
-            ("path", raw.path.is_some()),
-        ];
-        match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
-            Some((k, _)) => Err(at.error(
+        match raw.given().into_iter().find(|k| !allowed.contains(k)) {
+            Some(k) => Err(at.error(
                 raw.source.span(),
                 &format!("{key}.{k}"),
                 &format!("`{k}` does not apply to source \"{source}\""),
@@ -257,12 +304,107 @@ fn validate_source(
                 path: expand_home(path.get_ref()),
             })
         }
+        "databricks" => {
+            only(&[
+                "initial_env",
+                "host",
+                "rotate_every",
+                "lifetime",
+                "revoke_grace",
+                "comment",
+                "cleanup_orphans",
+                "timeout",
+            ])?;
+            validate_databricks(raw, key, at).map(SourceConfig::Databricks)
+        }
         other => Err(at.error(
             raw.source.span(),
             &format!("{key}.source"),
-            &format!("unknown source \"{other}\" (expected \"push\" or \"file\")"),
+            &format!("unknown source \"{other}\" (expected \"push\", \"file\" or \"databricks\")"),
         )),
     }
+}
+
+fn validate_databricks(
+    raw: &RawCredential,
+    key: &str,
+    at: &Locator<'_>,
+) -> Result<DatabricksConfig, ConfigError> {
+    let host = raw.host.as_ref().ok_or_else(|| {
+        at.error(
+            raw.source.span(),
+            &format!("{key}.host"),
+            "source \"databricks\" needs `host` (the workspace URL)",
+        )
+    })?;
+    let h = host.get_ref().trim_end_matches('/');
+    if !(h.starts_with("https://") || h.starts_with("http://")) {
+        return Err(at.error(
+            host.span(),
+            &format!("{key}.host"),
+            "must start with https:// (or http:// for a local test server)",
+        ));
+    }
+    let duration =
+        |field: &Option<Spanned<String>>, name: &str, env: Option<&str>, default: Duration| {
+            if let Some(v) = env.and_then(|e| std::env::var(e).ok()) {
+                return humantime::parse_duration(&v).map_err(|e| {
+                    at.error(
+                        raw.source.span(),
+                        &format!("{key}.{name}"),
+                        &format!("${}: {e}", env.unwrap_or_default()),
+                    )
+                });
+            }
+            match field {
+                Some(s) => humantime::parse_duration(s.get_ref()).map_err(|e| {
+                    at.error(
+                        s.span(),
+                        &format!("{key}.{name}"),
+                        &format!("{e} (write e.g. \"10m\" or \"90s\")"),
+                    )
+                }),
+                None => Ok(default),
+            }
+        };
+    let rotate_every = duration(
+        &raw.rotate_every,
+        "rotate_every",
+        Some("TOKENFS_ROTATE_EVERY"),
+        Duration::from_secs(600),
+    )?;
+    let lifetime = duration(
+        &raw.lifetime,
+        "lifetime",
+        Some("TOKENFS_LIFETIME"),
+        Duration::from_secs(900),
+    )?;
+    if lifetime <= rotate_every {
+        let span = raw
+            .lifetime
+            .as_ref()
+            .map_or(raw.source.span(), |s| s.span());
+        return Err(at.error(span, &format!("{key}.lifetime"), &format!(
+            "lifetime ({}) must be longer than rotate_every ({}), or tokens expire before they are replaced",
+            humantime::format_duration(lifetime), humantime::format_duration(rotate_every))));
+    }
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    Ok(DatabricksConfig {
+        host: h.to_owned(),
+        initial_env: raw.initial_env.clone(),
+        rotate_every,
+        lifetime,
+        revoke_grace: duration(&raw.revoke_grace, "revoke_grace", None, Duration::ZERO)?,
+        comment: raw
+            .comment
+            .clone()
+            .unwrap_or_else(|| format!("tokenfs-rotated:{hostname}")),
+        cleanup_orphans: raw.cleanup_orphans.unwrap_or(false),
+        timeout: duration(&raw.timeout, "timeout", None, Duration::from_secs(30))?,
+    })
 }
 
 fn validate_mount(
@@ -496,6 +638,41 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
         );
         let e = parse(&text).unwrap_err();
         assert!(e.key.ends_with(".path"), "{e}");
+    }
+
+    #[test]
+    fn databricks_sources_validate_their_timings() {
+        let base = "[credentials.db]\nsource = \"databricks\"\nhost = \"https://x.example.com/\"\n";
+        let mount = "[[mount]]\ndir = \"/tmp\"\n";
+        let c = parse(&format!(
+            "{base}rotate_every = \"1m\"\nlifetime = \"3m\"\n{mount}"
+        ))
+        .unwrap();
+        let SourceConfig::Databricks(d) = &c.credentials["db"] else {
+            panic!("not databricks")
+        };
+        assert_eq!(
+            (d.host.as_str(), d.rotate_every, d.lifetime),
+            (
+                "https://x.example.com",
+                Duration::from_secs(60),
+                Duration::from_secs(180)
+            )
+        );
+        assert!(d.comment.starts_with("tokenfs-rotated:"));
+        let e = parse(&format!(
+            "{base}rotate_every = \"10m\"\nlifetime = \"5m\"\n{mount}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "credentials.db.lifetime"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}path = \"/x\"\n{mount}")).unwrap_err();
+        assert!(e.message.contains("`path` does not apply"), "{e}");
+        let e = parse(&format!("{base}rotate_every = \"often\"\n{mount}")).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
     }
 
     #[test]

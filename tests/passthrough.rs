@@ -275,7 +275,15 @@ fn sqlite_wal_written_by_two_processes_stays_intact() {
     // with "database is locked" on any filesystem: create it first, as an
     // agent's state.db already exists.
     let init = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nc.execute('pragma journal_mode=wal')\nc.execute('create table t(k text, v blob)')\nc.commit()\n";
-    assert!(Command::new("python3").arg("-c").arg(init).arg(&db).status().unwrap().success());
+    assert!(
+        Command::new("python3")
+            .arg("-c")
+            .arg(init)
+            .arg(&db)
+            .status()
+            .unwrap()
+            .success()
+    );
     let writer = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1],timeout=30)\nfor i in range(300):\n  c.execute('insert into t values(?,?)',(sys.argv[2]+str(i),b'x'*500))\n  c.commit()\n";
     let kids: Vec<_> = ["a", "b"]
         .iter()

@@ -4,6 +4,7 @@
 //! Sources know nothing about files or FUSE: they publish into the
 //! [`Store`](crate::store::Store) and answer [`Adopt::offer`].
 
+pub mod databricks;
 pub mod file;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub trait Adopt: Send + Sync {
 pub struct Sources {
     store: Arc<Store>,
     kinds: BTreeMap<String, SourceConfig>,
+    databricks: BTreeMap<String, databricks::Handle>,
 }
 
 /// Rejects values that cannot be a token: a config line pasted by mistake
@@ -51,10 +53,11 @@ impl Sources {
     /// Starts every source: seeds push credentials from their `initial_env`
     /// and starts a watcher thread per `file` credential.
     pub fn start(config: &Config, store: Arc<Store>) -> Result<Arc<Sources>, String> {
-        let sources = Arc::new(Sources {
+        let mut sources = Sources {
             store: store.clone(),
             kinds: config.credentials.clone(),
-        });
+            databricks: BTreeMap::new(),
+        };
         for (name, kind) in &config.credentials {
             match kind {
                 SourceConfig::Push {
@@ -62,9 +65,13 @@ impl Sources {
                 } => sources.seed_from_env(name, var),
                 SourceConfig::Push { initial_env: None } => {}
                 SourceConfig::File { path } => file::start(name, path, store.clone())?,
+                SourceConfig::Databricks(cfg) => {
+                    let handle = databricks::start(name, cfg, store.clone())?;
+                    sources.databricks.insert(name.clone(), handle);
+                }
             }
         }
-        Ok(sources)
+        Ok(Arc::new(sources))
     }
 
     fn seed_from_env(&self, name: &str, var: &str) {
@@ -99,6 +106,13 @@ impl Sources {
                     path.display()
                 ));
             }
+            SourceConfig::Databricks(_) => {
+                if field != Field::Token {
+                    return Err(format!("credential `{name}` has only a token"));
+                }
+                let source = self.databricks.get(name).ok_or("no such source")?;
+                return source.bootstrap(value);
+            }
         }
         plausible(&value)?;
         let fp = value.fingerprint();
@@ -115,6 +129,9 @@ impl Sources {
 
     /// `tokenfs rotate NAME`: only sources that can mint support it.
     pub fn rotate(&self, name: &str) -> Result<u64, String> {
+        if let Some(h) = self.databricks.get(name) {
+            return h.rotate();
+        }
         match self.kinds.get(name) {
             None => Err(format!("no credential named `{name}`")),
             Some(k) => Err(format!(
@@ -149,6 +166,14 @@ impl Adopt for Sources {
                     },
                 );
                 Ok(())
+            }
+            SourceConfig::Databricks(_) => {
+                let h = self
+                    .databricks
+                    .get(&slot.credential)
+                    .ok_or("no such source")?;
+                info!(credential = %slot.credential, fingerprint = %value, "validating a token written to {origin} before adopting it");
+                h.offer(value)
             }
             SourceConfig::File { path } => {
                 warn!(credential = %slot.credential, fingerprint = %value, "ignoring a value written to {origin}");

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tokenfs::control::{self, Request};
 
+pub mod fake_databricks;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenfs");
 
 /// Fails loudly when this machine cannot mount FUSE: CI must not go green
