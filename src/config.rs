@@ -74,6 +74,8 @@ pub struct MountConfig {
     /// Let other users reach the mount (kernel permission checks still apply).
     pub allow_other: bool,
     pub files: Vec<ManagedConfig>,
+    /// What a preset wants the user to know (shown in `status`).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,11 +168,21 @@ impl RawCredential {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMount {
-    dir: Spanned<String>,
+    dir: Option<Spanned<String>>,
     #[serde(default)]
     allow_other: bool,
     #[serde(default)]
     file: Vec<Spanned<RawFile>>,
+    /// A built-in description of an agent's files (see `preset.rs`).
+    preset: Option<Spanned<String>>,
+    /// The credential a preset binds (default `databricks`).
+    credential: Option<Spanned<String>>,
+    #[serde(default)]
+    create: bool,
+    profile: Option<String>,
+    providers: Option<Vec<String>>,
+    #[serde(default)]
+    oauth: bool,
 }
 
 #[derive(Deserialize)]
@@ -184,7 +196,7 @@ struct RawFile {
     create: bool,
 }
 
-/// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer " }`.
+/// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer ", suffix = "" }`.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawBind {
@@ -193,6 +205,8 @@ enum RawBind {
         slot: String,
         #[serde(default)]
         prefix: String,
+        #[serde(default)]
+        suffix: String,
     },
 }
 
@@ -238,18 +252,19 @@ impl Config {
         let mut mounts: Vec<MountConfig> = Vec::new();
         for (i, mount) in raw.mount.iter().enumerate() {
             let key = format!("mount[{i}]");
-            let m = validate_mount(mount.get_ref(), &key, &credentials, at)?;
-            if let Some(other) = mounts.iter().find(|o| o.dir == m.dir) {
-                return Err(at.error(
-                    mount.get_ref().dir.span(),
-                    &format!("{key}.dir"),
-                    &format!(
-                        "{} is already mounted by an earlier [[mount]]",
-                        other.dir.display()
-                    ),
-                ));
+            for m in validate_mount(mount, &key, &credentials, at)? {
+                if let Some(other) = mounts.iter().find(|o| o.dir == m.dir) {
+                    return Err(at.error(
+                        mount.span(),
+                        &format!("{key}.dir"),
+                        &format!(
+                            "{} is already mounted by an earlier [[mount]]",
+                            other.dir.display()
+                        ),
+                    ));
+                }
+                mounts.push(m);
             }
-            mounts.push(m);
         }
         if mounts.is_empty() {
             return Err(at.error(0..0, "mount", "no [[mount]] tables: nothing to serve"));
@@ -408,19 +423,33 @@ fn validate_databricks(
 }
 
 fn validate_mount(
-    raw: &RawMount,
+    spanned: &Spanned<RawMount>,
     key: &str,
     credentials: &BTreeMap<String, SourceConfig>,
     at: &Locator<'_>,
-) -> Result<MountConfig, ConfigError> {
-    let dir = expand_home(raw.dir.get_ref());
-    if !dir.is_absolute() {
-        return Err(at.error(
-            raw.dir.span(),
-            &format!("{key}.dir"),
-            "must be an absolute path (or start with ~/)",
-        ));
-    }
+) -> Result<Vec<MountConfig>, ConfigError> {
+    let raw = spanned.get_ref();
+    let dir = match &raw.dir {
+        Some(d) => {
+            let dir = expand_home(d.get_ref());
+            if !dir.is_absolute() {
+                return Err(at.error(
+                    d.span(),
+                    &format!("{key}.dir"),
+                    "must be an absolute path (or start with ~/)",
+                ));
+            }
+            Some(dir)
+        }
+        None if raw.preset.is_some() => None,
+        None => {
+            return Err(at.error(
+                spanned.span(),
+                &format!("{key}.dir"),
+                "missing `dir` (or a `preset`)",
+            ));
+        }
+    };
     let mut files: Vec<ManagedConfig> = Vec::new();
     for (j, file) in raw.file.iter().enumerate() {
         let fkey = format!("{key}.file[{j}]");
@@ -434,11 +463,54 @@ fn validate_mount(
         }
         files.push(f);
     }
-    Ok(MountConfig {
+    let Some(preset) = &raw.preset else {
+        let dir = dir.unwrap_or_default();
+        return Ok(vec![MountConfig {
+            dir,
+            allow_other: raw.allow_other,
+            files,
+            notes: Vec::new(),
+        }]);
+    };
+    let credential = raw
+        .credential
+        .as_ref()
+        .map_or("databricks", |c| c.get_ref().as_str());
+    if !credentials.contains_key(credential) {
+        let span = raw.credential.as_ref().map_or(preset.span(), |c| c.span());
+        return Err(at.error(
+            span,
+            &format!("{key}.credential"),
+            &format!("unknown credential `{credential}` (define it in [credentials.{credential}])"),
+        ));
+    }
+    let opts = crate::preset::Options {
+        credential: credential.to_owned(),
         dir,
-        allow_other: raw.allow_other,
-        files,
-    })
+        create: raw.create,
+        profile: raw.profile.clone(),
+        providers: raw.providers.clone(),
+        oauth: raw.oauth,
+    };
+    let expanded = crate::preset::expand(preset.get_ref(), &opts)
+        .map_err(|e| at.error(preset.span(), &format!("{key}.preset"), &e))?;
+    let mut mounts: Vec<MountConfig> = expanded
+        .into_iter()
+        .map(|m| MountConfig {
+            dir: m.dir,
+            allow_other: raw.allow_other,
+            files: m.files,
+            notes: m.notes,
+        })
+        .collect();
+    // Files listed next to a preset join its first mount.
+    if let Some(first) = mounts.first_mut() {
+        first
+            .files
+            .retain(|f| !files.iter().any(|o| o.path == f.path));
+        first.files.extend(files);
+    }
+    Ok(mounts)
 }
 
 fn validate_file(
@@ -468,9 +540,13 @@ fn validate_file(
             .get_ref()
             .parse()
             .map_err(|e| at.error(k.span(), &bkey, &format!("bad key path: {e}")))?;
-        let (slot, prefix) = match v.get_ref() {
-            RawBind::Slot(s) => (s.as_str(), String::new()),
-            RawBind::Full { slot, prefix } => (slot.as_str(), prefix.clone()),
+        let (slot, prefix, suffix) = match v.get_ref() {
+            RawBind::Slot(s) => (s.as_str(), String::new(), String::new()),
+            RawBind::Full {
+                slot,
+                prefix,
+                suffix,
+            } => (slot.as_str(), prefix.clone(), suffix.clone()),
         };
         let slot = SlotRef::parse(slot).map_err(|e| at.error(v.span(), &bkey, &e))?;
         if !credentials.contains_key(&slot.credential) {
@@ -484,9 +560,9 @@ fn validate_file(
             ));
         }
         bindings.push(Binding {
-            key: keypath,
-            slot: slot.to_string(),
             prefix,
+            suffix,
+            ..Binding::new(keypath, slot.to_string())
         });
     }
     Ok(ManagedConfig {

@@ -76,6 +76,8 @@ pub struct CredentialStatus {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct MountStatus {
     pub dir: PathBuf,
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub kernel_passthrough: bool,
     pub files: Vec<FileStatus>,
 }
@@ -133,6 +135,7 @@ impl State {
             .iter()
             .map(|m| MountStatus {
                 dir: m.dir.clone(),
+                notes: m.notes.clone(),
                 kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
                 files: m
                     .files
@@ -367,6 +370,9 @@ pub fn render_status(s: &Status) -> String {
             "\nmount {}  (other files: {mode})\n",
             m.dir.display()
         ));
+        for n in &m.notes {
+            out.push_str(&format!("  note: {n}\n"));
+        }
         for f in &m.files {
             out.push_str(&format!(
                 "  {:<28} {:<7} {:<8} written {:<10} {}\n",

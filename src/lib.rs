@@ -9,6 +9,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fs;
+pub mod init;
+pub mod preset;
 pub mod render;
 pub mod secret;
 pub mod source;

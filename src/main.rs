@@ -38,6 +38,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Inspect the agents' files and write a tokenfs.toml for them.
+    Init {
+        /// Comma-separated: hermes, claude, codex, gemini, opencode, databricks, pi.
+        #[arg(long, value_delimiter = ',', required = true)]
+        preset: Vec<String>,
+        /// The credential the files show.
+        #[arg(long, default_value = "databricks")]
+        credential: String,
+        /// Where to write the config.
+        #[arg(long, short, default_value = "tokenfs.toml")]
+        output: PathBuf,
+        /// Write the config and move ~/.databrickscfg (without it, only show the plan).
+        #[arg(long)]
+        yes: bool,
+        /// Overwrite an existing config.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a config without mounting anything.
     Check {
         #[arg(long, short)]
@@ -100,6 +118,19 @@ fn run(cli: Cli) -> Result<(), String> {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
             tokenfs::daemon::run(config)
         }
+        Command::Init {
+            preset,
+            credential,
+            output,
+            yes,
+            force,
+        } => tokenfs::init::run(&tokenfs::init::Args {
+            presets: preset,
+            credential,
+            output,
+            yes,
+            force,
+        }),
         Command::Check { config } => {
             let c = Config::load(&config).map_err(|e| e.to_string())?;
             let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();

@@ -60,6 +60,7 @@ pub struct TokenFs {
 /// What status shows about a mount (shared with the control server).
 pub struct MountInfo {
     pub dir: PathBuf,
+    pub notes: Vec<String>,
     pub files: Vec<Arc<ManagedFile>>,
     pub kernel_passthrough: AtomicBool,
 }
@@ -194,8 +195,12 @@ impl TokenFs {
             managed.by_id.insert(id, file.clone());
             files.push(file);
         }
+        for note in &cfg.notes {
+            warn!(mount = %cfg.dir.display(), "{note}");
+        }
         let info = Arc::new(MountInfo {
             dir: cfg.dir.clone(),
+            notes: cfg.notes.clone(),
             files,
             kernel_passthrough: AtomicBool::new(false),
         });

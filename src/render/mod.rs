@@ -77,6 +77,15 @@ pub struct KeyPath {
 }
 
 impl KeyPath {
+    /// A path from segments that may themselves contain dots (an OpenCode
+    /// provider id such as `my.proxy`).
+    pub fn from_segments(segments: Vec<String>) -> KeyPath {
+        KeyPath {
+            raw: segments.join("."),
+            segments,
+        }
+    }
+
     pub fn segments(&self) -> &[String] {
         &self.segments
     }
@@ -121,13 +130,32 @@ impl fmt::Display for KeyPath {
     }
 }
 
-/// Where a secret goes: the value at `key` is exactly `prefix + secret`.
+/// Where a secret goes: the value at `key` is exactly `prefix + secret +
+/// suffix` (usually both empty; `Bearer ` for a header; a header list for
+/// OTEL's `Authorization=Bearer …,x-other=1`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
     pub key: KeyPath,
     /// An opaque slot name such as `databricks.token`.
     pub slot: String,
     pub prefix: String,
+    pub suffix: String,
+    /// Insert the key when it is missing (a preset knows where a token
+    /// belongs and where it only may be).
+    pub insert: bool,
+}
+
+impl Binding {
+    /// A binding of the whole value, inserted when missing.
+    pub fn new(key: KeyPath, slot: impl Into<String>) -> Binding {
+        Binding {
+            key,
+            slot: slot.into(),
+            prefix: String::new(),
+            suffix: String::new(),
+            insert: true,
+        }
+    }
 }
 
 /// The placeholder text for a slot. Valid as a YAML plain scalar, inside
@@ -218,7 +246,7 @@ pub fn to_template(
         return conv;
     }
     for b in bindings {
-        let ph = format!("{}{}", b.prefix, placeholder(&b.slot));
+        let ph = format!("{}{}{}", b.prefix, placeholder(&b.slot), b.suffix);
         match formats::value_at(format, &text, &b.key) {
             Ok(Lookup::Str(v)) if v == ph => {}
             Ok(Lookup::Str(v)) => match adopt_value(format, &mut text, b, &v, &ph) {
@@ -226,7 +254,7 @@ pub fn to_template(
                 Ok(None) => {}
                 Err(p) => conv.problems.push(scrub(p)),
             },
-            Ok(Lookup::Missing) if insert_missing => {
+            Ok(Lookup::Missing) if insert_missing && b.insert => {
                 match formats::insert(format, &text, &b.key, &ph) {
                     Ok(t) => {
                         text = t;
@@ -262,9 +290,12 @@ fn adopt_value(
     value: &str,
     ph: &str,
 ) -> Result<Option<Found>, String> {
-    let Some(secret) = value.strip_prefix(b.prefix.as_str()) else {
+    let secret = value
+        .strip_prefix(b.prefix.as_str())
+        .and_then(|v| v.strip_suffix(b.suffix.as_str()));
+    let Some(secret) = secret else {
         return Err(format!(
-            "key {} does not start with the expected prefix; left alone",
+            "key {} does not have the expected text around the token; left alone",
             b.key
         ));
     };
@@ -323,6 +354,14 @@ fn scrub(mut message: String, known: &[(&str, &[u8])]) -> String {
     message
 }
 
+/// The string at `key` in `text`, if there is one (for presets and `init`).
+pub fn lookup(format: Format, text: &str, key: &KeyPath) -> Option<String> {
+    match formats::value_at(format, text, key) {
+        Ok(Lookup::Str(s)) => Some(s),
+        _ => None,
+    }
+}
+
 /// Checks a rendering: it parses, and each bound key holds prefix + secret.
 pub fn check<'a>(
     format: Format,
@@ -342,7 +381,7 @@ pub fn check<'a>(
         let Some(secret) = secret_for(&b.slot) else {
             continue;
         };
-        let want = [b.prefix.as_bytes(), secret].concat();
+        let want = [b.prefix.as_bytes(), secret, b.suffix.as_bytes()].concat();
         match formats::value_at(format, text, &b.key).map_err(RenderError::Parse)? {
             Lookup::Str(v) if v.as_bytes() == want.as_slice() => {}
             Lookup::Missing => return Err(RenderError::Missing { key: b.key.clone() }),

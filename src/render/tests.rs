@@ -1,11 +1,7 @@
 use super::*;
 
 fn b(key: &str, slot: &str) -> Binding {
-    Binding {
-        key: key.parse().unwrap(),
-        slot: slot.into(),
-        prefix: String::new(),
-    }
+    Binding::new(key.parse().unwrap(), slot)
 }
 
 const PH: &str = "__tokenfs:db.token__";
@@ -207,16 +203,24 @@ fn broken_documents_report_position_and_never_the_secret() {
 #[test]
 fn prefixes_and_empty_values() {
     let bind = [Binding {
-        key: "h".parse().unwrap(),
-        slot: "db.token".into(),
-        prefix: "Bearer ".into(),
+        prefix: "Authorization=Bearer ".into(),
+        suffix: ",x-team=a".into(),
+        ..b("h", "db.token")
     }];
-    let conv = to_template(Format::Json, b"{\"h\": \"Bearer abc\"}", &bind, &[], true);
+    let input = b"{\"h\": \"Authorization=Bearer abc,x-team=a\"}";
+    let conv = to_template(Format::Json, input, &bind, &[], true);
     assert_eq!(
         String::from_utf8(conv.template).unwrap(),
-        format!("{{\"h\": \"Bearer {PH}\"}}")
+        format!("{{\"h\": \"Authorization=Bearer {PH},x-team=a\"}}")
     );
     assert_eq!(conv.found[0].value.expose_str(), "abc");
+    // A binding that may not insert leaves a missing key missing.
+    let optional = [Binding {
+        insert: false,
+        ..b("k", "db.token")
+    }];
+    let conv = to_template(Format::Json, b"{}", &optional, &[], true);
+    assert!(conv.inserted.is_empty() && conv.template == b"{}");
     let conv = to_template(
         Format::Json,
         b"{\"k\": \"\"}",

@@ -1,0 +1,316 @@
+//! Every preset against fixtures in the agents' real file shapes: the token
+//! lands exactly at the bound keys, everything else stays byte for byte,
+//! rotations change only the token, and CLI-style saves keep user edits.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::*;
+
+const TOK: &str = "dapi1111aaaa2222bbbb3333cccc4444dd";
+
+/// (path under HOME, fixture, occurrences of TOK that are bound)
+fn fixtures() -> Vec<(&'static str, String, usize)> {
+    vec![
+        (
+            ".hermes/config.yaml",
+            format!(
+                "# Hermes\nmodel:\n  provider: custom\n  base_url: https://gw.example.com/serving-endpoints\n  api_key: {TOK}\n\nfallback_providers:\n  # same gateway: managed\n  - provider: custom\n    base_url: https://gw.example.com/serving-endpoints\n    api_key: {TOK}\n  # a third party with its own key: never touched\n  - provider: openrouter\n    base_url: https://openrouter.ai/api/v1\n    api_key: sk-or-v1-thirdparty\n  - provider: local\n    base_url: http://127.0.0.1:8080/v1\n    api_key: {TOK}\n"
+            ),
+            3,
+        ),
+        (
+            ".hermes/.env",
+            format!("# hermes env\nOPENAI_API_KEY={TOK}\nOTHER=keep\n"),
+            1,
+        ),
+        (
+            ".claude/settings.json",
+            format!(
+                "{{\n  \"env\": {{\n    \"ANTHROPIC_BASE_URL\": \"https://gw.example.com/anthropic\",\n    \"ANTHROPIC_AUTH_TOKEN\": \"{TOK}\",\n    \"OTEL_EXPORTER_OTLP_HEADERS\": \"x-team=a,Authorization=Bearer {TOK},x-b=2\"\n  }},\n  \"permissions\": {{\n    \"allow\": [\"Bash(ls:*)\"]\n  }},\n  \"model\": \"sonnet\"\n}}\n"
+            ),
+            2,
+        ),
+        (".codex/.env", format!("OPENAI_API_KEY={TOK}\n"), 1),
+        (
+            ".codex/auth.json",
+            format!(
+                "{{\n  \"OPENAI_API_KEY\": \"{TOK}\",\n  \"tokens\": null,\n  \"last_refresh\": null\n}}\n"
+            ),
+            1,
+        ),
+        (
+            ".codex/config.toml",
+            "# untouched\nmodel = \"o3\"\nmodel_provider = \"databricks\"\n".to_string(),
+            0,
+        ),
+        (
+            ".gemini/.env",
+            format!("GEMINI_API_KEY={TOK}\nGOOGLE_CLOUD_PROJECT=p\n"),
+            1,
+        ),
+        (
+            ".config/opencode/opencode.json",
+            format!(
+                "{{\n  \"$schema\": \"https://opencode.ai/config.json\",\n  \"provider\": {{\n    \"databricks\": {{\n      \"npm\": \"@ai-sdk/openai-compatible\",\n      \"options\": {{\n        \"baseURL\": \"https://gw.example.com/v1\",\n        \"apiKey\": \"{TOK}\",\n        \"headers\": {{ \"Authorization\": \"Bearer {TOK}\" }}\n      }}\n    }},\n    \"other\": {{ \"options\": {{ \"apiKey\": \"{{env:OTHER_KEY}}\" }} }}\n  }}\n}}\n"
+            ),
+            2,
+        ),
+        (
+            ".local/share/opencode/auth.json",
+            format!(
+                "{{\n  \"databricks\": {{ \"type\": \"api\", \"key\": \"{TOK}\" }},\n  \"anthropic\": {{ \"type\": \"oauth\", \"refresh\": \"r-keep\", \"access\": \"a-keep\", \"expires\": 1 }}\n}}\n"
+            ),
+            1,
+        ),
+        (
+            ".local/share/tokenfs/databricks/.databrickscfg",
+            format!(
+                "[DEFAULT]\nhost = https://gw.example.com\ntoken = {TOK}\n\n[other]\nhost = https://else.example.com\ntoken = dapiOTHERPROFILE000\n"
+            ),
+            1,
+        ),
+        (
+            ".pi/agent/models.json",
+            format!(
+                "{{\n  \"providers\": {{\n    \"db\": {{ \"baseUrl\": \"https://gw.example.com/v1\", \"apiKey\": \"{TOK}\" }},\n    \"x\": {{ \"apiKey\": \"!security find-generic-password -s x\" }}\n  }}\n}}\n"
+            ),
+            1,
+        ),
+    ]
+}
+
+fn parses(path: &str, text: &str) {
+    if path.ends_with(".json") {
+        serde_json::from_str::<serde_json::Value>(text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    } else if path.ends_with(".yaml") {
+        use saphyr::LoadableYamlNode;
+        saphyr::YamlOwned::load_from_str(text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    } else if path.ends_with(".env") {
+        for item in dotenvy::from_read_iter(text.as_bytes()) {
+            item.unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+    } else if path.ends_with("databrickscfg") {
+        ini::Ini::load_from_str(text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    } else if path.ends_with(".toml") {
+        text.parse::<toml::Table>()
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}
+
+#[test]
+fn every_preset_renders_the_token_at_exactly_its_keys() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    for (rel, text, _) in fixtures() {
+        s.write(&format!("home/{rel}"), &text);
+    }
+    let presets = [
+        "hermes",
+        "claude",
+        "codex",
+        "gemini",
+        "opencode",
+        "databricks",
+        "pi",
+    ];
+    let mut cfg = format!(
+        "[control]\nsocket = \"{}\"\n\n[credentials.databricks]\nsource = \"push\"\n",
+        s.socket().display()
+    );
+    for p in presets {
+        cfg.push_str(&format!("\n[[mount]]\npreset = \"{p}\"\n"));
+    }
+    let dirs: Vec<PathBuf> = [
+        ".hermes",
+        ".claude",
+        ".codex",
+        ".gemini",
+        ".config/opencode",
+        ".local/share/opencode",
+        ".local/share/tokenfs/databricks",
+        ".pi/agent",
+    ]
+    .iter()
+    .map(|d| home.join(d))
+    .collect();
+    let dir_refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let home_s = home.display().to_string();
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("XDG_DATA_HOME", ""),
+        ("CODEX_HOME", ""),
+        ("CLAUDE_CONFIG_DIR", ""),
+        ("HERMES_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &dir_refs, &env);
+
+    // The token found in the files became the credential's first value.
+    for (rel, text, _) in fixtures() {
+        assert_eq!(
+            fs::read_to_string(home.join(rel)).unwrap(),
+            text,
+            "{rel} as mounted"
+        );
+    }
+    for (round, new) in [
+        "dapiNEW0000000000000000000000000001",
+        "dapiNEWER000000000000000000000000000002x",
+    ]
+    .iter()
+    .enumerate()
+    {
+        d.set("databricks", new);
+        for (rel, text, bound) in fixtures() {
+            let got = fs::read_to_string(home.join(rel)).unwrap();
+            parses(rel, &got);
+            assert_eq!(
+                got,
+                text.replace(TOK, new),
+                "round {round}: {rel}: only the token bytes change"
+            );
+            assert_eq!(
+                got.matches(*new).count(),
+                bound,
+                "{rel}: token at exactly its keys"
+            );
+        }
+    }
+    // A CLI-style save (temp file + rename) keeps the user's edit.
+    let settings = home.join(".claude/settings.json");
+    let edited = fs::read_to_string(&settings)
+        .unwrap()
+        .replace("\"model\": \"sonnet\"", "\"model\": \"opus\"");
+    fs::write(home.join(".claude/.settings.json.tmp"), &edited).unwrap();
+    fs::rename(home.join(".claude/.settings.json.tmp"), &settings).unwrap();
+    assert_eq!(fs::read_to_string(&settings).unwrap(), edited);
+    let yaml = home.join(".hermes/config.yaml");
+    let edited = fs::read_to_string(&yaml).unwrap().replace(
+        "provider: custom\n  base",
+        "provider: custom # mine\n  base",
+    );
+    fs::write(home.join(".hermes/config.yaml.tmp"), &edited).unwrap();
+    fs::rename(home.join(".hermes/config.yaml.tmp"), &yaml).unwrap();
+    assert_eq!(fs::read_to_string(&yaml).unwrap(), edited);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    // Nothing on disk holds a token.
+    for (rel, _, bound) in fixtures() {
+        let on_disk = fs::read_to_string(home.join(rel)).unwrap();
+        assert!(
+            !on_disk.contains("dapiNEW") && (bound == 0 || !on_disk.contains(TOK)),
+            "{rel}: {on_disk}"
+        );
+    }
+}
+
+#[test]
+fn claude_with_an_api_key_helper_is_left_alone_and_says_so() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    let text = "{\n  \"apiKeyHelper\": \"tokenfs token databricks\",\n  \"env\": {}\n}\n";
+    s.write("home/.claude/settings.json", text);
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\npreset = \"claude\"\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        &[&home.join(".claude")],
+        &[("HOME", home_s.as_str()), ("CLAUDE_CONFIG_DIR", "")],
+    );
+    d.set("databricks", "dapiHELPER000000000000000000000001");
+    assert_eq!(
+        fs::read_to_string(home.join(".claude/settings.json")).unwrap(),
+        text
+    );
+    let st = d.status();
+    assert!(
+        st["mounts"][0]["notes"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("apiKeyHelper"),
+        "{st}"
+    );
+    // The helper-mode escape hatch prints the current secret.
+    let out = std::process::Command::new(BIN)
+        .args(["token", "databricks", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "dapiHELPER000000000000000000000001"
+    );
+}
+
+#[test]
+fn init_shows_fingerprints_and_changes_nothing_without_yes() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write(
+        "home/.hermes/config.yaml",
+        &format!("model:\n  api_key: {TOK}\n"),
+    );
+    s.write(
+        "home/.databrickscfg",
+        &format!("[DEFAULT]\nhost = https://x\ntoken = {TOK}\n"),
+    );
+    let out_cfg = s.path("out.toml");
+    let run = |yes: bool| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["init", "--preset", "hermes,databricks", "--output"])
+            .arg(&out_cfg)
+            .env("HOME", &home);
+        if yes {
+            c.arg("--yes");
+        }
+        c.output().unwrap()
+    };
+    let out = run(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("model.api_key: token dapi…") && !text.contains(TOK),
+        "{text}"
+    );
+    assert!(!out_cfg.exists() && home.join(".databrickscfg").is_file());
+    let out = run(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = fs::read_to_string(&out_cfg).unwrap();
+    assert!(written.contains("preset = \"hermes\"") && written.contains("preset = \"databricks\""));
+    assert!(
+        fs::symlink_metadata(home.join(".databrickscfg"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        fs::read_to_string(home.join(".local/share/tokenfs/databricks/.databrickscfg"))
+            .unwrap()
+            .contains(TOK)
+    );
+    let check = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&out_cfg)
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
