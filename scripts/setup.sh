@@ -16,6 +16,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The real-client test uses the Databricks SDK for Python.
+if ! python3 -c 'import databricks.sdk' 2>/dev/null; then
+  echo "setup: installing databricks-sdk (PyPI)" >&2
+  python3 -m pip install -q --disable-pip-version-check databricks-sdk 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages databricks-sdk
+fi
 if [ ! -e /dev/fuse ]; then
   echo "setup: /dev/fuse is missing: run the container with --device /dev/fuse --cap-add SYS_ADMIN" >&2
   exit 1

@@ -35,6 +35,8 @@ pub struct Token {
 pub struct State {
     pub tokens: HashMap<String, Token>,
     pub calls: HashMap<String, Vec<Instant>>,
+    /// The bearer token of every call, in order (endpoint, token).
+    pub bearers: Vec<(String, String)>,
     next_id: u64,
     fault: Option<Fault>,
 }
@@ -126,6 +128,17 @@ impl Fake {
             .is_some_and(|t| t.created <= at && t.expires > at && t.revoked.is_none_or(|r| r > at))
     }
 
+    /// Tokens sent to `endpoint`, in order.
+    pub fn bearers(&self, endpoint: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .bearers
+            .iter()
+            .filter(|(e, _)| e == endpoint)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
     pub fn is_valid(&self, value: &str) -> bool {
         self.state.lock().valid(value)
     }
@@ -180,6 +193,8 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
             .entry(endpoint(&method, &path).to_string())
             .or_default()
             .push(Instant::now());
+        st.bearers
+            .push((endpoint(&method, &path).to_string(), auth.clone()));
         st.fault.unwrap_or(Fault::None)
     };
     let (status, reply, extra) = match fault {
