@@ -223,3 +223,31 @@ fn no_token_in_logs_status_or_backing_files() {
         }
     }
 }
+
+/// The container entrypoint waits for the mounts, runs the command with the
+/// files live, passes its exit status on, and detaches everything after.
+#[test]
+fn entrypoint_runs_the_command_over_live_mounts_and_detaches() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    let tok = token("entry", 36);
+    s.write("home/.hermes/config.yaml", &hermes_yaml(&tok));
+    let cfg = s.write("tokenfs.toml", &hermes_config(&s, &dir));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tokenfs-entrypoint.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&cfg)
+        .arg("--")
+        .args(["sh", "-c", "grep -q \"$0\" \"$1\" && exit 7", &tok])
+        .arg(dir.join("config.yaml"))
+        .env("TOKENFS_BIN", BIN)
+        .env("TOKENFS_LOG", s.path("daemon.log"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!is_mounted(&dir), "still mounted after the command ended");
+    // Without FUSE mounts the entrypoint refuses to run the command.
+    let bad = s.write("bad.toml", &hermes_config(&s, &s.path("missing")));
+    let out = Command::new("bash").arg(script).arg(&bad).args(["--", "true"]).env("TOKENFS_BIN", BIN).output().unwrap();
+    assert_eq!(out.status.code(), Some(70));
+}
