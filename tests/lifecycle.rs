@@ -244,10 +244,21 @@ fn entrypoint_runs_the_command_over_live_mounts_and_detaches() {
         .env("TOKENFS_LOG", s.path("daemon.log"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!is_mounted(&dir), "still mounted after the command ended");
     // Without FUSE mounts the entrypoint refuses to run the command.
     let bad = s.write("bad.toml", &hermes_config(&s, &s.path("missing")));
-    let out = Command::new("bash").arg(script).arg(&bad).args(["--", "true"]).env("TOKENFS_BIN", BIN).output().unwrap();
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&bad)
+        .args(["--", "true"])
+        .env("TOKENFS_BIN", BIN)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(70));
 }

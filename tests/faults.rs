@@ -1,0 +1,245 @@
+//! Faults and isolation: a full or read-only backing filesystem, SIGKILL in
+//! the middle of writes, readers across a daemon restart, other uids.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// A small tmpfs mounted at `at`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tokenfs-test"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs (tests run as root)");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes `bytes` to `path` and returns the errno of write or close, if any.
+fn write_errno(path: &Path, bytes: &[u8]) -> Option<i32> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_TRUNC);
+        if fd < 0 {
+            return std::io::Error::last_os_error().raw_os_error();
+        }
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let werr = (n < 0)
+            .then(|| std::io::Error::last_os_error().raw_os_error())
+            .flatten();
+        let c = libc::close(fd);
+        werr.or_else(|| {
+            (c != 0)
+                .then(|| std::io::Error::last_os_error().raw_os_error())
+                .flatten()
+        })
+    }
+}
+
+#[test]
+fn a_full_backing_filesystem_returns_enospc_and_keeps_the_old_file() {
+    let s = Scratch::new();
+    let fsdir = s.path("fs");
+    let _t = Tmpfs::mount(&fsdir, "256k");
+    let dir = fsdir.join(".hermes");
+    let tok = token("full", 36);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.yaml"), hermes_yaml(&tok)).unwrap();
+    let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
+    let before = fs::read_to_string(dir.join("config.yaml")).unwrap();
+    // Fill the filesystem through the mount.
+    let filler = vec![7u8; 64 * 1024];
+    let mut f = fs::File::create(dir.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut f, &filler).is_ok() {}
+    drop(f);
+    let bigger = before.replace(
+        "max_turns: 60",
+        &format!("max_turns: 60\n# {}", "x".repeat(8000)),
+    );
+    assert_eq!(
+        write_errno(&dir.join("config.yaml"), bigger.as_bytes()),
+        Some(libc::ENOSPC)
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("config.yaml")).unwrap(),
+        before,
+        "the previous content stays whole"
+    );
+    let st = d.status();
+    let err = st["mounts"][0]["files"][0]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(err.contains("No space left"), "{st}");
+    assert!(d.log_text().contains("ERROR"));
+}
+
+#[test]
+fn a_read_only_backing_filesystem_returns_erofs() {
+    let s = Scratch::new();
+    let fsdir = s.path("fs");
+    let _t = Tmpfs::mount(&fsdir, "1m");
+    let dir = fsdir.join(".hermes");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.yaml"), hermes_yaml(&token("ro", 36))).unwrap();
+    let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
+    let before = fs::read_to_string(dir.join("config.yaml")).unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&fsdir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        write_errno(&dir.join("config.yaml"), b"model:\n  api_key: x\n"),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        fs::write(dir.join("new.txt"), "x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(fs::read_to_string(dir.join("config.yaml")).unwrap(), before);
+    let st = d.status();
+    assert!(
+        st["mounts"][0]["files"][0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Read-only"),
+        "{st}"
+    );
+}
+
+#[test]
+fn sigkill_during_writes_leaves_the_old_or_the_new_file_and_a_clean_restart() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    let tok = token("kill", 36);
+    s.write("home/.hermes/config.yaml", &hermes_yaml(&tok));
+    let backing = Backing::open(&dir);
+    let cfg = hermes_config(&s, &dir);
+    let mut d = Daemon::start(&s, &cfg, &[&dir]);
+    let versions: Vec<String> = (0..2)
+        .map(|i| {
+            hermes_yaml(&tok).replace(
+                "max_turns: 60",
+                &format!("max_turns: {}\n# {}", i, "v".repeat(20_000 * (i + 1))),
+            )
+        })
+        .collect();
+    let path = dir.join("config.yaml");
+    let writer = {
+        let (path, versions) = (path.clone(), versions.clone());
+        std::thread::spawn(move || {
+            for i in 0.. {
+                if fs::write(&path, &versions[i % 2]).is_err() {
+                    return i;
+                }
+            }
+            0
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    let writes = writer.join().unwrap();
+    assert!(writes > 2, "the writer barely ran");
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    let templates: Vec<String> = std::iter::once(hermes_yaml(&tok))
+        .chain(versions.iter().cloned())
+        .map(|v| v.replace(&tok, "__tokenfs:databricks.token__"))
+        .collect();
+    assert!(
+        templates.contains(&on_disk),
+        "a torn backing file after SIGKILL"
+    );
+    // Starting again mounts over the same directory. (A push credential
+    // lives in memory: until it is pushed again the file shows its
+    // placeholder, never a stale token.)
+    std::thread::sleep(Duration::from_millis(500));
+    let d2 = Daemon::start(&s, &cfg, &[&dir]);
+    assert!(
+        fs::read_to_string(&path)
+            .unwrap()
+            .contains("__tokenfs:databricks.token__")
+    );
+    d2.set("databricks", &tok);
+    assert!(templates.iter().any(|t| {
+        *t == fs::read_to_string(&path)
+            .unwrap()
+            .replace(&tok, "__tokenfs:databricks.token__")
+    }));
+}
+
+#[test]
+fn an_open_reader_gets_its_snapshot_or_a_clean_error_across_a_restart() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    s.write("home/.hermes/config.yaml", &hermes_yaml(&token("open", 36)));
+    let mut d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
+    let mut held = fs::File::open(dir.join("config.yaml")).unwrap();
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = String::new();
+        let _ = tx.send(held.read_to_string(&mut buf).map_err(|e| e.raw_os_error()));
+    });
+    let res = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a read on a dead mount hung");
+    assert_eq!(res.err(), Some(Some(libc::ENOTCONN)));
+}
+
+#[test]
+fn other_users_get_eacces_on_the_mount_and_the_control_socket() {
+    let s = Scratch::new();
+    fs::set_permissions(s.root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = s.path("home/.hermes");
+    s.write("home/.hermes/config.yaml", &hermes_yaml(&token("uid", 36)));
+    fs::set_permissions(s.path("home"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody(&["ls", &dir.display().to_string()]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    let out = as_nobody(&[BIN, "status", "--socket", &d.socket.display().to_string()]);
+    assert!(
+        !out.status.success(),
+        "another uid reached the control socket"
+    );
+    assert!(fs::metadata(&d.socket).unwrap().permissions().mode() & 0o077 == 0);
+}
