@@ -23,9 +23,22 @@ use crate::store::SlotRef;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    pub mode: Mode,
     pub socket: PathBuf,
     pub credentials: BTreeMap<String, SourceConfig>,
     pub mounts: Vec<MountConfig>,
+}
+
+/// How managed files reach readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// FUSE: rendered per open, never stored (the default).
+    Fuse,
+    /// Degraded: each rendering is written to the real file (tokens on disk).
+    Files,
+    /// FUSE where it works, else files with a warning.
+    Auto,
 }
 
 /// Where a credential's value comes from.
@@ -115,6 +128,7 @@ impl std::error::Error for ConfigError {}
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    mode: Option<Mode>,
     #[serde(default)]
     control: RawControl,
     #[serde(default)]
@@ -271,6 +285,7 @@ impl Config {
         }
         Ok(Config {
             path: at.file.to_owned(),
+            mode: raw.mode.unwrap_or(Mode::Fuse),
             socket: raw
                 .control
                 .socket

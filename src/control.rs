@@ -143,8 +143,8 @@ impl State {
                     .map(|f| {
                         let h = f.health();
                         FileStatus {
-                            path: f.rel.clone(),
-                            format: f.format.to_string(),
+                            path: f.rel().to_owned(),
+                            format: f.format().to_string(),
                             present: h.present,
                             last_write: unix(h.last_write),
                             last_error: h.last_error,

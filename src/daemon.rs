@@ -12,8 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use fuser::{MountOption, Session, SessionACL};
 use tracing::{error, info, warn};
 
-use crate::config::{Config, MountConfig};
+use crate::config::{Config, Mode, MountConfig};
 use crate::control;
+use crate::files;
+use crate::fs::MountInfo;
 use crate::fs::TokenFs;
 use crate::fs::managed::Context;
 use crate::source::Sources;
@@ -30,7 +32,13 @@ enum Event {
 }
 
 pub fn run(config: Config) -> Result<(), String> {
-    preflight(&config)?;
+    let fuse = match config.mode {
+        Mode::Files => Err("mode = \"files\"".to_string()),
+        Mode::Fuse | Mode::Auto => preflight(&config),
+    };
+    if let (Mode::Fuse, Err(e)) = (config.mode, &fuse) {
+        return Err(e.clone());
+    }
     harden();
     let store = Arc::new(Store::new(
         config
@@ -39,6 +47,45 @@ pub fn run(config: Config) -> Result<(), String> {
             .map(|(n, k)| (n.as_str(), k.kind())),
     ));
     let sources = Sources::start(&config, store.clone())?;
+    let (tx, rx) = mpsc::channel();
+    watch_signals(tx.clone())?;
+    let (mounts, mounted) = match fuse.and_then(|()| serve_fuse(&config, &store, &sources, &tx)) {
+        Ok(served) => served,
+        Err(e) if config.mode == Mode::Fuse => {
+            // The files were converted to placeholders before mounting:
+            // put working tokens back before giving up.
+            files::restore(&config, &store, sources.as_ref());
+            return Err(e);
+        }
+        Err(e) => {
+            warn!("FUSE unavailable ({e}): falling back to files mode");
+            (
+                files::start(&config, store.clone(), sources.clone())?,
+                Vec::new(),
+            )
+        }
+    };
+    let state = Arc::new(control::State {
+        store,
+        sources,
+        mounts,
+        started: SystemTime::now(),
+    });
+    control::serve(&config.socket, state)?;
+    info!(mounts = mounted.len(), "tokenfs is serving");
+    wait(rx, &mounted);
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+/// Builds and mounts every directory; on any failure detaches the ones
+/// already mounted.
+fn serve_fuse(
+    config: &Config,
+    store: &Arc<Store>,
+    sources: &Arc<Sources>,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(Vec<Arc<MountInfo>>, Vec<PathBuf>), String> {
     let ctx = Arc::new(Context {
         store: store.clone(),
         adopt: sources.clone(),
@@ -48,33 +95,29 @@ pub fn run(config: Config) -> Result<(), String> {
         let root = open_dir(&m.dir)?;
         filesystems.push(TokenFs::new(m, root, ctx.clone())?);
     }
-    let state = Arc::new(control::State {
-        store,
-        sources,
-        mounts: filesystems.iter().map(|f| f.info.clone()).collect(),
-        started: SystemTime::now(),
-    });
-    control::serve(&config.socket, state)?;
-
-    let (tx, rx) = mpsc::channel();
-    watch_signals(tx.clone())?;
+    let infos = filesystems.iter().map(|f| f.info.clone()).collect();
     let mut mounted: Vec<PathBuf> = Vec::new();
     for (fs, m) in filesystems.into_iter().zip(&config.mounts) {
-        match mount(fs, m, tx.clone()) {
-            Ok(()) => mounted.push(m.dir.clone()),
-            Err(e) => {
-                detach_all(&mounted);
-                return Err(e);
-            }
+        if let Err(e) = mount(fs, m, tx.clone()) {
+            detach_all(&mounted);
+            return Err(e);
         }
+        mounted.push(m.dir.clone());
     }
-    info!(mounts = mounted.len(), "tokenfs is serving");
-    wait(rx, &mounted);
-    let _ = std::fs::remove_file(&config.socket);
-    Ok(())
+    Ok((infos, mounted))
 }
 
+/// Serves until every mount is gone (files mode: until a signal).
 fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf]) {
+    if mounted.is_empty() {
+        while let Ok(e) = rx.recv() {
+            if let Event::Signal(sig) = e {
+                info!(signal = sig, "stopping");
+                return;
+            }
+        }
+        return;
+    }
     let mut live = mounted.len();
     let mut deadline: Option<Instant> = None;
     while live > 0 {

@@ -61,8 +61,29 @@ pub struct TokenFs {
 pub struct MountInfo {
     pub dir: PathBuf,
     pub notes: Vec<String>,
-    pub files: Vec<Arc<ManagedFile>>,
+    pub files: Vec<Arc<dyn ServedFile>>,
     pub kernel_passthrough: AtomicBool,
+}
+
+/// A file tokenfs serves, as status sees it (FUSE-managed or, in files
+/// mode, rewritten on disk).
+pub trait ServedFile: Send + Sync {
+    /// Path relative to the mount dir.
+    fn rel(&self) -> &Path;
+    fn format(&self) -> crate::render::Format;
+    fn health(&self) -> managed::FileHealth;
+}
+
+impl ServedFile for ManagedFile {
+    fn rel(&self) -> &Path {
+        &self.rel
+    }
+    fn format(&self) -> crate::render::Format {
+        self.format
+    }
+    fn health(&self) -> managed::FileHealth {
+        ManagedFile::health(self)
+    }
 }
 
 #[derive(Default)]
@@ -193,7 +214,7 @@ impl TokenFs {
                 .by_name
                 .insert((parent.key, file.name.as_bytes().to_vec()), file.clone());
             managed.by_id.insert(id, file.clone());
-            files.push(file);
+            files.push(file as Arc<dyn ServedFile>);
         }
         for note in &cfg.notes {
             warn!(mount = %cfg.dir.display(), "{note}");

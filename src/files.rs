@@ -1,0 +1,271 @@
+//! Degraded mode without FUSE (`mode = "files"`): each rendering is written
+//! to the real file, atomically. **Tokens are then stored on disk**, and a
+//! reader can still race a rotation (it sees the old or the new file whole,
+//! never half, thanks to rename). Use it where `/dev/fuse` is unavailable.
+//!
+//! At start, each file is converted to a template in memory (a token found
+//! in it becomes the credential's first value). On every new generation the
+//! file is re-read: bytes a program wrote since our last write are taken as
+//! its edits (secrets turned back into placeholders, new values offered to
+//! the source), then the rendering is written with temp file + fsync +
+//! rename + fsync(dir), keeping mode and owner, and skipped when unchanged.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ManagedConfig};
+use crate::fs::managed::{FileHealth, TMP_PREFIX};
+use crate::fs::{MountInfo, ServedFile};
+use crate::render::{self, Binding, Format, Template};
+use crate::secret::{Secret, SecretBytes};
+use crate::source::Adopt;
+use crate::store::{SlotRef, Snapshot, Store};
+
+/// One file kept up to date on disk.
+pub struct FileCopy {
+    path: PathBuf,
+    rel: PathBuf,
+    format: Format,
+    bindings: Vec<Binding>,
+    slots: Vec<SlotRef>,
+    create: bool,
+    state: Mutex<CopyState>,
+    health: Mutex<FileHealth>,
+}
+
+#[derive(Default)]
+struct CopyState {
+    template: Option<Template>,
+    /// What we last wrote (or found), to tell a program's edits apart.
+    last: Option<SecretBytes>,
+}
+
+impl ServedFile for FileCopy {
+    fn rel(&self) -> &Path {
+        &self.rel
+    }
+    fn format(&self) -> Format {
+        self.format
+    }
+    fn health(&self) -> FileHealth {
+        self.health.lock().clone()
+    }
+}
+
+/// Converts every file and starts the writer thread. Returns what status
+/// shows about each directory.
+pub fn start(
+    config: &Config,
+    store: Arc<Store>,
+    adopt: Arc<dyn Adopt>,
+) -> Result<Vec<Arc<MountInfo>>, String> {
+    let mut infos = Vec::new();
+    let mut all = Vec::new();
+    for m in &config.mounts {
+        let mut files: Vec<Arc<dyn ServedFile>> = Vec::new();
+        for f in &m.files {
+            let copy = Arc::new(FileCopy::new(&m.dir, f));
+            copy.refresh(&store, adopt.as_ref(), true);
+            all.push(copy.clone());
+            files.push(copy);
+        }
+        let mut notes = m.notes.clone();
+        notes.push("files mode: tokens are written to disk (no FUSE)".into());
+        infos.push(Arc::new(MountInfo {
+            dir: m.dir.clone(),
+            notes,
+            files,
+            kernel_passthrough: Default::default(),
+        }));
+    }
+    warn!("files mode: managed files are rewritten on disk at each rotation and hold tokens");
+    std::thread::Builder::new()
+        .name("files-writer".into())
+        .spawn(move || writer(all, store, adopt))
+        .map_err(|e| format!("cannot start the files writer: {e}"))?;
+    Ok(infos)
+}
+
+/// Writes the current rendering into every managed file once (after a failed
+/// mount, so the files hold working tokens again instead of placeholders).
+pub fn restore(config: &Config, store: &Store, adopt: &dyn Adopt) {
+    for m in &config.mounts {
+        for f in &m.files {
+            let copy = FileCopy::new(&m.dir, f);
+            copy.refresh(store, adopt, true);
+            copy.refresh(store, adopt, false);
+        }
+    }
+}
+
+/// Sleeps until the next generation (no polling), then rewrites every file.
+fn writer(files: Vec<Arc<FileCopy>>, store: Arc<Store>, adopt: Arc<dyn Adopt>) {
+    let mut seen = store.snapshot().generation;
+    for f in &files {
+        f.refresh(&store, adopt.as_ref(), false);
+    }
+    loop {
+        let snap = store.wait_past(seen, Duration::from_secs(24 * 3600));
+        if snap.generation == seen {
+            continue;
+        }
+        seen = snap.generation;
+        for f in &files {
+            f.refresh(&store, adopt.as_ref(), false);
+        }
+    }
+}
+
+impl FileCopy {
+    fn new(dir: &Path, f: &ManagedConfig) -> FileCopy {
+        FileCopy {
+            path: dir.join(&f.path),
+            rel: f.path.clone(),
+            format: f.format,
+            bindings: f.bindings.clone(),
+            slots: f
+                .bindings
+                .iter()
+                .filter_map(|b| SlotRef::parse(&b.slot).ok())
+                .collect(),
+            create: f.create,
+            state: Mutex::new(CopyState::default()),
+            health: Mutex::new(FileHealth::default()),
+        }
+    }
+
+    /// Takes in a program's edits, then writes the current rendering if it
+    /// differs from the file. `convert_only` is the start-up pass.
+    fn refresh(&self, store: &Store, adopt: &dyn Adopt, convert_only: bool) {
+        let mut st = self.state.lock();
+        let on_disk = std::fs::read(&self.path).ok().map(SecretBytes::new);
+        self.health.lock().present = on_disk.is_some();
+        let edited = match (&on_disk, &st.last) {
+            (Some(now), Some(last)) => now != last,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if edited || (on_disk.is_none() && st.template.is_none() && self.create) {
+            let bytes: &[u8] = on_disk.as_deref().unwrap_or(b"");
+            st.template = Some(self.convert(store, adopt, bytes, convert_only));
+            st.last = on_disk.clone();
+        }
+        if convert_only {
+            return;
+        }
+        let Some(template) = &st.template else { return };
+        let snap = store.snapshot();
+        if self.slots.iter().any(|s| snap.get(s).is_none()) {
+            return; // Never replace a token on disk with a placeholder.
+        }
+        let rendered = render_with(template, &snap);
+        if on_disk.as_ref() == Some(&rendered) {
+            st.last = Some(rendered);
+            return;
+        }
+        match self.write_atomically(&rendered) {
+            Ok(()) => {
+                st.last = Some(rendered);
+                let mut h = self.health.lock();
+                h.present = true;
+                h.last_write = Some(SystemTime::now());
+            }
+            Err(e) => {
+                let msg = format!(
+                    "writing {} failed: {e}; it still holds the previous token",
+                    self.path.display()
+                );
+                error!("{msg}");
+                let mut h = self.health.lock();
+                h.last_error = Some(msg);
+                h.last_error_at = Some(SystemTime::now());
+            }
+        }
+    }
+
+    /// `startup`: a value found becomes the credential's first value only if
+    /// it has none; later, a value a program wrote is offered to its source.
+    fn convert(&self, store: &Store, adopt: &dyn Adopt, bytes: &[u8], startup: bool) -> Template {
+        let snap = store.snapshot();
+        let mut known: Vec<(String, Secret)> = Vec::new();
+        for slot in &self.slots {
+            known.extend(snap.get(slot).cloned().map(|s| (slot.to_string(), s)));
+            known.extend(
+                store
+                    .recent(slot)
+                    .into_iter()
+                    .map(|s| (slot.to_string(), s)),
+            );
+        }
+        let refs: Vec<(&str, &[u8])> = known
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        let conv = render::to_template(self.format, bytes, &self.bindings, &refs, true);
+        if let Some(e) = &conv.parse_error {
+            warn!(file = %self.path.display(), "not valid {} ({e}); kept as written", self.format);
+        }
+        for found in conv.found {
+            let Ok(slot) = SlotRef::parse(&found.slot) else {
+                continue;
+            };
+            if !startup || snap.get(&slot).is_none() {
+                match adopt.offer(&slot, found.value, &self.path.display().to_string()) {
+                    Ok(()) => {
+                        info!(file = %self.path.display(), slot = %slot, "adopted a value found in the file")
+                    }
+                    Err(why) => {
+                        warn!(file = %self.path.display(), slot = %slot, "not adopted: {why}")
+                    }
+                }
+            }
+        }
+        Template::new(conv.template)
+    }
+
+    /// temp file + fsync + rename + fsync(dir), keeping mode and owner.
+    fn write_atomically(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+        let meta = std::fs::metadata(&self.path).ok();
+        let mode = meta
+            .as_ref()
+            .map_or(0o600, |m| m.permissions().mode() & 0o7777);
+        let result = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            if let Some(m) = &meta {
+                std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+fn render_with(template: &Template, snap: &Snapshot) -> SecretBytes {
+    let mut out = Vec::new();
+    template.render(&|slot| snap.get_str(slot).map(|s| s.expose()), &mut out);
+    SecretBytes::new(out)
+}
