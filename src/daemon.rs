@@ -281,6 +281,9 @@ fn preflight(config: &Config) -> Result<(), String> {
     }
     for m in &config.mounts {
         let dir = &m.dir;
+        if is_dead_mount(dir) {
+            clear_stale_mount(dir)?;
+        }
         match std::fs::metadata(dir) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => return Err(format!("{} is not a directory", dir.display())),
@@ -303,6 +306,12 @@ fn preflight(config: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `dir` is a FUSE mount whose daemon is gone. Listing asks the
+/// daemon; `stat` could answer from the kernel's attribute cache.
+pub fn is_dead_mount(dir: &Path) -> bool {
+    std::fs::read_dir(dir).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
 }
 
 /// A daemon that died without auto-unmount leaves a dead mount; detach it.

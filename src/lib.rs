@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod files;
 pub mod fs;
 pub mod init;

@@ -56,6 +56,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check what mounting needs (FUSE, fusermount3, permissions, stale mounts) and say what to fix.
+    Doctor {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Validate a config without mounting anything.
     Check {
         #[arg(long, short)]
@@ -131,6 +136,24 @@ fn run(cli: Cli) -> Result<(), String> {
             yes,
             force,
         }),
+        Command::Doctor { config } => {
+            let config = config
+                .map(|c| Config::load(&c))
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let checks = tokenfs::doctor::run(config.as_ref());
+            for c in &checks {
+                if c.ok {
+                    println!("ok   {}", c.what);
+                } else {
+                    println!("FIX  {}\n     → {}", c.what, c.fix);
+                }
+            }
+            match checks.iter().filter(|c| !c.ok).count() {
+                0 => Ok(()),
+                n => Err(format!("{n} problem(s) found")),
+            }
+        }
         Command::Check { config } => {
             let c = Config::load(&config).map_err(|e| e.to_string())?;
             let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();

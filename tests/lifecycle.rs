@@ -262,3 +262,51 @@ fn entrypoint_runs_the_command_over_live_mounts_and_detaches() {
         .unwrap();
     assert_eq!(out.status.code(), Some(70));
 }
+
+#[test]
+fn a_stale_mount_is_reported_by_doctor_and_cleared_by_the_next_mount() {
+    let (s, dir, mut d) = start();
+    let cfg = s.path("tokenfs.toml");
+    let ok = Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ok.stdout).to_string();
+    assert!(
+        ok.status.success() && text.contains("ok   /dev/fuse") && text.contains("is valid"),
+        "{text}"
+    );
+    // Kill the auto-unmount helper first, then the daemon: a dead mount stays.
+    let helper = Command::new("pgrep")
+        .args(["-f", &format!("fusermount3 .*{}", dir.display())])
+        .output()
+        .unwrap();
+    let pids: Vec<i32> = String::from_utf8_lossy(&helper.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(!pids.is_empty(), "no fusermount3 helper found");
+    for pid in pids {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    // (stat may still answer from the kernel's attribute cache; listing asks the dead daemon.)
+    assert_eq!(
+        fs::read_dir(&dir).unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    let out = Command::new(BIN).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success() && text.contains(&format!("fusermount3 -u -z {}", dir.display())),
+        "{text}"
+    );
+    // Mounting again clears it and serves.
+    let d2 = Daemon::start(&s, &fs::read_to_string(&cfg).unwrap(), &[&dir]);
+    let read = fs::read_to_string(dir.join("config.yaml"));
+    assert!(read.is_ok(), "{read:?}\n{}", d2.log_text());
+    assert!(d2.log_text().contains("stale mount"));
+}

@@ -21,7 +21,7 @@ fn readers_never_see_a_torn_stale_or_unparsable_file() {
         &s,
         &hermes_config(&s, &dir),
         &[&dir],
-        &[("RUST_LOG", "warn")],
+        &[("RUST_LOG", "warn,tokenfs::daemon=info")],
     );
     let path = dir.join("config.yaml");
 

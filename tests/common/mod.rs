@@ -134,6 +134,8 @@ impl Daemon {
     pub fn start_env(s: &Scratch, config: &str, dirs: &[&Path], env: &[(&str, &str)]) -> Daemon {
         require_fuse();
         let cfg = s.write("tokenfs.toml", config);
+        // A socket left by a killed daemon must not look like readiness.
+        let _ = fs::remove_file(s.socket());
         let log = s.path("daemon.log");
         let logf = fs::File::create(&log).expect("log");
         let mut cmd = Command::new(BIN);
@@ -164,7 +166,8 @@ impl Daemon {
     fn wait_live(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if self.dirs.iter().all(|d| is_mounted(d)) && self.socket.exists() {
+            let serving = self.log_text().contains("tokenfs is serving");
+            if serving && self.dirs.iter().all(|d| is_mounted(d)) && self.socket.exists() {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {

@@ -1,0 +1,141 @@
+//! `tokenfs doctor`: checks what mounting needs and what a previous run may
+//! have left behind, and says what to do about each problem.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use crate::config::Config;
+
+/// One line of the report.
+pub struct Check {
+    pub ok: bool,
+    pub what: String,
+    /// What to do when not ok.
+    pub fix: String,
+}
+
+fn check(ok: bool, what: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        ok,
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Runs every check; `config` adds the checks of one configuration.
+pub fn run(config: Option<&Config>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    let fuse = Path::new("/dev/fuse");
+    let fuse_rw = nix::unistd::access(
+        fuse,
+        nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+    )
+    .is_ok();
+    out.push(check(fuse_rw, "/dev/fuse is present and usable", "run the container with --device /dev/fuse (and CAP_SYS_ADMIN), or set mode = \"auto\"/\"files\""));
+    let fusermount = which("fusermount3");
+    out.push(check(
+        fusermount.is_some(),
+        "fusermount3 is installed (needed for auto-unmount)",
+        "apt-get install -y fuse3",
+    ));
+    if let (false, Some(fm)) = (root, &fusermount) {
+        let setuid = std::fs::metadata(fm)
+            .map(|m| m.mode() & 0o4000 != 0)
+            .unwrap_or(false);
+        out.push(check(
+            setuid,
+            "fusermount3 is setuid root (needed without root)",
+            "chmod u+s $(which fusermount3), or run tokenfs as root",
+        ));
+    }
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    let allow_other = conf.lines().any(|l| l.trim() == "user_allow_other");
+    out.push(check(
+        root || allow_other,
+        "allow_other is permitted (root, or user_allow_other in /etc/fuse.conf)",
+        "add `user_allow_other` to /etc/fuse.conf (auto-unmount needs it when not root)",
+    ));
+    let (major, minor) = kernel_version();
+    out.push(check(
+        (major, minor) >= (6, 9),
+        format!("kernel {major}.{minor} offers FUSE passthrough (6.9+)"),
+        "other files are forwarded through the daemon instead: slower bulk I/O, still correct",
+    ));
+    for dir in stale_mounts() {
+        out.push(check(
+            false,
+            format!("stale tokenfs mount at {}", dir),
+            format!("fusermount3 -u -z {dir}"),
+        ));
+    }
+    if let Some(c) = config {
+        config_checks(c, &mut out);
+    }
+    out
+}
+
+fn config_checks(c: &Config, out: &mut Vec<Check>) {
+    out.push(check(true, format!("{} is valid", c.path.display()), ""));
+    for m in &c.mounts {
+        let d = &m.dir;
+        out.push(check(
+            d.is_dir(),
+            format!("mount dir {} exists", d.display()),
+            format!("mkdir -p {}", d.display()),
+        ));
+    }
+    if let Some(dir) = c.socket.parent().filter(|d| d.exists()) {
+        let mode = std::fs::metadata(dir)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        out.push(check(
+            mode & 0o077 == 0,
+            format!(
+                "control socket directory {} is owner-only ({mode:o})",
+                dir.display()
+            ),
+            format!("chmod 700 {}", dir.display()),
+        ));
+    }
+    if let Ok(m) = std::fs::metadata(&c.path) {
+        let mode = m.permissions().mode() & 0o777;
+        out.push(check(
+            mode & 0o022 == 0,
+            format!(
+                "config {} is not writable by others ({mode:o})",
+                c.path.display()
+            ),
+            format!("chmod go-w {}", c.path.display()),
+        ));
+    }
+}
+
+fn kernel_version() -> (u32, u32) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// tokenfs mounts whose daemon is gone. Listing the directory asks the
+/// daemon (`stat` may answer from the kernel's attribute cache).
+fn stale_mounts() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.contains(" fuse.tokenfs "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|d| crate::daemon::is_dead_mount(Path::new(d)))
+        .collect()
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.exists())
+}
