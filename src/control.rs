@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -208,10 +208,14 @@ impl State {
 /// on a background thread.
 pub fn serve(path: &Path, state: Arc<State>) -> Result<(), String> {
     let shown = path.display();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+    // A directory we create is owner-only; an existing one is the user's
+    // and keeps its mode (the socket itself is 0600 and checks peers).
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
