@@ -288,6 +288,31 @@ impl TokenFs {
         }
     }
 
+    /// mknod/mkdir/symlink: refuse managed names, create, give the new inode
+    /// to the caller, and answer with its entry.
+    fn make_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> io::Result<()>,
+    ) {
+        let made = self.node(parent).and_then(|p| {
+            self.not_managed_name(&p, name)?;
+            let c = sys::cname(name).map_err(|e| errno(&e))?;
+            make(p.fd(), &c).map_err(|e| errno(&e))?;
+            Ok(p)
+        });
+        match made {
+            Ok(p) => {
+                self.chown_to_caller(req, &p, name);
+                self.reply_entry(&p, name, reply);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn reply_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
         match self.remember(parent, name) {
             Ok((node, st)) => reply.entry_with_ttls(

@@ -142,15 +142,9 @@ impl fuser::Filesystem for TokenFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let p = tri!(reply, self.node(parent));
-        tri!(reply, self.not_managed_name(&p, name));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(
-            reply,
-            sys::mknod_at(p.fd(), &c, mode, rdev as libc::dev_t).map_err(io_errno)
-        );
-        self.chown_to_caller(req, &p, name);
-        self.reply_entry(&p, name, reply);
+        self.make_entry(req, parent, name, reply, |dir, c| {
+            sys::mknod_at(dir, c, mode, rdev as libc::dev_t)
+        });
     }
 
     fn mkdir(
@@ -162,12 +156,9 @@ impl fuser::Filesystem for TokenFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let p = tri!(reply, self.node(parent));
-        tri!(reply, self.not_managed_name(&p, name));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(reply, sys::mkdir_at(p.fd(), &c, mode).map_err(io_errno));
-        self.chown_to_caller(req, &p, name);
-        self.reply_entry(&p, name, reply);
+        self.make_entry(req, parent, name, reply, |dir, c| {
+            sys::mkdir_at(dir, c, mode)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -199,13 +190,10 @@ impl fuser::Filesystem for TokenFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let p = tri!(reply, self.node(parent));
-        tri!(reply, self.not_managed_name(&p, link_name));
-        let c = tri!(reply, sys::cname(link_name).map_err(io_errno));
         let t = tri!(reply, sys::cname(target.as_os_str()).map_err(io_errno));
-        tri!(reply, sys::symlink_at(&t, p.fd(), &c).map_err(io_errno));
-        self.chown_to_caller(req, &p, link_name);
-        self.reply_entry(&p, link_name, reply);
+        self.make_entry(req, parent, link_name, reply, |dir, c| {
+            sys::symlink_at(&t, dir, c)
+        });
     }
 
     fn rename(

@@ -299,35 +299,35 @@ pub fn copy_file_range(
 pub mod xattr {
     use super::*;
 
-    pub fn get(fd: BorrowedFd<'_>, name: &CStr, size: usize) -> io::Result<Vec<u8>> {
-        let path = proc_path(fd);
+    /// Calls a size-probing xattr syscall: with `size` 0 it returns a buffer
+    /// of the needed length (zeroed), as the FUSE reply for a size query.
+    fn sized(
+        size: usize,
+        call: impl FnOnce(*mut libc::c_void, usize) -> isize,
+    ) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; size];
-        // SAFETY: buf writable for `size` bytes (a null pointer is fine for size 0).
-        let n =
-            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size) };
+        let n = call(buf.as_mut_ptr().cast(), size);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        buf.truncate(n as usize);
-        if size == 0 {
-            buf = vec![0; n as usize];
-        }
+        buf.resize(n as usize, 0);
         Ok(buf)
+    }
+
+    pub fn get(fd: BorrowedFd<'_>, name: &CStr, size: usize) -> io::Result<Vec<u8>> {
+        let path = proc_path(fd);
+        // SAFETY: the buffer is writable for `size` bytes.
+        sized(size, |buf, len| unsafe {
+            libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len)
+        })
     }
 
     pub fn list(fd: BorrowedFd<'_>, size: usize) -> io::Result<Vec<u8>> {
         let path = proc_path(fd);
-        let mut buf = vec![0u8; size];
-        // SAFETY: as above.
-        let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), size) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        buf.truncate(n as usize);
-        if size == 0 {
-            buf = vec![0; n as usize];
-        }
-        Ok(buf)
+        // SAFETY: the buffer is writable for `size` bytes.
+        sized(size, |buf, len| unsafe {
+            libc::listxattr(path.as_ptr(), buf.cast(), len)
+        })
     }
 
     pub fn set(fd: BorrowedFd<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
