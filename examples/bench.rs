@@ -1,0 +1,744 @@
+//! tokenfs benchmark: every row side by side in one run, reported as ratios.
+//! Driven by `scripts/bench.sh` (which installs bindfs and builds release).
+//!
+//!   bench [--json] [--idle SECS] [--storm SECS]
+//!   bench reader read|stat PATH ITERS   (child mode: prints latencies in ns)
+
+#[path = "../tests/common/fake_databricks.rs"]
+#[allow(dead_code)]
+mod fake_databricks;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokenfs::control::{self, Request};
+
+const TOKENFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tokenfs");
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("reader") {
+        return reader(
+            &args[2],
+            Path::new(&args[3]),
+            args[4].parse().expect("iters"),
+        );
+    }
+    let flag = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let json_out = args.iter().any(|a| a == "--json");
+    let bench = Bench::setup();
+    let mut report = Report::default();
+    bench.config_read(&mut report);
+    bench.stat(&mut report);
+    bench.bulk(&mut report);
+    bench.rotation(&mut report);
+    bench.storm(&mut report, flag("--storm", 10));
+    footprint(&mut report, flag("--idle", 60));
+    databricks(&mut report);
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.text);
+    }
+}
+
+/// Child mode: times `iters` cycles of open+read+close (or stat) of `path`.
+fn reader(mode: &str, path: &Path, iters: usize) {
+    let mut lat = Vec::with_capacity(iters);
+    let mut buf = Vec::with_capacity(4096);
+    for _ in 0..iters {
+        let t = Instant::now();
+        if mode == "stat" {
+            std::hint::black_box(fs::metadata(path).expect("stat"));
+        } else {
+            buf.clear();
+            fs::File::open(path)
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .expect("read");
+        }
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let out: Vec<String> = lat.iter().map(u64::to_string).collect();
+    println!("{}", out.join(" "));
+}
+
+#[derive(Default)]
+struct Report {
+    text: String,
+    json: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str) {
+        self.text.push_str(&format!("\n== {title}\n"));
+    }
+    fn line(&mut self, s: String) {
+        self.text.push_str(&s);
+        self.text.push('\n');
+    }
+    fn put(&mut self, key: &str, v: Value) {
+        self.json.insert(key.into(), v);
+    }
+}
+
+fn pct(v: &mut [u64], p: f64) -> u64 {
+    v.sort_unstable();
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+struct Daemon {
+    child: Child,
+    dirs: Vec<PathBuf>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(root: &Path, name: &str, config: &str, dirs: Vec<PathBuf>) -> (Daemon, Duration) {
+        let cfg = root.join(format!("{name}.toml"));
+        fs::write(&cfg, config).expect("config");
+        let log = root.join(format!("{name}.log"));
+        let t = Instant::now();
+        let child = Command::new(TOKENFS)
+            .args(["mount", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn,tokenfs::daemon=info")
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("tokenfs (build it with cargo build --release)");
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("tokenfs is serving")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "tokenfs did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let live = t.elapsed();
+        (
+            Daemon {
+                child,
+                dirs,
+                socket: root.join(format!("{name}.sock")),
+            },
+            live,
+        )
+    }
+
+    fn set(&self, name: &str, secret: &str) {
+        control::call(
+            &self.socket,
+            &Request::Set {
+                name: name.into(),
+                field: None,
+                secret: secret.into(),
+            },
+        )
+        .expect("set");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        for d in &self.dirs {
+            let quiet = Stdio::null;
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(d)
+                .stderr(quiet())
+                .status();
+        }
+    }
+}
+
+fn yaml(token: &str) -> String {
+    let mut s = format!(
+        "# Hermes agent config\nmodel:\n  provider: custom\n  base_url: https://gw.example.com/serving-endpoints\n  api_key: {token}\n  default: databricks-claude-sonnet\n"
+    );
+    // A fixed number of lines, so the size varies only with the token.
+    for _ in 0..14 {
+        s.push_str("# padding comment to make this a 1 KiB config like a real one\n");
+    }
+    s
+}
+
+fn token(seq: u64) -> String {
+    let len = 20 + (seq as usize * 37) % 160;
+    let mut t = format!("dapiG{seq}x");
+    while t.len() < len {
+        t.push('x');
+    }
+    t
+}
+
+/// Whether a read is one whole generation of `yaml(token(seq))`.
+fn whole(text: &str) -> bool {
+    let Some(key) = text.lines().find_map(|l| l.strip_prefix("  api_key: ")) else {
+        return false;
+    };
+    let seq = key
+        .strip_prefix("dapiG")
+        .and_then(|r| r.split('x').next())
+        .and_then(|n| n.parse().ok());
+    seq.is_some_and(|s| key == token(s) && text == yaml(key))
+}
+
+struct Bench {
+    root: PathBuf,
+    floor: PathBuf,
+    tfs: PathBuf,
+    bind: PathBuf,
+    daemon: Daemon,
+    bindfs: Child,
+}
+
+impl Bench {
+    fn setup() -> Bench {
+        let root = PathBuf::from(format!("/tmp/tokenfs-bench-{}", std::process::id()));
+        let (floor, tfs, bsrc, bind) = (
+            root.join("floor"),
+            root.join("tfs"),
+            root.join("bindsrc"),
+            root.join("bind"),
+        );
+        for d in [&floor, &tfs, &bsrc, &bind] {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        for d in [&floor, &tfs, &bsrc] {
+            fs::write(d.join("config.yaml"), yaml(&token(0))).expect("write");
+            fs::write(d.join("plain.yaml"), yaml(&token(0))).expect("write");
+        }
+        let config = format!(
+            "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nbind = {{ \"model.api_key\" = \"db.token\" }}\n",
+            root.join("main.sock").display(),
+            tfs.display()
+        );
+        let (daemon, _) = Daemon::start(&root, "main", &config, vec![tfs.clone()]);
+        let bindfs = Command::new("bindfs")
+            .args(["-f"])
+            .arg(&bsrc)
+            .arg(&bind)
+            .spawn()
+            .expect("bindfs (apt-get install bindfs)");
+        while !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(&format!(" {} ", bind.display()))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Bench {
+            root,
+            floor,
+            tfs,
+            bind,
+            daemon,
+            bindfs,
+        }
+    }
+
+    fn pin(&self, on: bool) {
+        let cpus = if on {
+            "0".to_string()
+        } else {
+            format!("0-{}", num_cpus() - 1)
+        };
+        for pid in [self.daemon.child.id(), self.bindfs.id()] {
+            let _ = Command::new("taskset")
+                .args(["-a", "-cp", &cpus, &pid.to_string()])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Runs `n` reader processes on `path`; returns all latencies.
+    fn readers(&self, mode: &str, path: &Path, n: usize, pinned: bool, iters: usize) -> Vec<u64> {
+        let me = std::env::current_exe().expect("exe");
+        let kids: Vec<Child> = (0..n)
+            .map(|_| {
+                let mut c = if pinned {
+                    Command::new("taskset")
+                } else {
+                    Command::new(&me)
+                };
+                if pinned {
+                    c.args(["-c", "0"]).arg(&me);
+                }
+                c.args(["reader", mode])
+                    .arg(path)
+                    .arg(iters.to_string())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("reader")
+            })
+            .collect();
+        let mut all = Vec::new();
+        for k in kids {
+            let out = k.wait_with_output().expect("reader");
+            all.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|v| v.parse::<u64>().ok()),
+            );
+        }
+        all
+    }
+
+    fn columns(&self, file: &str) -> [(&'static str, PathBuf); 4] {
+        [
+            ("tokenfs managed", self.tfs.join("config.yaml")),
+            ("tokenfs passthrough", self.tfs.join("plain.yaml")),
+            ("floor (no FUSE)", self.floor.join(file)),
+            ("bindfs", self.bind.join(file)),
+        ]
+    }
+
+    fn config_read(&self, r: &mut Report) {
+        r.section("1. config read: open + read 1 KiB + close, per cycle (µs)");
+        r.line(format!(
+            "{:<28} {:>10} {:>10} {:>10} {:>10}   {:>12} {:>12}",
+            "", "median", "p99", "p99/med", "", "÷ bindfs", "÷ floor"
+        ));
+        let mut rows = serde_json::Map::new();
+        for pinned in [true, false] {
+            self.pin(pinned);
+            for n in [1, 2] {
+                let mut meds = Vec::new();
+                for (name, path) in self.columns("plain.yaml") {
+                    let mut lat = self.readers("read", &path, n, pinned, 20_000 / n);
+                    let (m, p) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+                    meds.push((name, m, p));
+                }
+                let bind = meds[3].1.max(1);
+                let floor = meds[2].1.max(1);
+                r.line(format!(
+                    "-- {} reader(s), {}",
+                    n,
+                    if pinned {
+                        "pinned to CPU 0"
+                    } else {
+                        "unpinned"
+                    }
+                ));
+                for (name, m, p) in &meds {
+                    r.line(format!(
+                        "{:<28} {:>10.1} {:>10.1} {:>9.1}×            {:>11.2}× {:>11.2}×",
+                        name,
+                        us(*m),
+                        us(*p),
+                        *p as f64 / (*m).max(1) as f64,
+                        *m as f64 / bind as f64,
+                        *m as f64 / floor as f64
+                    ));
+                    rows.insert(
+                        format!("{name}/{n}/{}", if pinned { "pinned" } else { "unpinned" }),
+                        json!({"median_us": us(*m), "p99_us": us(*p)}),
+                    );
+                }
+            }
+        }
+        self.pin(false);
+        r.put("config_read", Value::Object(rows));
+    }
+
+    fn stat(&self, r: &mut Report) {
+        r.section("2. stat (µs, median, unpinned)");
+        let mut rows = serde_json::Map::new();
+        for (name, path) in self.columns("plain.yaml") {
+            let mut lat = self.readers("stat", &path, 1, false, 20_000);
+            let m = pct(&mut lat, 0.5);
+            r.line(format!("{name:<28} {:>10.1}", us(m)));
+            rows.insert(name.into(), json!(us(m)));
+        }
+        r.put("stat_us", Value::Object(rows));
+    }
+
+    fn bulk(&self, r: &mut Report) {
+        r.section(
+            "3. bulk passthrough: 64 MiB sequential write / read (MB/s), 1,000 small files (ops/s)",
+        );
+        let mut rows = serde_json::Map::new();
+        let targets = [
+            ("tokenfs passthrough", &self.tfs),
+            ("floor (no FUSE)", &self.floor),
+            ("bindfs", &self.bind),
+        ];
+        let mut results = Vec::new();
+        for (name, dir) in targets {
+            let (w, rd) = seq_io(&dir.join("big.bin"));
+            let churn = small_files(&dir.join("churn"));
+            results.push((name, w, rd, churn));
+        }
+        let floor = results[1];
+        for (name, w, rd, churn) in &results {
+            r.line(format!(
+                "{name:<28} write {w:>8.0} ({:.2}× floor)   read {rd:>8.0} ({:.2}× floor)   churn {churn:>8.0} ops/s ({:.2}× bindfs)",
+                w / floor.1, rd / floor.2, churn / results[2].3
+            ));
+            rows.insert(
+                (*name).into(),
+                json!({"write_mbs": w, "read_mbs": rd, "churn_ops": churn}),
+            );
+        }
+        r.put("bulk", Value::Object(rows));
+    }
+
+    fn rotation(&self, r: &mut Report) {
+        r.section("4. rotation: from the rotation returning to the first open that sees it (µs)");
+        let path = self.tfs.join("config.yaml");
+        let (mut lat, mut stale) = (Vec::new(), 0);
+        for i in 1..=300u64 {
+            let t = token(1_000_000 + i);
+            self.daemon.set("db", &t);
+            let start = Instant::now();
+            let text = fs::read_to_string(&path).expect("read");
+            lat.push(start.elapsed().as_nanos() as u64);
+            if !text.contains(&t) {
+                stale += 1;
+            }
+        }
+        let (m, p) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+        r.line(format!(
+            "{:<28} median {:>8.1}  p99 {:>8.1}  stale opens {stale}",
+            "tokenfs (set → open)",
+            us(m),
+            us(p)
+        ));
+        let five = [
+            "config.yaml",
+            "settings.json",
+            "auth.json",
+            ".env",
+            ".databrickscfg",
+        ]
+        .map(|f| self.floor.join(f));
+        let (mut rl, mut nl) = (Vec::new(), Vec::new());
+        for i in 1..=300u64 {
+            let t = token(2_000_000 + i);
+            let start = Instant::now();
+            for f in &five {
+                write_renamed(f, yaml(&t).as_bytes());
+            }
+            let ok = fs::read_to_string(&five[0]).expect("read").contains(&t);
+            assert!(ok);
+            rl.push(start.elapsed().as_nanos() as u64);
+            let start = Instant::now();
+            fs::write(&five[0], yaml(&t)).expect("write");
+            let _ = fs::read_to_string(&five[0]);
+            nl.push(start.elapsed().as_nanos() as u64);
+        }
+        let (rm, rp) = (pct(&mut rl, 0.5), pct(&mut rl, 0.99));
+        let (nm, np) = (pct(&mut nl, 0.5), pct(&mut nl, 0.99));
+        r.line(format!(
+            "{:<28} median {:>8.1}  p99 {:>8.1}  (5 files, temp + fsync + rename)",
+            "rename rotator",
+            us(rm),
+            us(rp)
+        ));
+        r.line(format!(
+            "{:<28} median {:>8.1}  p99 {:>8.1}  (1 file, O_TRUNC + write)",
+            "naive in-place rewrite",
+            us(nm),
+            us(np)
+        ));
+        r.put("rotation_us", json!({"tokenfs": {"median": us(m), "p99": us(p), "stale": stale}, "rename": {"median": us(rm), "p99": us(rp)}, "naive": {"median": us(nm), "p99": us(np)}}));
+    }
+
+    fn storm(&self, r: &mut Report, secs: u64) {
+        r.section(&format!(
+            "5. rotation storm: {secs} s, 2 readers parsing, tokens of 20–180 chars"
+        ));
+        let mut rows = serde_json::Map::new();
+        for how in ["tokenfs", "rename rotator", "naive rewrite"] {
+            let path = if how == "tokenfs" {
+                self.tfs.join("config.yaml")
+            } else {
+                self.floor.join("storm.yaml")
+            };
+            fs::write(self.floor.join("storm.yaml"), yaml(&token(0))).expect("write");
+            let stop = Arc::new(AtomicBool::new(false));
+            let (reads, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (stop, reads, torn, path) =
+                        (stop.clone(), reads.clone(), torn.clone(), path.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let text = fs::read_to_string(&path).unwrap_or_default();
+                            reads.fetch_add(1, Ordering::Relaxed);
+                            if !whole(&text) {
+                                torn.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let start = Instant::now();
+            let mut rotations = 0u64;
+            while start.elapsed() < Duration::from_secs(secs) {
+                rotations += 1;
+                let t = token(3_000_000 + rotations);
+                match how {
+                    "tokenfs" => self.daemon.set("db", &t),
+                    "rename rotator" => write_renamed(&path, yaml(&t).as_bytes()),
+                    _ => fs::write(&path, yaml(&t)).expect("write"),
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            for h in readers {
+                let _ = h.join();
+            }
+            let (n, t) = (reads.load(Ordering::Relaxed), torn.load(Ordering::Relaxed));
+            r.line(format!("{how:<28} reads {n:>9}  rotations {rotations:>8} ({:.0}/s)  torn or unparsable {t}", rotations as f64 / secs as f64));
+            rows.insert(
+                how.into(),
+                json!({"reads": n, "rotations": rotations, "torn": t}),
+            );
+        }
+        r.put("storm", Value::Object(rows));
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn write_renamed(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-rotate");
+    let mut f = fs::File::create(&tmp).expect("tmp");
+    f.write_all(bytes).expect("write");
+    f.sync_all().expect("fsync");
+    fs::rename(&tmp, path).expect("rename");
+}
+
+fn drop_caches() {
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// 64 MiB written in 1 MiB blocks (+ fsync), then read back cold. MB/s.
+fn seq_io(path: &Path) -> (f64, f64) {
+    let block = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = fs::File::create(path).expect("create");
+    for _ in 0..64 {
+        f.write_all(&block).expect("write");
+    }
+    f.sync_all().expect("fsync");
+    let w = 64.0 / t.elapsed().as_secs_f64() * 1.048_576;
+    drop(f);
+    drop_caches();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut f = fs::File::open(path).expect("open");
+    while f.read(&mut buf).expect("read") > 0 {}
+    let rd = 64.0 / t.elapsed().as_secs_f64() * 1.048_576;
+    let _ = fs::remove_file(path);
+    (w, rd)
+}
+
+/// create + write + rename + unlink of 1,000 small files; ops (files) per second.
+fn small_files(dir: &Path) -> f64 {
+    fs::create_dir_all(dir).expect("mkdir");
+    let t = Instant::now();
+    for i in 0..1000 {
+        let a = dir.join(format!("s{i}.json"));
+        fs::write(&a, b"{\"session\": 1}\n").expect("write");
+        let b = dir.join(format!("s{i}.done"));
+        fs::rename(&a, &b).expect("rename");
+        fs::remove_file(&b).expect("unlink");
+    }
+    1000.0 / t.elapsed().as_secs_f64()
+}
+
+fn proc_stat(pid: u32) -> (u64, u64, u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let cpu = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    (
+        field("VmRSS:"),
+        field("Threads:"),
+        cpu,
+        field("voluntary_ctxt_switches:"),
+    )
+}
+
+fn footprint(r: &mut Report, idle: u64) {
+    r.section(&format!(
+        "6. footprint: six mounts (yaml, json, toml, dotenv, ini, raw), idle {idle} s"
+    ));
+    let root = PathBuf::from(format!("/tmp/tokenfs-bench-fp-{}", std::process::id()));
+    let files = [
+        ("config.yaml", "model:\n  api_key: x\n", "model.api_key"),
+        ("settings.json", "{\"env\": {\"K\": \"x\"}}\n", "env.K"),
+        ("config.toml", "[a]\nk = \"x\"\n", "a.k"),
+        (".env", "K=x\n", "K"),
+        (".databrickscfg", "[DEFAULT]\ntoken = x\n", "DEFAULT.token"),
+        ("token", "x\n", ""),
+    ];
+    let mut cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n",
+        root.join("fp.sock").display()
+    );
+    let mut dirs = Vec::new();
+    for (i, (name, body, key)) in files.iter().enumerate() {
+        let d = root.join(format!("m{i}"));
+        fs::create_dir_all(&d).expect("mkdir");
+        fs::write(d.join(name), body).expect("write");
+        let format = if *name == "token" {
+            "format = \"raw\"\n"
+        } else {
+            ""
+        };
+        cfg.push_str(&format!("[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"{name}\"\n{format}bind = {{ \"{key}\" = \"db.token\" }}\n", d.display()));
+        dirs.push(d);
+    }
+    let (d, live) = Daemon::start(&root, "fp", &cfg, dirs.clone());
+    d.set("db", &token(42));
+    for dir in &dirs {
+        for e in fs::read_dir(dir).expect("ls").flatten() {
+            let _ = fs::read(e.path());
+        }
+    }
+    let pid = d.child.id();
+    let (rss, threads, cpu0, sw0) = proc_stat(pid);
+    std::thread::sleep(Duration::from_secs(idle));
+    let (_, _, cpu1, sw1) = proc_stat(pid);
+    r.line(format!(
+        "start → all mounts live   {:>8.1} ms",
+        live.as_secs_f64() * 1000.0
+    ));
+    r.line(format!(
+        "RSS                       {:>8.1} MiB   threads {threads}",
+        rss as f64 / 1024.0
+    ));
+    r.line(format!(
+        "idle CPU over {idle} s        {:>8} ticks   voluntary context switches {}",
+        cpu1 - cpu0,
+        sw1 - sw0
+    ));
+    r.put("footprint", json!({"start_ms": live.as_secs_f64() * 1000.0, "rss_kib": rss, "threads": threads, "idle_cpu_ticks": cpu1 - cpu0, "idle_switches": sw1 - sw0}));
+    drop(d);
+    let _ = fs::remove_dir_all(&root);
+}
+
+fn databricks(r: &mut Report) {
+    r.section("7. Databricks: `tokenfs rotate` → first open that sees the new token (fake workspace on loopback)");
+    let fake = fake_databricks::Fake::start();
+    let root = PathBuf::from(format!("/tmp/tokenfs-bench-db-{}", std::process::id()));
+    let dir = root.join("h");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("config.yaml"), yaml("boot")).expect("write");
+    let boot = fake.bootstrap(Duration::from_secs(3600));
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"databricks\"\nhost = \"{}\"\nrotate_every = \"1h\"\nlifetime = \"2h\"\n[credentials.push]\nsource = \"push\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nbind = {{ \"model.api_key\" = \"db.token\" }}\n",
+        root.join("db.sock").display(),
+        fake.url,
+        dir.display()
+    );
+    let (d, _) = Daemon::start(&root, "db", &cfg, vec![dir.clone()]);
+    control::call(
+        &d.socket,
+        &Request::Set {
+            name: "db".into(),
+            field: None,
+            secret: boot,
+        },
+    )
+    .expect("bootstrap");
+    let path = dir.join("config.yaml");
+    let mut lat = Vec::new();
+    for _ in 0..50 {
+        let before = fs::read_to_string(&path).expect("read");
+        let t = Instant::now();
+        control::call(&d.socket, &Request::Rotate { name: "db".into() }).expect("rotate");
+        while fs::read_to_string(&path).expect("read") == before {}
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let (m, p) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    r.line(format!(
+        "mint → swap → seen          median {:>8.1} µs  p99 {:>8.1} µs",
+        us(m),
+        us(p)
+    ));
+    // Store throughput with readers running.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, path) = (stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = fs::read(&path);
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_secs(5) {
+        n += 1;
+        d.set("push", &token(n));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in readers {
+        let _ = h.join();
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    r.line(format!(
+        "store rotations/s with 2 readers  {rate:>8.0}  (each through the control socket)"
+    ));
+    r.put("databricks", json!({"rotate_seen_median_us": us(m), "rotate_seen_p99_us": us(p), "store_rotations_per_s": rate}));
+    drop(d);
+    let _ = fs::remove_dir_all(&root);
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.bind)
+            .status();
+        let _ = self.bindfs.kill();
+        let _ = self.bindfs.wait();
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
