@@ -389,10 +389,18 @@ impl Bench {
             ("bindfs", &self.bind),
         ];
         let mut results = Vec::new();
-        for (name, dir) in targets {
-            let (w, rd) = seq_io(&dir.join("big.bin"));
-            let churn = small_files(&dir.join("churn"));
-            results.push((name, w, rd, churn));
+        // Best of three, interleaved, so one column does not pay for the
+        // writeback of another.
+        let mut best = [(0.0f64, 0.0f64, 0.0f64); 3];
+        for _ in 0..3 {
+            for (i, (_, dir)) in targets.iter().enumerate() {
+                let (w, rd) = seq_io(&dir.join("big.bin"));
+                let churn = small_files(&dir.join("churn"));
+                best[i] = (best[i].0.max(w), best[i].1.max(rd), best[i].2.max(churn));
+            }
+        }
+        for (i, (name, _)) in targets.iter().enumerate() {
+            results.push((*name, best[i].0, best[i].1, best[i].2));
         }
         let floor = results[1];
         for (name, w, rd, churn) in &results {

@@ -238,7 +238,14 @@ impl fuser::Filesystem for TokenFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if let Some(m) = self.managed.by_id.get(&ino.0) {
             let fh = tri!(reply, self.open_managed(m, flags.0, req.pid()));
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            // A reader has nothing to commit at close: skip the FLUSH round trip.
+            let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+            let noflush = if read_only {
+                FopenFlags::FOPEN_NOFLUSH
+            } else {
+                FopenFlags::empty()
+            };
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | noflush);
         }
         let node = tri!(reply, self.node(ino));
         let file = tri!(reply, sys::reopen(node.fd(), flags.0).map_err(io_errno));
