@@ -2,6 +2,7 @@
 //! Driven by `scripts/bench.sh` (which installs bindfs and builds release).
 //!
 //!   bench [--json] [--idle SECS] [--storm SECS]
+//!   bench --soak SECS    (rotation every 100 ms, 2 readers; RSS and fds at start and end)
 //!   bench reader read|stat PATH ITERS   (child mode: prints latencies in ns)
 
 #[path = "../tests/common/fake_databricks.rs"]
@@ -38,6 +39,9 @@ fn main() {
             .unwrap_or(default)
     };
     let json_out = args.iter().any(|a| a == "--json");
+    if args.iter().any(|a| a == "--soak") {
+        return soak(flag("--soak", 3600));
+    }
     let bench = Bench::setup();
     let mut report = Report::default();
     bench.config_read(&mut report);
@@ -749,4 +753,59 @@ impl Drop for Bench {
         let _ = self.bindfs.wait();
         let _ = fs::remove_dir_all(&self.root);
     }
+}
+
+/// Long run: a rotation every 100 ms with two reader loops; RSS and open fds
+/// of the daemon must stay flat.
+fn soak(secs: u64) {
+    let root = PathBuf::from(format!("/tmp/tokenfs-soak-{}", std::process::id()));
+    let dir = root.join("h");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("config.yaml"), yaml(&token(0))).expect("write");
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nbind = {{ \"model.api_key\" = \"db.token\" }}\n",
+        root.join("soak.sock").display(),
+        dir.display()
+    );
+    let (d, _) = Daemon::start(&root, "soak", &cfg, vec![dir.clone()]);
+    let pid = d.child.id();
+    let fds = || {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let torn = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, torn, path) = (stop.clone(), torn.clone(), dir.join("config.yaml"));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if !whole(&fs::read_to_string(&path).unwrap_or_default()) {
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss0, fd0) = (proc_stat(pid).0, fds());
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        n += 1;
+        d.set("db", &token(n));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (rss1, fd1) = (proc_stat(pid).0, fds());
+    stop.store(true, Ordering::Relaxed);
+    for h in readers {
+        let _ = h.join();
+    }
+    println!(
+        "soak {secs} s: {n} rotations, torn {}, RSS {rss0} → {rss1} KiB, fds {fd0} → {fd1}",
+        torn.load(Ordering::Relaxed)
+    );
+    drop(d);
+    let _ = fs::remove_dir_all(&root);
 }

@@ -375,3 +375,61 @@ fn managed_file_names_cannot_become_something_else() {
     );
     let _ = fs::OpenOptions::new().mode(0o600);
 }
+
+/// `O_TMPFILE` + `linkat` (an atomic-save pattern): FUSE has no tmpfile
+/// operation in this protocol version, so the kernel answers EOPNOTSUPP and
+/// programs fall back to a named temp file, which works.
+#[test]
+fn o_tmpfile_fails_cleanly_and_the_fallback_works() {
+    let (_s, dir, backing, _d) = mounted();
+    let cdir = c(&dir);
+    let fd = unsafe { libc::open(cdir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+    if fd >= 0 {
+        // Supported after all: it must then link into place like anywhere else.
+        let data = b"tmpfile";
+        assert_eq!(
+            unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) },
+            data.len() as isize
+        );
+        let from = CString::new(format!("/proc/self/fd/{fd}")).unwrap();
+        let to = c(&dir.join("linked"));
+        assert_eq!(
+            unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            },
+            0
+        );
+        unsafe { libc::close(fd) };
+        assert_eq!(fs::read(dir.join("linked")).unwrap(), data);
+        return;
+    }
+    let err = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        matches!(err, Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)),
+        "{err:?}"
+    );
+    fs::write(dir.join(".save.tmp"), "fallback").unwrap();
+    fs::rename(dir.join(".save.tmp"), dir.join("saved")).unwrap();
+    assert_eq!(backing.read("saved").unwrap(), b"fallback");
+}
+
+/// A symlink to a config elsewhere (dotfiles setups) passes through: the
+/// link and its target behave as on the original directory.
+#[test]
+fn symlinked_files_pass_through() {
+    let (s, dir, _b, _d) = mounted();
+    let target = s.write("dotfiles/agent.json", "{\"k\": 1}\n");
+    std::os::unix::fs::symlink(&target, dir.join("agent.json")).unwrap();
+    assert_eq!(
+        fs::read_to_string(dir.join("agent.json")).unwrap(),
+        "{\"k\": 1}\n"
+    );
+    fs::write(dir.join("agent.json"), "{\"k\": 2}\n").unwrap();
+    assert_eq!(fs::read_to_string(&target).unwrap(), "{\"k\": 2}\n");
+}

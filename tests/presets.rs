@@ -178,22 +178,24 @@ fn every_preset_renders_the_token_at_exactly_its_keys() {
             );
         }
     }
-    // A CLI-style save (temp file + rename) keeps the user's edit.
-    let settings = home.join(".claude/settings.json");
-    let edited = fs::read_to_string(&settings)
-        .unwrap()
-        .replace("\"model\": \"sonnet\"", "\"model\": \"opus\"");
-    fs::write(home.join(".claude/.settings.json.tmp"), &edited).unwrap();
-    fs::rename(home.join(".claude/.settings.json.tmp"), &settings).unwrap();
-    assert_eq!(fs::read_to_string(&settings).unwrap(), edited);
-    let yaml = home.join(".hermes/config.yaml");
-    let edited = fs::read_to_string(&yaml).unwrap().replace(
-        "provider: custom\n  base",
-        "provider: custom # mine\n  base",
-    );
-    fs::write(home.join(".hermes/config.yaml.tmp"), &edited).unwrap();
-    fs::rename(home.join(".hermes/config.yaml.tmp"), &yaml).unwrap();
-    assert_eq!(fs::read_to_string(&yaml).unwrap(), edited);
+    // A CLI-style save (temp file + rename, as Claude Code and Hermes do)
+    // keeps the user's edit in every file, and the token stays current.
+    for (rel, _, bound) in fixtures() {
+        let path = home.join(rel);
+        let text = fs::read_to_string(&path).unwrap();
+        let edited = if rel.ends_with(".json") {
+            text.replacen("{\n", "{\n  \"edited\": true,\n", 1)
+        } else {
+            format!("{text}# edited by the user\n")
+        };
+        let tmp = path.with_file_name(".save.tmp");
+        fs::write(&tmp, &edited).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let got = fs::read_to_string(&path).unwrap();
+        assert_eq!(got, edited, "{rel}: the edit survives");
+        parses(rel, &got);
+        assert_eq!(got.matches("dapiNEWER").count(), bound, "{rel}");
+    }
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     // Nothing on disk holds a token.
