@@ -14,28 +14,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A small tmpfs mounted at `at`, unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tokenfs-test"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount tmpfs (tests run as root)");
-        Tmpfs(at.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Writes `bytes` to `path` and returns the errno of write or close, if any.
 fn write_errno(path: &Path, bytes: &[u8]) -> Option<i32> {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -105,14 +83,7 @@ fn a_read_only_backing_filesystem_returns_erofs() {
     fs::write(dir.join("config.yaml"), hermes_yaml(&token("ro", 36))).unwrap();
     let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
     let before = fs::read_to_string(dir.join("config.yaml")).unwrap();
-    assert!(
-        Command::new("mount")
-            .args(["-o", "remount,ro"])
-            .arg(&fsdir)
-            .status()
-            .unwrap()
-            .success()
-    );
+    _t.remount_ro();
     assert_eq!(
         write_errno(&dir.join("config.yaml"), b"model:\n  api_key: x\n"),
         Some(libc::EROFS)

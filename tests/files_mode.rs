@@ -7,7 +7,6 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -74,29 +73,14 @@ fn rotations_rewrite_the_file_atomically_and_keep_mode_owner_and_edits() {
 fn a_failed_rewrite_is_logged_and_keeps_the_previous_file() {
     let s = Scratch::new();
     let fsdir = s.path("fs");
-    fs::create_dir_all(&fsdir).unwrap();
-    assert!(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "t"])
-            .arg(&fsdir)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let tmpfs = Tmpfs::mount(&fsdir, "1m");
     let dir = fsdir.join(".hermes");
     fs::create_dir_all(&dir).unwrap();
     let first = token("ro0", 36);
     let path = dir.join("config.yaml");
     fs::write(&path, hermes_yaml(&first)).unwrap();
     let d = Daemon::start(&s, &files_config(&s, &dir), &[]);
-    assert!(
-        Command::new("mount")
-            .args(["-o", "remount,ro"])
-            .arg(&fsdir)
-            .status()
-            .unwrap()
-            .success()
-    );
+    tmpfs.remount_ro();
     d.set("databricks", &token("ro1", 36));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(fs::read_to_string(&path).unwrap(), hermes_yaml(&first));
@@ -110,7 +94,6 @@ fn a_failed_rewrite_is_logged_and_keeps_the_previous_file() {
     );
     assert!(d.log_text().contains("ERROR"));
     drop(d);
-    let _ = Command::new("umount").arg("-l").arg(&fsdir).status();
 }
 
 #[test]

@@ -296,3 +296,39 @@ pub fn token(tag: &str, len: usize) -> String {
     }
     s
 }
+
+/// A small tmpfs mounted at `at` (tests run as root), unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).expect("mkdir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tokenfs-test"])
+            .arg(at)
+            .status();
+        assert!(
+            ok.map(|s| s.success()).unwrap_or(false),
+            "mount tmpfs at {} (tests run as root)",
+            at.display()
+        );
+        Tmpfs(at.to_owned())
+    }
+
+    pub fn remount_ro(&self) {
+        let ok = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status();
+        assert!(
+            ok.map(|s| s.success()).unwrap_or(false),
+            "remount read-only"
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
