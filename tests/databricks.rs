@@ -69,8 +69,8 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Reads the file in a loop; counts reads whose token was not working at the
-/// moment the read began (revoked or expired before the open).
+/// Reads the file in a loop; counts reads whose token was not working at any
+/// moment of the read (revoked or expired before it began, or not minted yet).
 fn reader(
     fake: Fake,
     path: PathBuf,
@@ -82,7 +82,7 @@ fn reader(
             let started = Instant::now();
             let tok = current(&path);
             reads += 1;
-            if !fake.valid_at(&tok, started) {
+            if !fake.valid_during(&tok, started, Instant::now()) {
                 bad += 1;
             }
             std::thread::sleep(Duration::from_millis(3));

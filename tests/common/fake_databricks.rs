@@ -119,24 +119,12 @@ impl Fake {
             .unwrap_or_default()
     }
 
-    /// Whether `value` was a working token at instant `at`.
-    pub fn valid_at(&self, value: &str, at: Instant) -> bool {
-        self.state
-            .lock()
-            .tokens
-            .get(value)
-            .is_some_and(|t| t.created <= at && t.expires > at && t.revoked.is_none_or(|r| r > at))
-    }
-
-    /// Tokens sent to `endpoint`, in order.
-    pub fn bearers(&self, endpoint: &str) -> Vec<String> {
-        self.state
-            .lock()
-            .bearers
-            .iter()
-            .filter(|(e, _)| e == endpoint)
-            .map(|(_, t)| t.clone())
-            .collect()
+    /// Whether `value` was a working token at some instant of [`from`, `to`]
+    /// (a read that started before a mint may see the new token).
+    pub fn valid_during(&self, value: &str, from: Instant, to: Instant) -> bool {
+        self.state.lock().tokens.get(value).is_some_and(|t| {
+            t.created <= to && t.expires > from && t.revoked.is_none_or(|r| r > from)
+        })
     }
 
     pub fn is_valid(&self, value: &str) -> bool {
