@@ -127,6 +127,16 @@ impl Fake {
         })
     }
 
+    /// Tokens sent to `endpoint`, in order.
+    pub fn bearers(&self, endpoint: &str) -> Vec<String> {
+        let st = self.state.lock();
+        st.bearers
+            .iter()
+            .filter(|(e, _)| e == endpoint)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
     pub fn is_valid(&self, value: &str) -> bool {
         self.state.lock().valid(value)
     }
