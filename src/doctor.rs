@@ -87,15 +87,29 @@ fn config_checks(c: &Config, out: &mut Vec<Check>) {
     }
     if let Some(dir) = c.socket.parent().filter(|d| d.exists()) {
         let mode = std::fs::metadata(dir)
-            .map(|m| m.permissions().mode() & 0o777)
+            .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0);
+        // Others may list it (the socket is 0600 and checks its peer), but
+        // must not be able to replace the socket.
+        let sticky = mode & 0o1000 != 0;
+        out.push(check(
+            mode & 0o022 == 0 || sticky,
+            format!(
+                "control socket directory {} is not writable by others ({mode:o})",
+                dir.display()
+            ),
+            format!("chmod go-w {}", dir.display()),
+        ));
+    }
+    if let Ok(m) = std::fs::metadata(&c.socket) {
+        let mode = m.permissions().mode() & 0o777;
         out.push(check(
             mode & 0o077 == 0,
             format!(
-                "control socket directory {} is owner-only ({mode:o})",
-                dir.display()
+                "control socket {} is owner-only ({mode:o})",
+                c.socket.display()
             ),
-            format!("chmod 700 {}", dir.display()),
+            "restart tokenfs (it creates the socket 0600)",
         ));
     }
     if let Ok(m) = std::fs::metadata(&c.path) {
