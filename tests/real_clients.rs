@@ -80,3 +80,122 @@ fn databricks_sdk_for_python_sends_the_current_token_after_a_rotation() {
     drop(stdin);
     let _ = py.wait();
 }
+
+/// A fake Anthropic Messages API on loopback: records the bearer token of
+/// every request and answers with a short streamed message.
+fn fake_anthropic() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.starts_with("authorization:") {
+                        s.lock().push(
+                            h["authorization:".len()..]
+                                .trim()
+                                .trim_start_matches("Bearer ")
+                                .to_string(),
+                        );
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                let ev = |e: &str, d: &str| format!("event: {e}\ndata: {d}\n\n");
+                let sse = [
+                    ev("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}"#),
+                    ev("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
+                    ev("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi from the fake"}}"#),
+                    ev("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
+                    ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":3}}"#),
+                    ev("message_stop", r#"{"type":"message_stop"}"#),
+                ]
+                .concat();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{sse}",
+                    sse.len()
+                );
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// Claude Code (the real CLI, from npm) reads `~/.claude/settings.json`
+/// through the mount, sends the current token, and after a rotation the next
+/// run sends the new one. Its own files in `~/.claude` pass through.
+#[test]
+fn claude_code_sends_the_token_current_at_each_run() {
+    let claude = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/clients/node_modules/.bin/claude");
+    assert!(
+        claude.exists(),
+        "Claude Code is missing: scripts/setup.sh installs it from npm"
+    );
+    let (url, seen) = fake_anthropic();
+    let s = Scratch::new();
+    let home = s.path("home");
+    let first = "sk-ant-api03-first-0000000000000000000000000001";
+    s.write(
+        "home/.claude/settings.json",
+        &format!("{{\n  \"env\": {{\n    \"ANTHROPIC_BASE_URL\": \"{url}\",\n    \"ANTHROPIC_AUTH_TOKEN\": \"{first}\"\n  }}\n}}\n"),
+    );
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.anthropic]\nsource = \"push\"\n[[mount]]\npreset = \"claude\"\ncredential = \"anthropic\"\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        &[&home.join(".claude")],
+        &[("HOME", home_s.as_str()), ("CLAUDE_CONFIG_DIR", "")],
+    );
+    let run = || {
+        let out = Command::new(&claude)
+            .args(["-p", "say hi"])
+            .env("HOME", &home)
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_AUTH_TOKEN")
+            .env_remove("ANTHROPIC_BASE_URL")
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .output()
+            .expect("claude");
+        assert!(
+            out.status.success(),
+            "claude failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("hi from the fake"));
+    };
+    run();
+    let second = "sk-ant-api03-second-000000000000000000000000002";
+    d.set("anthropic", second);
+    run();
+    let seen = seen.lock().clone();
+    assert_eq!(seen.first().map(String::as_str), Some(first), "{seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some(second), "{seen:?}");
+    assert!(seen.iter().all(|t| t == first || t == second));
+    // Claude Code keeps its sessions in ~/.claude: they went through to disk.
+    assert!(home.join(".claude/projects").is_dir());
+}
