@@ -300,3 +300,25 @@ fn cleanup_orphans_revokes_what_a_crashed_run_left_behind() {
     wait_until(Duration::from_secs(5), || !fake.is_valid(left_behind));
     assert!(fake.is_valid(&current(&dir.join("config.yaml"))));
 }
+
+/// A PAT a CLI writes into the managed file is validated on the source's
+/// thread: the writer's close() never waits for the network.
+#[test]
+fn a_written_token_is_validated_off_the_fuse_path() {
+    let r = rig("1h", "2h", "");
+    r.fake.set_fault(Fault::Slow(Duration::from_secs(3)));
+    let fresh = r.fake.bootstrap(Duration::from_secs(3600));
+    let start = Instant::now();
+    fs::write(&r.path, hermes_yaml(&fresh)).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "a write waited {:?} on the network",
+        start.elapsed()
+    );
+    r.fake.set_fault(Fault::None);
+    // Once validated, tokenfs mints from it: the file shows a token minted from the fresh PAT.
+    wait_until(Duration::from_secs(15), || {
+        let t = current(&r.path);
+        r.fake.is_valid(&t) && r.fake.bearers("create").last() == Some(&fresh)
+    });
+}

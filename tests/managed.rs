@@ -221,3 +221,34 @@ fn passthrough_files_are_untouched() {
     names.sort();
     assert_eq!(names, vec!["config.yaml", "notes.txt"]);
 }
+
+#[test]
+fn rename_flags_onto_a_managed_file() {
+    let (s, dir, _b, _d) = setup(&token("flags", 32));
+    let tmp = dir.join("new.yaml");
+    fs::write(&tmp, "model:\n  api_key: x\n").unwrap();
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (from, to) = (c(&tmp), c(&dir.join("config.yaml")));
+    let rename = |flags| unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    assert_eq!(rename(libc::RENAME_NOREPLACE), -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    // Exchanging would put placeholders under another name: programs fall back to copying.
+    assert_eq!(rename(libc::RENAME_EXCHANGE), -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EXDEV)
+    );
+    assert!(tmp.exists());
+    drop(s);
+}
