@@ -225,9 +225,7 @@ fn flock_and_fcntl_locks_exclude_each_other() {
     lk.l_type = libc::F_WRLCK as i16;
     lk.l_whence = libc::SEEK_SET as i16;
     assert_eq!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETLK, &lk) }, 0);
-    let probe = format!(
-        "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n  fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)\n  print('got')\nexcept OSError:\n  print('blocked')\n"
-    );
+    let probe = "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n  fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)\n  print('got')\nexcept OSError:\n  print('blocked')\n".to_string();
     let out = Command::new("python3")
         .arg("-c")
         .arg(&probe)

@@ -86,10 +86,13 @@ impl ServedFile for ManagedFile {
     }
 }
 
+/// A name in a directory: (the directory's (st_dev, st_ino), the name).
+type NameKey = ((u64, u64), Vec<u8>);
+
 #[derive(Default)]
 struct Managed {
     by_id: HashMap<u64, Arc<ManagedFile>>,
-    by_name: HashMap<((u64, u64), Vec<u8>), Arc<ManagedFile>>,
+    by_name: HashMap<NameKey, Arc<ManagedFile>>,
     /// Directories that hold managed files. Names there get entry TTL 0: after
     /// a program renames its temp file over a managed file, the kernel's
     /// cached name must not keep pointing at the temp file's inode.

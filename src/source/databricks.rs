@@ -481,11 +481,10 @@ impl Source {
 
     /// Queues the revocation of a replaced token, after the grace period.
     fn retire(&mut self, previous: Option<Current>) {
-        match previous.and_then(|p| p.token_id) {
-            Some(id) => self
-                .revokes
-                .push((id, SystemTime::now() + self.cfg.revoke_grace, 0)),
-            None => {}
+        // A bootstrap token has no known id: the API cannot look it up.
+        if let Some(id) = previous.and_then(|p| p.token_id) {
+            self.revokes
+                .push((id, SystemTime::now() + self.cfg.revoke_grace, 0));
         }
     }
 
