@@ -252,3 +252,33 @@ fn rename_flags_onto_a_managed_file() {
     assert!(tmp.exists());
     drop(s);
 }
+
+#[test]
+fn a_managed_file_can_be_mapped_and_a_new_map_sees_the_new_token() {
+    use std::os::fd::AsRawFd;
+    let (_s, dir, _b, d) = setup(&token("map", 36));
+    let path = dir.join("config.yaml");
+    let map = |path: &std::path::Path| {
+        let f = fs::File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            let text = String::from_utf8_lossy(std::slice::from_raw_parts(p as *const u8, len))
+                .into_owned();
+            libc::munmap(p, len);
+            text
+        }
+    };
+    assert_eq!(map(&path), fs::read_to_string(&path).unwrap());
+    let next = token("map2", 36);
+    d.set("databricks", &next);
+    assert_eq!(map(&path), hermes_yaml(&next));
+}

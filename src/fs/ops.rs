@@ -32,9 +32,14 @@ fn io_errno(e: std::io::Error) -> Errno {
 
 impl fuser::Filesystem for TokenFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // DIRECT_IO_ALLOW_MMAP: managed files use direct I/O, and programs
+        // that mmap a config (rare, but git and some parsers do) would
+        // otherwise get ENODEV. The kernel drops an inode's page cache at each
+        // open without FOPEN_KEEP_CACHE, so a mapping never shows an old file.
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         let _ = config.add_capabilities(wanted & config.capabilities());
         // Kernel passthrough needs CAP_SYS_ADMIN to register backing files;
         // stack depth 2 lets the backing directory itself be on overlayfs
