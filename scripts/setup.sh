@@ -16,19 +16,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The real-client test uses the Databricks SDK for Python.
-if ! python3 -c 'import databricks.sdk' 2>/dev/null; then
-  echo "setup: installing databricks-sdk (PyPI)" >&2
-  python3 -m pip install -q --disable-pip-version-check databricks-sdk 2>/dev/null ||
-    python3 -m pip install -q --disable-pip-version-check --break-system-packages databricks-sdk
-fi
-# A real agent CLI for the end-to-end test: Claude Code, from the npm registry.
-if [ ! -x target/clients/node_modules/.bin/claude ]; then
-  echo "setup: installing Claude Code (npm) for the real-client test" >&2
-  mkdir -p target/clients
-  npm install --prefix target/clients --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@2.1.330 >/dev/null 2>&1 ||
-    echo "setup: could not install Claude Code; its test will fail" >&2
-fi
 if [ ! -e /dev/fuse ]; then
   echo "setup: /dev/fuse is missing: run the container with --device /dev/fuse --cap-add SYS_ADMIN" >&2
   exit 1

@@ -4,6 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Real clients the tests drive (not needed to run tokenfs itself).
+# The real-client test uses the Databricks SDK for Python.
+if ! python3 -c 'import databricks.sdk' 2>/dev/null; then
+  echo "setup: installing databricks-sdk (PyPI)" >&2
+  python3 -m pip install -q --disable-pip-version-check databricks-sdk 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages databricks-sdk
+fi
+# A real agent CLI for the end-to-end test: Claude Code, from the npm registry.
+if [ ! -x target/clients/node_modules/.bin/claude ]; then
+  echo "setup: installing Claude Code (npm) for the real-client test" >&2
+  mkdir -p target/clients
+  npm install --prefix target/clients --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@2.1.330 >/dev/null 2>&1 ||
+    echo "setup: could not install Claude Code; its test will fail" >&2
+fi
 cargo test --release --quiet -- --test-threads=4 2>&1 | tee /tmp/tokenfs-test.log
 # One closing line for CI: totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
