@@ -139,6 +139,7 @@ pub fn start(name: &str, cfg: &DatabricksConfig, store: Arc<Store>) -> Result<Ha
         revokes: Vec::new(),
         failures: 0,
         next_attempt: None,
+        pending: None,
     };
     let initial = cfg
         .initial_env
@@ -183,7 +184,19 @@ struct Source {
     revokes: Vec<(String, SystemTime, u32)>,
     failures: u32,
     next_attempt: Option<SystemTime>,
+    /// A token written by a CLI whose validation failed for a transient
+    /// reason: tried again with backoff, never adopted unvalidated.
+    pending: Option<Pending>,
 }
+
+struct Pending {
+    token: Secret,
+    tries: u32,
+    at: SystemTime,
+}
+
+/// How many times a written token's validation is retried.
+const PENDING_TRIES: u32 = 5;
 
 /// Why an API call failed, and what that means for retrying.
 enum Failure {
@@ -249,7 +262,11 @@ impl Source {
                     self.finish_flight(id, result);
                 }
                 Some(Command::Bootstrap(secret, reply)) => {
-                    let result = self.bootstrap(secret);
+                    // A human (`tokenfs set`) sees a failure and retries;
+                    // a value a CLI wrote is retried here.
+                    let tries = if reply.is_some() { PENDING_TRIES } else { 0 };
+                    self.pending = None; // the newest value wins
+                    let result = self.bootstrap(secret, tries);
                     if let Some(reply) = reply {
                         let _ = reply.send(result);
                     }
@@ -269,7 +286,12 @@ impl Source {
 
     /// The earliest of the next rotation and the next revocation.
     fn next_deadline(&self) -> Option<SystemTime> {
-        let revoke = self.revokes.iter().map(|r| r.1).min();
+        let revoke = self
+            .revokes
+            .iter()
+            .map(|r| r.1)
+            .chain(self.pending.as_ref().map(|p| p.at))
+            .min();
         match (self.next_attempt, revoke) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -278,6 +300,9 @@ impl Source {
 
     fn on_timer(&mut self) {
         let now = SystemTime::now();
+        if let Some(p) = self.pending.take_if(|p| p.at <= now) {
+            let _ = self.bootstrap(p.token, p.tries);
+        }
         if self.next_attempt.is_some_and(|t| t <= now) {
             let _ = self.rotate("scheduled");
         }
@@ -385,7 +410,9 @@ impl Source {
     }
 
     /// A fresh PAT: validate it, adopt it, and mint our own token from it.
-    fn bootstrap(&mut self, token: Secret) -> Result<u64, String> {
+    /// `tries`: how often this token's validation already failed for a
+    /// transient reason (`PENDING_TRIES` means: do not retry).
+    fn bootstrap(&mut self, token: Secret, tries: u32) -> Result<u64, String> {
         let fp = token.fingerprint();
         if let Err(f) = crate::source::plausible(&token) {
             return Err(self.fail_loud(format!("bootstrap token {fp} rejected: {f}")));
@@ -402,12 +429,22 @@ impl Source {
                 return Err(msg);
             }
             Err(Failure::Transient(m, _)) if self.current.is_some() => {
+                let retry = tries + 1 < PENDING_TRIES;
                 let msg = format!(
-                    "cannot validate bootstrap token {fp} ({m}); the current token is kept"
+                    "cannot validate bootstrap token {fp} ({m}); the current token is kept{}",
+                    if retry { ", will try again" } else { "" }
                 );
                 warn!(credential = %self.name, "{msg}");
                 self.store
                     .record_error(&self.name, HealthState::Degraded, msg.clone());
+                if retry {
+                    let at = SystemTime::now() + self.backoff(tries + 1, None);
+                    self.pending = Some(Pending {
+                        token,
+                        tries: tries + 1,
+                        at,
+                    });
+                }
                 return Err(msg);
             }
             Err(Failure::Transient(m, _)) => {
