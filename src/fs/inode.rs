@@ -151,13 +151,4 @@ impl Inodes {
             }
         }
     }
-
-    /// Number of inodes held (for status and leak tests).
-    pub fn len(&self) -> usize {
-        self.table.lock().by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -10,7 +10,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// Converts a libc return value into `io::Result`, reading `errno` on -1.
@@ -418,9 +418,4 @@ pub fn read_dir(dir: &File, offset: i64, mut each: impl FnMut(DirEntry) -> bool)
             }
         }
     }
-}
-
-/// Lets a `File` be used where a `BorrowedFd` is wanted.
-pub fn fd(f: &impl AsFd) -> BorrowedFd<'_> {
-    f.as_fd()
 }

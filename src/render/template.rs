@@ -26,19 +26,6 @@ impl Template {
         &self.bytes
     }
 
-    /// Slots in order of first appearance, without repeats.
-    pub fn slots(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for s in &self.segments {
-            if let Segment::Slot { name, .. } = s {
-                if !out.contains(&name.as_str()) {
-                    out.push(name);
-                }
-            }
-        }
-        out
-    }
-
     /// Appends the rendering; a slot without a value keeps its placeholder.
     pub fn render<'a>(&self, secret_for: &dyn Fn(&str) -> Option<&'a [u8]>, out: &mut Vec<u8>) {
         out.reserve(self.rendered_len(secret_for));
