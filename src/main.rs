@@ -182,6 +182,9 @@ fn run(cli: Cli) -> Result<(), String> {
             target,
         } => {
             let mut secret = String::new();
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("paste the secret for {name}, then press Enter and Ctrl-D:");
+            }
             std::io::stdin()
                 .read_to_string(&mut secret)
                 .map_err(|e| format!("reading the secret from stdin: {e}"))?;

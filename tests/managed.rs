@@ -282,3 +282,20 @@ fn a_managed_file_can_be_mapped_and_a_new_map_sees_the_new_token() {
     d.set("databricks", &next);
     assert_eq!(map(&path), hermes_yaml(&next));
 }
+
+#[test]
+fn seek_data_and_hole_on_a_managed_file() {
+    use std::os::fd::AsRawFd;
+    let (_s, dir, _b, _d) = setup(&token("seek", 36));
+    let f = fs::File::open(dir.join("config.yaml")).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    unsafe {
+        assert_eq!(libc::lseek(f.as_raw_fd(), 3, libc::SEEK_DATA), 3);
+        assert_eq!(libc::lseek(f.as_raw_fd(), 3, libc::SEEK_HOLE), len);
+        assert_eq!(libc::lseek(f.as_raw_fd(), len, libc::SEEK_DATA), -1);
+    }
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENXIO)
+    );
+}

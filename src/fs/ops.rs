@@ -610,8 +610,21 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyLseek,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let Handle::File { file, .. } = &*h else {
-            return reply.error(Errno::EINVAL);
+        let file = match &*h {
+            Handle::File { file, .. } => file,
+            // A rendering has no holes: data up to its end, then EOF
+            // (what `cp` asks through SEEK_DATA/SEEK_HOLE).
+            Handle::Managed(mh) => {
+                let len = mh.len() as i64;
+                return match whence {
+                    _ if offset < 0 => reply.error(Errno::EINVAL),
+                    _ if offset >= len => reply.error(Errno::ENXIO),
+                    libc::SEEK_DATA => reply.offset(offset),
+                    libc::SEEK_HOLE => reply.offset(len),
+                    _ => reply.error(Errno::EINVAL),
+                };
+            }
+            Handle::Dir(_) => return reply.error(Errno::EINVAL),
         };
         let off = tri!(reply, sys::lseek(file, offset, whence).map_err(io_errno));
         reply.offset(off);

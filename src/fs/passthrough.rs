@@ -334,6 +334,14 @@ impl TokenFs {
 }
 
 impl ManagedHandle {
+    /// Length of what this handle reads (its private copy for writers).
+    pub(super) fn len(&self) -> usize {
+        match &self.write {
+            Some(w) => w.lock().data.len(),
+            None => self.snapshot.len(),
+        }
+    }
+
     pub(super) fn read(&self, offset: u64, size: u32, reply: impl FnOnce(&[u8])) {
         let slice = |bytes: &[u8]| {
             let start = (offset as usize).min(bytes.len());
