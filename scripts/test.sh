@@ -18,6 +18,14 @@ if [ ! -x target/clients/node_modules/.bin/claude ]; then
   npm install --prefix target/clients --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@2.1.330 >/dev/null 2>&1 ||
     echo "setup: could not install Claude Code; its test will fail" >&2
 fi
+# And Hermes Agent, from PyPI, in its own virtualenv.
+if [ ! -x target/clients/hermes-venv/bin/hermes ]; then
+  echo "setup: installing Hermes Agent (PyPI) for the real-client test" >&2
+  mkdir -p target/clients
+  { python3 -m venv target/clients/hermes-venv &&
+    target/clients/hermes-venv/bin/pip install -q --disable-pip-version-check hermes-agent==0.19.0; } >/dev/null 2>&1 ||
+    echo "setup: could not install Hermes Agent; its test will fail" >&2
+fi
 cargo test --release --quiet -- --test-threads=4 2>&1 | tee /tmp/tokenfs-test.log
 # One closing line for CI: totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

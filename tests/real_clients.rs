@@ -81,13 +81,15 @@ fn databricks_sdk_for_python_sends_the_current_token_after_a_rotation() {
     let _ = py.wait();
 }
 
-/// A fake Anthropic Messages API on loopback: records the bearer token of
-/// every request and answers with a short streamed message.
-fn fake_anthropic() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<String>>>;
+
+/// A loopback HTTP server that records the bearer token of every request
+/// and answers each with `respond(method, path, body) -> (content type, body)`.
+fn fake_api(respond: fn(&str, &str, &[u8]) -> (&'static str, String)) -> (String, Seen) {
     use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen: Seen = Default::default();
     let s = seen.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -95,11 +97,15 @@ fn fake_anthropic() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>)
             std::thread::spawn(move || {
                 let mut conn = conn;
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut len = 0usize;
-                let mut line = String::new();
+                let (mut len, mut line) = (0usize, String::new());
                 if reader.read_line(&mut line).is_err() {
                     return;
                 }
+                let mut parts = line.split_whitespace();
+                let (method, path) = (
+                    parts.next().unwrap_or("").to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                );
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
@@ -120,25 +126,69 @@ fn fake_anthropic() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>)
                 }
                 let mut body = vec![0u8; len];
                 let _ = reader.read_exact(&mut body);
-                let ev = |e: &str, d: &str| format!("event: {e}\ndata: {d}\n\n");
-                let sse = [
-                    ev("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}"#),
-                    ev("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
-                    ev("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi from the fake"}}"#),
-                    ev("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
-                    ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":3}}"#),
-                    ev("message_stop", r#"{"type":"message_stop"}"#),
-                ]
-                .concat();
+                let (ctype, out) = respond(&method, &path, &body);
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{sse}",
-                    sse.len()
+                    "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{out}",
+                    out.len()
                 );
             });
         }
     });
     (url, seen)
+}
+
+/// The Anthropic Messages API: a short streamed message.
+fn anthropic(_method: &str, _path: &str, _body: &[u8]) -> (&'static str, String) {
+    let ev = |e: &str, d: &str| format!("event: {e}\ndata: {d}\n\n");
+    let sse = [
+        ev(
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}"#,
+        ),
+        ev(
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        ),
+        ev(
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi from the fake"}}"#,
+        ),
+        ev(
+            "content_block_stop",
+            r#"{"type":"content_block_stop","index":0}"#,
+        ),
+        ev(
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":3}}"#,
+        ),
+        ev("message_stop", r#"{"type":"message_stop"}"#),
+    ];
+    ("text/event-stream", sse.concat())
+}
+
+/// An OpenAI-compatible API: a model list for GETs, a chat completion
+/// (streamed when asked) for POSTs.
+fn openai(method: &str, _path: &str, body: &[u8]) -> (&'static str, String) {
+    if method == "GET" {
+        return (
+            "application/json",
+            r#"{"object":"list","data":[{"id":"test-model","object":"model"}]}"#.into(),
+        );
+    }
+    let stream = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|b| b["stream"].as_bool())
+        .unwrap_or(false);
+    if stream {
+        let chunk = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"test-model","choices":[{"index":0,"delta":{"role":"assistant","content":"hi from the fake"},"finish_reason":null}]}"#;
+        let last = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"test-model","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        return (
+            "text/event-stream",
+            format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"),
+        );
+    }
+    ("application/json", r#"{"id":"c1","object":"chat.completion","created":1,"model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"hi from the fake"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#.into())
 }
 
 /// Claude Code (the real CLI, from npm) reads `~/.claude/settings.json`
@@ -152,7 +202,7 @@ fn claude_code_sends_the_token_current_at_each_run() {
         claude.exists(),
         "Claude Code is missing: scripts/setup.sh installs it from npm"
     );
-    let (url, seen) = fake_anthropic();
+    let (url, seen) = fake_api(anthropic);
     let s = Scratch::new();
     let home = s.path("home");
     let first = "sk-ant-api03-first-0000000000000000000000000001";
@@ -198,4 +248,64 @@ fn claude_code_sends_the_token_current_at_each_run() {
     assert!(seen.iter().all(|t| t == first || t == second));
     // Claude Code keeps its sessions in ~/.claude: they went through to disk.
     assert!(home.join(".claude/projects").is_dir());
+}
+
+/// Hermes Agent (the real program, from PyPI) reads `~/.hermes/config.yaml`
+/// through the mount and sends the token current at each run.
+#[test]
+fn hermes_agent_sends_the_token_current_at_each_run() {
+    let hermes = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/clients/hermes-venv/bin/hermes");
+    assert!(
+        hermes.exists(),
+        "Hermes Agent is missing: scripts/test.sh installs it from PyPI"
+    );
+    let (url, seen) = fake_api(openai);
+    let s = Scratch::new();
+    let home = s.path("home");
+    let first = "sk-hermes-first-000000000000000000001";
+    s.write(
+        "home/.hermes/config.yaml",
+        &format!("# Hermes\nmodel:\n  provider: custom\n  base_url: {url}/v1\n  api_key: {first}\n  default: test-model\n"),
+    );
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.gateway]\nsource = \"push\"\n[[mount]]\npreset = \"hermes\"\ncredential = \"gateway\"\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        &[&home.join(".hermes")],
+        &[("HOME", home_s.as_str()), ("HERMES_HOME", "")],
+    );
+    let run = || {
+        let out = Command::new(&hermes)
+            .args(["-z", "say hi"])
+            .env("HOME", &home)
+            .env_remove("HERMES_HOME")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .output()
+            .expect("hermes");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("hi from the fake"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run();
+    let after_first = seen.lock().len();
+    let second = "sk-hermes-second-00000000000000000002";
+    d.set("gateway", second);
+    run();
+    let seen = seen.lock().clone();
+    assert!(
+        after_first > 0 && seen[..after_first].iter().all(|t| t == first),
+        "{seen:?}"
+    );
+    assert!(
+        seen.len() > after_first && seen[after_first..].iter().all(|t| t == second),
+        "{seen:?}"
+    );
 }
