@@ -50,11 +50,13 @@ fn sigkill_leaves_no_dead_mount_behind() {
     let (_s, dir, mut d) = start();
     d.signal(libc::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(1);
+    // Typically gone within ~20 ms (fusermount3 notices the daemon's death);
+    // the bound leaves room for a loaded CI machine.
+    let deadline = Instant::now() + Duration::from_secs(2);
     while is_mounted(&dir) {
         assert!(
             Instant::now() < deadline,
-            "mount still there 1 s after SIGKILL"
+            "mount still there 2 s after SIGKILL"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
