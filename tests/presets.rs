@@ -214,17 +214,7 @@ fn claude_with_an_api_key_helper_is_left_alone_and_says_so() {
     let home = s.path("home");
     let text = "{\n  \"apiKeyHelper\": \"tokenfs token databricks\",\n  \"env\": {}\n}\n";
     s.write("home/.claude/settings.json", text);
-    let cfg = format!(
-        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\npreset = \"claude\"\n",
-        s.socket().display()
-    );
-    let home_s = home.display().to_string();
-    let d = Daemon::start_env(
-        &s,
-        &cfg,
-        &[&home.join(".claude")],
-        &[("HOME", home_s.as_str()), ("CLAUDE_CONFIG_DIR", "")],
-    );
+    let (_, d) = start_preset(&s, "claude", "databricks", &[".claude"]);
     d.set("databricks", "dapiHELPER000000000000000000000001");
     assert_eq!(
         fs::read_to_string(home.join(".claude/settings.json")).unwrap(),

@@ -34,16 +34,11 @@ fn databricks_sdk_for_python_sends_the_current_token_after_a_rotation() {
         home.join(".databrickscfg"),
     )
     .unwrap();
-    let cfg = format!(
-        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\npreset = \"databricks\"\n",
-        s.socket().display()
-    );
-    let home_s = home.display().to_string();
-    let d = Daemon::start_env(
+    let (_, d) = start_preset(
         &s,
-        &cfg,
-        &[&home.join(".local/share/tokenfs/databricks")],
-        &[("HOME", home_s.as_str())],
+        "databricks",
+        "databricks",
+        &[".local/share/tokenfs/databricks"],
     );
 
     let script = "import sys\nfrom databricks.sdk import WorkspaceClient\nfor line in sys.stdin:\n    w = WorkspaceClient(profile='DEFAULT')\n    print(w.current_user.me().user_name, flush=True)\n";
@@ -210,17 +205,7 @@ fn claude_code_sends_the_token_current_at_each_run() {
         "home/.claude/settings.json",
         &format!("{{\n  \"env\": {{\n    \"ANTHROPIC_BASE_URL\": \"{url}\",\n    \"ANTHROPIC_AUTH_TOKEN\": \"{first}\"\n  }}\n}}\n"),
     );
-    let cfg = format!(
-        "[control]\nsocket = \"{}\"\n[credentials.anthropic]\nsource = \"push\"\n[[mount]]\npreset = \"claude\"\ncredential = \"anthropic\"\n",
-        s.socket().display()
-    );
-    let home_s = home.display().to_string();
-    let d = Daemon::start_env(
-        &s,
-        &cfg,
-        &[&home.join(".claude")],
-        &[("HOME", home_s.as_str()), ("CLAUDE_CONFIG_DIR", "")],
-    );
+    let (_, d) = start_preset(&s, "claude", "anthropic", &[".claude"]);
     let run = || {
         let out = Command::new(&claude)
             .args(["-p", "say hi"])
@@ -268,17 +253,7 @@ fn hermes_agent_sends_the_token_current_at_each_run() {
         "home/.hermes/config.yaml",
         &format!("# Hermes\nmodel:\n  provider: custom\n  base_url: {url}/v1\n  api_key: {first}\n  default: test-model\n"),
     );
-    let cfg = format!(
-        "[control]\nsocket = \"{}\"\n[credentials.gateway]\nsource = \"push\"\n[[mount]]\npreset = \"hermes\"\ncredential = \"gateway\"\n",
-        s.socket().display()
-    );
-    let home_s = home.display().to_string();
-    let d = Daemon::start_env(
-        &s,
-        &cfg,
-        &[&home.join(".hermes")],
-        &[("HOME", home_s.as_str()), ("HERMES_HOME", "")],
-    );
+    let (_, d) = start_preset(&s, "hermes", "gateway", &[".hermes"]);
     let run = || {
         let out = Command::new(&hermes)
             .args(["-z", "say hi"])

@@ -332,3 +332,31 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Mounts one preset for a push credential, with `HOME` (and every preset's
+/// directory override variable) pointing into the scratch area. `dirs` are
+/// the mounted directories relative to that home.
+pub fn start_preset(
+    s: &Scratch,
+    preset: &str,
+    credential: &str,
+    dirs: &[&str],
+) -> (PathBuf, Daemon) {
+    let home = s.path("home");
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.{credential}]\nsource = \"push\"\n[[mount]]\npreset = \"{preset}\"\ncredential = \"{credential}\"\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let dirs: Vec<PathBuf> = dirs.iter().map(|d| home.join(d)).collect();
+    let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("CLAUDE_CONFIG_DIR", ""),
+        ("HERMES_HOME", ""),
+        ("CODEX_HOME", ""),
+        ("XDG_DATA_HOME", ""),
+    ];
+    let d = Daemon::start_env(s, &cfg, &refs, &env);
+    (home, d)
+}
