@@ -1,0 +1,825 @@
+// Unit tests of the render module: compiled only under #[cfg(test)] (see `mod tests;` in mod.rs).
+//! Whole-module tests on realistic files of the agents tokenfs serves.
+//!
+//! Fixtures mark the bound token as `{TOK}` and the same string at an
+//! unbound key as `{SAME}`, so every expectation is exact bytes: the
+//! template is the fixture with `{TOK}` → placeholder, a rendering is the
+//! fixture with `{TOK}` → the new secret, and `{SAME}` never changes.
+
+use super::*;
+
+const SLOT: &str = "db.token";
+const PH: &str = "__tokenfs:db.token__";
+const OLD: &str = "dapiOLD0123456789abcdef";
+const NEW: &str = "dapiNEW9876543210fedcba-x.y_z";
+
+fn b(key: &str) -> Binding {
+    Binding::new(key.parse().unwrap(), SLOT)
+}
+
+fn secret<'a>(v: &'a [u8]) -> impl Fn(&str) -> Option<&'a [u8]> {
+    move |slot: &str| (slot == SLOT).then_some(v)
+}
+
+fn fill(fixture: &str, tok: &str, same: &str) -> String {
+    fixture.replace("{TOK}", tok).replace("{SAME}", same)
+}
+
+/// The fixture with the bound and the unbound occurrence exchanged.
+fn swap(fixture: &str) -> String {
+    fixture
+        .replace("{TOK}", "{X}")
+        .replace("{SAME}", "{TOK}")
+        .replace("{X}", "{SAME}")
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap()
+}
+
+fn render(template: &[u8], tok: &str) -> Vec<u8> {
+    let t = Template::new(template.to_vec());
+    let mut out = Vec::new();
+    t.render(&secret(tok.as_bytes()), &mut out);
+    assert_eq!(t.rendered_len(&secret(tok.as_bytes())), out.len());
+    out
+}
+
+/// The whole life of a managed file: conversion, rendering, check, and the
+/// conversion of a rendering written back.
+fn life(format: Format, fixture: &str, binding: Binding, old: &str, new: &str) {
+    let bindings = [binding];
+    let input = fill(fixture, old, old);
+    let conv = to_template(format, input.as_bytes(), &bindings, &[], true);
+    assert!(
+        conv.parse_error.is_none(),
+        "{format}: {:?}",
+        conv.parse_error
+    );
+    assert_eq!(conv.problems, Vec::<String>::new(), "{format}");
+    assert!(conv.inserted.is_empty());
+    assert_eq!(
+        text(conv.template.clone()),
+        fill(fixture, PH, old),
+        "{format}"
+    );
+    assert_eq!(conv.found.len(), 1, "{format}");
+    assert_eq!(conv.found[0].value.expose_str(), old);
+    assert_eq!(conv.found[0].slot, SLOT);
+    assert_eq!(conv.found[0].key, bindings[0].key);
+
+    let rendered = render(&conv.template, new);
+    assert_eq!(text(rendered.clone()), fill(fixture, new, old), "{format}");
+    check(format, &rendered, &bindings, &secret(new.as_bytes())).unwrap();
+    assert!(check(format, &rendered, &bindings, &secret(old.as_bytes())).is_err());
+
+    let known: [(&str, &[u8]); 1] = [(SLOT, new.as_bytes())];
+    let again = to_template(format, &rendered, &bindings, &known, true);
+    assert_eq!(text(again.template), fill(fixture, PH, old), "{format}");
+    assert!(again.found.is_empty() && again.inserted.is_empty() && again.problems.is_empty());
+
+    // A known secret is replaced wherever it stands.
+    let known: [(&str, &[u8]); 1] = [(SLOT, old.as_bytes())];
+    let conv = to_template(format, input.as_bytes(), &bindings, &known, true);
+    assert_eq!(text(conv.template), fill(fixture, PH, PH), "{format}");
+    assert!(conv.found.is_empty());
+}
+
+const HERMES: &str = "\
+# Hermes Agent configuration
+model:
+  provider: custom
+  base_url: https://dbc-1234.cloud.databricks.com/serving-endpoints
+  api_key: {TOK}  # rotated by tokenfs
+  default: databricks-claude-sonnet-4
+
+# Tried in order when the main model fails
+fallback_providers:
+  - provider: custom
+    base_url: https://other.example.com/v1
+    api_key: sk-other-0000
+  - provider: custom
+    base_url: https://dbc-1234.cloud.databricks.com/serving-endpoints
+    api_key: '{SAME}'
+
+terminal:
+  backend: local
+";
+
+const CLAUDE: &str = r#"{
+  "env": {
+    "ANTHROPIC_BASE_URL": "https://dbc-1234.cloud.databricks.com/serving-endpoints/anthropic",
+    "ANTHROPIC_AUTH_TOKEN": "{TOK}",
+    "ANTHROPIC_MODEL": "databricks-claude-sonnet-4"
+  },
+  "permissions": {
+    "allow": [
+      "Bash(npm run test:*)"
+    ],
+    "deny": []
+  },
+  "note": "{SAME}"
+}
+"#;
+
+const CODEX_AUTH: &str =
+    "{\n  \"OPENAI_API_KEY\": \"{TOK}\",\n  \"tokens\": null,\n  \"last_refresh\": null\n}";
+
+const CODEX_TOML: &str = r#"# Codex CLI configuration
+model = "databricks-gpt-5"
+model_provider = "databricks"
+
+[model_providers.databricks]
+name = "Databricks"
+base_url = "https://dbc-1234.cloud.databricks.com/serving-endpoints"
+wire_api = "responses"
+# sent as a bearer token
+experimental_bearer_token = "{TOK}"  # rotated
+
+[model_providers.databricks.http_headers]
+X-Note = '{SAME}'
+"#;
+
+const DOTENV: &str = "\
+# Gemini CLI
+export GEMINI_API_KEY={TOK}
+GOOGLE_GEMINI_BASE_URL=\"https://dbc-1234.cloud.databricks.com/serving-endpoints/gemini\"
+OTHER='{SAME}'
+
+";
+
+const DATABRICKSCFG: &str = "\
+[DEFAULT]
+host  = https://dbc-1234.cloud.databricks.com
+token = {TOK}
+
+; staging workspace
+[staging]
+host  = https://dbc-5678.cloud.databricks.com
+token = {SAME}
+";
+
+#[test]
+fn hermes_config_yaml() {
+    life(Format::Yaml, HERMES, b("model.api_key"), OLD, NEW);
+    let list = swap(HERMES);
+    life(
+        Format::Yaml,
+        &list,
+        b("fallback_providers.1.api_key"),
+        OLD,
+        NEW,
+    );
+}
+
+#[test]
+fn claude_settings_json() {
+    life(
+        Format::Json,
+        CLAUDE,
+        b("env.ANTHROPIC_AUTH_TOKEN"),
+        OLD,
+        NEW,
+    );
+}
+
+#[test]
+fn codex_auth_json() {
+    life(
+        Format::Json,
+        CODEX_AUTH,
+        b("OPENAI_API_KEY"),
+        "sk-proj-OLD_1",
+        NEW,
+    );
+}
+
+#[test]
+fn codex_config_toml() {
+    life(
+        Format::Toml,
+        CODEX_TOML,
+        b("model_providers.databricks.experimental_bearer_token"),
+        OLD,
+        NEW,
+    );
+}
+
+#[test]
+fn dotenv_file() {
+    life(Format::Dotenv, DOTENV, b("GEMINI_API_KEY"), OLD, NEW);
+    life(
+        Format::Dotenv,
+        "A=1\nK=\"{TOK}\" # c\nB='{SAME}'",
+        b("K"),
+        OLD,
+        NEW,
+    );
+    life(
+        Format::Dotenv,
+        "K='{TOK}'\r\nB={SAME}\r\n",
+        b("K"),
+        OLD,
+        NEW,
+    );
+}
+
+#[test]
+fn databrickscfg_ini() {
+    life(Format::Ini, DATABRICKSCFG, b("DEFAULT.token"), OLD, NEW);
+    life(
+        Format::Ini,
+        &swap(DATABRICKSCFG),
+        b("staging.token"),
+        OLD,
+        NEW,
+    );
+}
+
+#[test]
+fn raw_token_file() {
+    life(Format::Raw, "{TOK}\n", b(""), OLD, NEW);
+    life(Format::Raw, "{TOK}", b(""), OLD, NEW);
+    life(Format::Raw, "{TOK}\r\n", b(""), OLD, NEW);
+}
+
+#[test]
+fn crlf_files_keep_their_line_endings() {
+    let crlf = |s: &str| s.replace('\n', "\r\n");
+    life(Format::Yaml, &crlf(HERMES), b("model.api_key"), OLD, NEW);
+    life(
+        Format::Json,
+        &crlf(CLAUDE),
+        b("env.ANTHROPIC_AUTH_TOKEN"),
+        OLD,
+        NEW,
+    );
+    life(
+        Format::Toml,
+        &crlf(CODEX_TOML),
+        b("model_providers.databricks.experimental_bearer_token"),
+        OLD,
+        NEW,
+    );
+    life(
+        Format::Ini,
+        &crlf(DATABRICKSCFG),
+        b("DEFAULT.token"),
+        OLD,
+        NEW,
+    );
+}
+
+/// Converts `input` with one binding that must be inserted; returns the template.
+fn inserted(format: Format, input: &str, key: &str) -> String {
+    let conv = to_template(format, input.as_bytes(), &[b(key)], &[], true);
+    assert!(
+        conv.parse_error.is_none(),
+        "{format}: {:?}",
+        conv.parse_error
+    );
+    assert_eq!(conv.problems, Vec::<String>::new(), "{format}");
+    assert_eq!(
+        conv.inserted,
+        vec![key.parse::<KeyPath>().unwrap()],
+        "{format}"
+    );
+    assert!(conv.found.is_empty());
+    let out = text(conv.template);
+    let rendered = render(out.as_bytes(), NEW);
+    check(format, &rendered, &[b(key)], &secret(NEW.as_bytes())).unwrap();
+    out
+}
+
+#[test]
+fn missing_yaml_keys_are_inserted() {
+    let no_key = HERMES.replace("  api_key: {TOK}  # rotated by tokenfs\n", "");
+    assert_eq!(
+        inserted(Format::Yaml, &no_key, "model.api_key"),
+        no_key.replace(
+            "  default: databricks-claude-sonnet-4\n",
+            &format!("  default: databricks-claude-sonnet-4\n  api_key: {PH}\n")
+        )
+    );
+    assert_eq!(
+        inserted(Format::Yaml, "", "model.api_key"),
+        format!("model:\n  api_key: {PH}\n")
+    );
+    assert_eq!(
+        inserted(Format::Yaml, "# only a comment", "model.api_key"),
+        format!("# only a comment\nmodel:\n  api_key: {PH}\n")
+    );
+    assert_eq!(
+        inserted(Format::Yaml, "agent:\n  x: 1\n\n# tail\n", "model.api_key"),
+        format!("agent:\n  x: 1\nmodel:\n  api_key: {PH}\n\n# tail\n")
+    );
+    assert_eq!(
+        inserted(Format::Yaml, "model:\n  provider: x\n", "model.api_key"),
+        format!("model:\n  provider: x\n  api_key: {PH}\n")
+    );
+    assert_eq!(
+        inserted(Format::Yaml, "model:\nother: 1\n", "model.api_key"),
+        format!("model:\n  api_key: {PH}\nother: 1\n")
+    );
+    let list =
+        "fallback_providers:\n  - provider: custom\n    base_url: https://x\n  - provider: y\n";
+    assert_eq!(
+        inserted(Format::Yaml, list, "fallback_providers.0.api_key"),
+        list.replace("x\n", &format!("x\n    api_key: {PH}\n"))
+    );
+}
+
+#[test]
+fn yaml_flow_mappings_are_a_problem_not_an_edit() {
+    for input in ["model: {provider: x}\n", "[1, 2]\n", "model: 3\n"] {
+        let conv = to_template(
+            Format::Yaml,
+            input.as_bytes(),
+            &[b("model.api_key")],
+            &[],
+            true,
+        );
+        assert_eq!(text(conv.template), input);
+        assert!(conv.inserted.is_empty());
+        assert_eq!(conv.problems.len(), 1, "{input}: {:?}", conv.problems);
+    }
+}
+
+#[test]
+fn missing_json_keys_are_inserted() {
+    let no_token = CLAUDE.replace("    \"ANTHROPIC_AUTH_TOKEN\": \"{TOK}\",\n", "");
+    assert_eq!(
+        inserted(Format::Json, &no_token, "env.ANTHROPIC_AUTH_TOKEN"),
+        no_token.replace(
+            "\"databricks-claude-sonnet-4\"",
+            &format!("\"databricks-claude-sonnet-4\",\n    \"ANTHROPIC_AUTH_TOKEN\": \"{PH}\"")
+        )
+    );
+    let no_env = "{\n  \"permissions\": {\n    \"deny\": []\n  }\n}\n";
+    assert_eq!(
+        inserted(Format::Json, no_env, "env.ANTHROPIC_AUTH_TOKEN"),
+        format!(
+            "{{\n  \"permissions\": {{\n    \"deny\": []\n  }},\n  \"env\": {{\n    \"ANTHROPIC_AUTH_TOKEN\": \"{PH}\"\n  }}\n}}\n"
+        )
+    );
+    assert_eq!(
+        inserted(Format::Json, "{}", "OPENAI_API_KEY"),
+        format!("{{\n  \"OPENAI_API_KEY\": \"{PH}\"\n}}")
+    );
+    assert_eq!(
+        inserted(Format::Json, "", "OPENAI_API_KEY"),
+        format!("{{\n  \"OPENAI_API_KEY\": \"{PH}\"\n}}\n")
+    );
+    assert_eq!(
+        inserted(Format::Json, "{\"a\": 1}\n", "env.K"),
+        format!("{{\"a\": 1, \"env\": {{\"K\": \"{PH}\"}}}}\n")
+    );
+}
+
+#[test]
+fn missing_toml_keys_are_inserted() {
+    let no_token = CODEX_TOML.replace("experimental_bearer_token = \"{TOK}\"  # rotated\n", "");
+    assert_eq!(
+        inserted(
+            Format::Toml,
+            &no_token,
+            "model_providers.databricks.experimental_bearer_token"
+        ),
+        no_token.replace(
+            "wire_api = \"responses\"\n",
+            &format!("wire_api = \"responses\"\nexperimental_bearer_token = \"{PH}\"\n")
+        )
+    );
+    assert_eq!(
+        inserted(Format::Toml, "# c\na = 1\n", "auth.key"),
+        format!("# c\na = 1\n\n[auth]\nkey = \"{PH}\"\n")
+    );
+    assert_eq!(
+        inserted(Format::Toml, "", "key"),
+        format!("key = \"{PH}\"\n")
+    );
+}
+
+#[test]
+fn missing_dotenv_ini_raw_keys_are_inserted() {
+    assert_eq!(
+        inserted(Format::Dotenv, "A=1", "KEY"),
+        format!("A=1\nKEY={PH}\n")
+    );
+    assert_eq!(
+        inserted(Format::Dotenv, "# c\r\nA=1\r\n", "KEY"),
+        format!("# c\r\nA=1\r\nKEY={PH}\r\n")
+    );
+    assert_eq!(inserted(Format::Dotenv, "", "KEY"), format!("KEY={PH}\n"));
+    let no_token = DATABRICKSCFG.replace("token = {TOK}\n", "");
+    assert_eq!(
+        inserted(Format::Ini, &no_token, "DEFAULT.token"),
+        no_token.replace(
+            "databricks.com\n\n",
+            &format!("databricks.com\ntoken = {PH}\n\n")
+        )
+    );
+    assert_eq!(
+        inserted(Format::Ini, "[DEFAULT]\nhost=h\n", "dev.token"),
+        format!("[DEFAULT]\nhost=h\n\n[dev]\ntoken={PH}\n")
+    );
+    assert_eq!(inserted(Format::Raw, "", ""), PH);
+    assert_eq!(inserted(Format::Raw, "\n", ""), format!("{PH}\n"));
+}
+
+#[test]
+fn bindings_that_may_not_insert_leave_missing_keys_missing() {
+    let optional = [Binding {
+        insert: false,
+        ..b("k")
+    }];
+    let conv = to_template(Format::Json, b"{}", &optional, &[], true);
+    assert!(conv.inserted.is_empty() && conv.template == b"{}");
+    let conv = to_template(Format::Json, b"{}", &[b("k")], &[], false);
+    assert!(conv.inserted.is_empty() && conv.template == b"{}");
+}
+
+#[test]
+fn prefixes_suffixes_and_empty_values() {
+    let bind = [Binding {
+        prefix: "Authorization=Bearer ".into(),
+        suffix: ",x-team=a".into(),
+        ..b("env.H")
+    }];
+    let input = b"{\"env\": {\"H\": \"Authorization=Bearer abc,x-team=a\"}}";
+    let conv = to_template(Format::Json, input, &bind, &[], true);
+    assert_eq!(
+        text(conv.template.clone()),
+        format!("{{\"env\": {{\"H\": \"Authorization=Bearer {PH},x-team=a\"}}}}")
+    );
+    assert_eq!(conv.found[0].value.expose_str(), "abc");
+    let rendered = render(&conv.template, NEW);
+    check(Format::Json, &rendered, &bind, &secret(NEW.as_bytes())).unwrap();
+    // Text around the token that is not the binding's: left alone.
+    let conv = to_template(
+        Format::Json,
+        b"{\"env\": {\"H\": \"Basic abc\"}}",
+        &bind,
+        &[],
+        true,
+    );
+    assert_eq!(conv.template, b"{\"env\": {\"H\": \"Basic abc\"}}");
+    assert_eq!(conv.problems.len(), 1);
+    // Empty values are filled, and are not a found secret.
+    for (format, input, key, want) in [
+        (
+            Format::Json,
+            "{\"k\": \"\"}",
+            "k",
+            format!("{{\"k\": \"{PH}\"}}"),
+        ),
+        (
+            Format::Yaml,
+            "k: ''\nj: ''\n",
+            "j",
+            format!("k: ''\nj: '{PH}'\n"),
+        ),
+        (Format::Toml, "k = \"\"\n", "k", format!("k = \"{PH}\"\n")),
+        (Format::Dotenv, "K=\nJ=\n", "J", format!("K=\nJ={PH}\n")),
+        (Format::Ini, "[s]\nk =\n", "s.k", format!("[s]\nk ={PH}\n")),
+    ] {
+        let conv = to_template(format, input.as_bytes(), &[b(key)], &[], true);
+        assert_eq!(text(conv.template), want, "{format}");
+        assert!(
+            conv.found.is_empty() && conv.problems.is_empty(),
+            "{format}"
+        );
+    }
+    let bearer = [Binding {
+        prefix: "Bearer ".into(),
+        ..b("h")
+    }];
+    let conv = to_template(Format::Yaml, b"h: 'Bearer '\n", &bearer, &[], true);
+    assert_eq!(text(conv.template), format!("h: 'Bearer {PH}'\n"));
+}
+
+#[test]
+fn non_strings_and_foreign_placeholders_are_problems() {
+    for (format, input) in [
+        (Format::Yaml, "model:\n  api_key: 12345\n"),
+        (Format::Yaml, "model:\n  api_key:\n"),
+        (Format::Json, "{\"model\": {\"api_key\": 12345}}"),
+        (Format::Toml, "[model]\napi_key = 12345\n"),
+        (
+            Format::Json,
+            "{\"model\": {\"api_key\": \"__tokenfs:other__\"}}",
+        ),
+    ] {
+        let conv = to_template(format, input.as_bytes(), &[b("model.api_key")], &[], true);
+        assert_eq!(text(conv.template), input, "{format}");
+        assert_eq!(conv.problems.len(), 1, "{format}");
+        assert!(conv.found.is_empty());
+        assert!(
+            conv.problems[0].contains("model.api_key"),
+            "{:?}",
+            conv.problems
+        );
+        assert!(!conv.problems[0].contains("12345"), "{:?}", conv.problems);
+    }
+}
+
+#[test]
+fn values_not_written_verbatim_are_a_problem() {
+    // JSON escapes: the decoded value does not appear in the text.
+    let input = br#"{"k": "ab\u0063d", "x": "abcd"}"#;
+    let conv = to_template(Format::Json, input, &[b("k")], &[], true);
+    assert_eq!(conv.template, input);
+    assert_eq!(conv.problems.len(), 1);
+    assert!(conv.found.is_empty());
+}
+
+#[test]
+fn the_bound_occurrence_is_the_one_replaced_even_when_it_comes_last() {
+    let input = "a: tok\nb:\n  c: tok\n  k: tok\n";
+    let conv = to_template(Format::Yaml, input.as_bytes(), &[b("b.k")], &[], true);
+    assert_eq!(
+        text(conv.template),
+        format!("a: tok\nb:\n  c: tok\n  k: {PH}\n")
+    );
+    // A value that is part of a key name, and part of a longer value.
+    let input = "{\"tok\": \"tok-long\", \"k\": \"tok\"}";
+    let conv = to_template(Format::Json, input.as_bytes(), &[b("k")], &[], true);
+    assert_eq!(
+        text(conv.template),
+        format!("{{\"tok\": \"tok-long\", \"k\": \"{PH}\"}}")
+    );
+    let input = "[tok]\ntok = \"tok\"\n";
+    let conv = to_template(Format::Toml, input.as_bytes(), &[b("tok.tok")], &[], true);
+    assert_eq!(text(conv.template), format!("[tok]\ntok = \"{PH}\"\n"));
+}
+
+/// A broken document holding a secret: the error has a position and no
+/// secret, and the template is the input with known secrets replaced.
+fn broken(format: Format, input: &str, line: usize) {
+    let secret = "sk-VERYSECRET-0123456789";
+    let input = input.replace("{S}", secret);
+    let known: [(&str, &[u8]); 1] = [(SLOT, secret.as_bytes())];
+    let conv = to_template(format, input.as_bytes(), &[b("a.b")], &known, true);
+    let e = conv.parse_error.expect("a parse error");
+    assert_eq!(e.line, line, "{format}: {e}");
+    assert!(e.column >= 1);
+    assert!(!e.to_string().contains("VERYSECRET"), "{format}: {e}");
+    assert_eq!(text(conv.template), input.replace(secret, PH));
+    assert!(conv.found.is_empty() && conv.inserted.is_empty());
+    // Unknown to the conversion, the secret still must not show.
+    let conv = to_template(format, input.as_bytes(), &[b("a.b")], &[], true);
+    let e = conv.parse_error.expect("a parse error");
+    assert!(!e.to_string().contains("VERYSECRET"), "{format}: {e}");
+    // And check() says the same about a rendering.
+    let err = check(format, input.as_bytes(), &[b("a.b")], &secret_fn(secret)).unwrap_err();
+    assert!(matches!(err, RenderError::Parse(_)), "{format}");
+    assert!(!err.to_string().contains("VERYSECRET"), "{format}: {err}");
+}
+
+fn secret_fn<'a>(s: &'a str) -> impl Fn(&str) -> Option<&'a [u8]> {
+    move |_: &str| Some(s.as_bytes())
+}
+
+#[test]
+fn broken_documents_report_positions_never_secrets() {
+    broken(Format::Yaml, "a:\n  b: [{S}\n  c: 1\n", 3);
+    broken(Format::Yaml, "a:\n  b: {S}\n c: x: y\n", 3);
+    broken(
+        Format::Json,
+        "{\n  \"a\": {\"b\": \"{S}\"\n  \"c\": 1}\n",
+        3,
+    );
+    broken(Format::Toml, "[a]\nb = \"{S}\n", 2);
+    broken(Format::Toml, "[a]\nb = {S}\n", 2);
+    broken(Format::Dotenv, "A=1\nB=\"{S}\n", 2);
+    broken(Format::Dotenv, "A=1\nB={S} x\n", 2);
+    broken(Format::Ini, "[a]\nb = {S}\n[c\n", 4);
+}
+
+#[test]
+fn non_utf8_is_a_parse_error_not_a_panic() {
+    for format in Format::ALL {
+        let input = b"a:\n  b: \xff\xfe tok\n";
+        let known: [(&str, &[u8]); 1] = [(SLOT, b"tok")];
+        let conv = to_template(format, input, &[b("a.b")], &known, true);
+        let e = conv.parse_error.expect("a parse error");
+        assert_eq!((e.line, e.column), (2, 6), "{format}");
+        assert_eq!(conv.template, b"a:\n  b: \xff\xfe __tokenfs:db.token__\n");
+        assert!(check(format, input, &[b("a.b")], &secret(b"tok")).is_err());
+    }
+}
+
+#[test]
+fn odd_inputs_do_not_panic() {
+    let deep = |open: &str, n: usize| open.repeat(n);
+    let inputs = [
+        deep("[", 20_000),
+        deep("{\"a\":", 20_000),
+        deep("- ", 2_000),
+        deep("- ", 140),
+        format!("{}{}", deep("[", 20_000), deep("]", 20_000)),
+        format!("{}{}", deep("{\"a\":", 20_000), deep("}", 20_000)),
+        format!("a = {}{}", deep("[", 20_000), deep("]", 20_000)),
+        format!("a = {}1{}", deep("{b = ", 20_000), deep("}", 20_000)),
+        (0..140).map(|i| format!("{}k:\n", " ".repeat(i))).collect(),
+        format!("a = {}", deep("[", 20_000)),
+        deep("a:\n ", 300),
+        "\u{feff}a: b\n".to_string(),
+        "\0\0\0".to_string(),
+        "=\n[\n\"\n'\n".to_string(),
+        "__tokenfs:".to_string(),
+    ];
+    for format in Format::ALL {
+        for input in &inputs {
+            for key in ["a.b", "a", "", "0.1"] {
+                let conv = to_template(format, input.as_bytes(), &[b(key)], &[], true);
+                let _ = check(format, &conv.template, &[b(key)], &secret(b"x"));
+            }
+        }
+    }
+}
+
+#[test]
+fn placeholders_are_valid_everywhere() {
+    for (format, input, key) in [
+        (Format::Yaml, format!("a:\n  b: {PH}\n"), "a.b"),
+        (
+            Format::Json,
+            format!("{{\"a\": {{\"b\": \"{PH}\"}}}}"),
+            "a.b",
+        ),
+        (Format::Toml, format!("[a]\nb = \"{PH}\"\n"), "a.b"),
+        (Format::Dotenv, format!("B={PH}\n"), "B"),
+        (Format::Ini, format!("[a]\nb = {PH}\n"), "a.b"),
+        (Format::Raw, PH.to_string(), ""),
+    ] {
+        assert_eq!(
+            lookup(format, &input, &key.parse().unwrap()).as_deref(),
+            Some(PH)
+        );
+        let conv = to_template(format, input.as_bytes(), &[b(key)], &[], true);
+        assert_eq!(text(conv.template), input);
+        assert!(conv.found.is_empty() && conv.problems.is_empty());
+        let t = Template::new(input.into_bytes());
+        assert_eq!(t.slots(), vec![SLOT]);
+    }
+}
+
+#[test]
+fn check_reports_missing_and_mismatched_keys() {
+    let bindings = [b("a.b")];
+    let s = secret(b"tok");
+    assert!(matches!(
+        check(Format::Json, b"{\"a\": {}}", &bindings, &s),
+        Err(RenderError::Missing { .. })
+    ));
+    assert!(matches!(
+        check(Format::Json, b"{\"a\": {\"b\": \"other\"}}", &bindings, &s),
+        Err(RenderError::Mismatch { .. })
+    ));
+    // A secret that breaks the format is caught (YAML reads `true` as a boolean).
+    assert!(
+        check(
+            Format::Yaml,
+            b"a:\n  b: true\n",
+            &bindings,
+            &secret(b"true")
+        )
+        .is_err()
+    );
+    // No secret for the slot: nothing to check.
+    assert!(check(Format::Json, b"{}", &bindings, &|_: &str| None).is_ok());
+}
+
+#[test]
+fn format_and_key_path_parsing() {
+    for f in Format::ALL {
+        assert_eq!(f.to_string().parse::<Format>(), Ok(f));
+    }
+    assert!("xml".parse::<Format>().is_err());
+    let k: KeyPath = "fallback_providers.0.api_key".parse().unwrap();
+    assert_eq!(k.segments(), ["fallback_providers", "0", "api_key"]);
+    assert_eq!(k.to_string(), "fallback_providers.0.api_key");
+    assert!("a..b".parse::<KeyPath>().is_err());
+    assert!(".a".parse::<KeyPath>().is_err());
+    assert!("".parse::<KeyPath>().unwrap().segments().is_empty());
+    let ini = KeyPath::from_segments(vec!["my.profile".into(), "token".into()]);
+    assert_eq!(ini.ini_parts(), Some(("my.profile", "token".to_string())));
+    let ini: KeyPath = "DEFAULT.a.b".parse().unwrap();
+    assert_eq!(ini.ini_parts(), Some(("DEFAULT", "a.b".to_string())));
+    assert_eq!(
+        placeholder("databricks.token"),
+        "__tokenfs:databricks.token__"
+    );
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn token(&mut self) -> String {
+        const ALPHABET: &[u8] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-";
+        // At least 8 characters, so a token does not occur in the fixture
+        // by chance.
+        let len = 8 + (self.next() % 92) as usize;
+        let body: String = (0..len)
+            .map(|_| ALPHABET[(self.next() % ALPHABET.len() as u64) as usize] as char)
+            .collect();
+        // A leading letter keeps YAML from reading `1.5` or `.inf` as a number.
+        format!("t{body}")
+    }
+}
+
+#[test]
+fn randomized_round_trips() {
+    let fixtures: [(Format, &str, &str); 7] = [
+        (Format::Yaml, HERMES, "model.api_key"),
+        (Format::Json, CLAUDE, "env.ANTHROPIC_AUTH_TOKEN"),
+        (
+            Format::Toml,
+            CODEX_TOML,
+            "model_providers.databricks.experimental_bearer_token",
+        ),
+        (Format::Dotenv, DOTENV, "GEMINI_API_KEY"),
+        (Format::Ini, DATABRICKSCFG, "DEFAULT.token"),
+        (Format::Raw, "{TOK}\n", ""),
+        (Format::Json, CODEX_AUTH, "OPENAI_API_KEY"),
+    ];
+    let mut rng = Rng(0x1234_5678_9abc_def0);
+    for _ in 0..40 {
+        for (format, fixture, key) in fixtures {
+            let (old, new) = (rng.token(), rng.token());
+            if old.contains(&new) || new.contains(&old) {
+                continue;
+            }
+            life(format, fixture, b(key), &old, &new);
+            // Render → convert → render, several rotations in a row.
+            let input = fill(fixture, &old, "same-value-elsewhere");
+            let mut template = to_template(format, input.as_bytes(), &[b(key)], &[], true).template;
+            let mut prev = old.clone();
+            for _ in 0..3 {
+                let next = rng.token();
+                let rendered = render(&template, &next);
+                check(format, &rendered, &[b(key)], &secret(next.as_bytes())).unwrap();
+                let known: [(&str, &[u8]); 2] = [(SLOT, next.as_bytes()), (SLOT, prev.as_bytes())];
+                let conv = to_template(format, &rendered, &[b(key)], &known, true);
+                assert_eq!(conv.template, template);
+                template = conv.template;
+                prev = next;
+            }
+        }
+    }
+}
+
+/// 100 KiB files convert and check in reasonable time (each edit parses the
+/// document a few times; nothing is quadratic).
+#[test]
+fn large_files() {
+    let n = 2_500;
+    let yaml: String = (0..n)
+        .map(|i| format!("k{i}:\n  v: value-{i}-{OLD}\n"))
+        .collect::<String>()
+        + &fill(HERMES, OLD, OLD);
+    let json = format!(
+        "{{\n{}  \"env\": {{\"ANTHROPIC_AUTH_TOKEN\": \"{OLD}\"}}\n}}\n",
+        (0..n)
+            .map(|i| format!("  \"k{i}\": \"value-{i}-{OLD}\",\n"))
+            .collect::<String>()
+    );
+    let toml = (0..n)
+        .map(|i| format!("[t{i}]\nv = \"value-{i}-{OLD}\"\n"))
+        .collect::<String>()
+        + &format!("[auth]\nkey = \"{OLD}\"\n");
+    let dotenv = (0..n)
+        .map(|i| format!("K{i}=value-{i}-{OLD}\n"))
+        .collect::<String>()
+        + &format!("KEY={OLD}\n");
+    let ini = (0..n)
+        .map(|i| format!("[p{i}]\ntoken = {OLD}\n"))
+        .collect::<String>()
+        + &format!("[DEFAULT]\ntoken = {OLD}\n");
+    for (format, input, key) in [
+        (Format::Yaml, yaml, "model.api_key"),
+        (Format::Json, json, "env.ANTHROPIC_AUTH_TOKEN"),
+        (Format::Toml, toml, "auth.key"),
+        (Format::Dotenv, dotenv, "KEY"),
+        (Format::Ini, ini, "DEFAULT.token"),
+    ] {
+        assert!(input.len() > 60_000, "{format}: {}", input.len());
+        let started = std::time::Instant::now();
+        let bindings = [b(key), b("missing.key")];
+        let conv = to_template(format, input.as_bytes(), &bindings, &[], true);
+        assert_eq!(conv.found.len(), 1, "{format}: {:?}", conv.problems);
+        let rendered = render(&conv.template, NEW);
+        check(format, &rendered, &bindings, &secret(NEW.as_bytes())).unwrap();
+        eprintln!("{format}: {} bytes in {:?}", input.len(), started.elapsed());
+    }
+}
