@@ -1,7 +1,7 @@
 //! tokenfs benchmark: every row side by side in one run, reported as ratios.
 //! Driven by `scripts/bench.sh` (which installs bindfs and builds release).
 //!
-//!   bench [--json] [--idle SECS] [--storm SECS]
+//!   bench [--json] [--idle SECS] [--storm SECS] [--only read,stat,...]
 //!   bench --soak SECS    (rotation every 100 ms, 2 readers; RSS and fds at start and end)
 //!   bench reader read|stat PATH ITERS   (child mode: prints latencies in ns)
 
@@ -42,15 +42,36 @@ fn main() {
     if args.iter().any(|a| a == "--soak") {
         return soak(flag("--soak", 3600));
     }
+    // --only read,stat,bulk,rotation,storm,footprint,databricks: a subset.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let bench = Bench::setup();
     let mut report = Report::default();
-    bench.config_read(&mut report);
-    bench.stat(&mut report);
-    bench.bulk(&mut report);
-    bench.rotation(&mut report);
-    bench.storm(&mut report, flag("--storm", 10));
-    footprint(&mut report, flag("--idle", 60));
-    databricks(&mut report);
+    if run("read") {
+        bench.config_read(&mut report);
+    }
+    if run("stat") {
+        bench.stat(&mut report);
+    }
+    if run("bulk") {
+        bench.bulk(&mut report);
+    }
+    if run("rotation") {
+        bench.rotation(&mut report);
+    }
+    if run("storm") {
+        bench.storm(&mut report, flag("--storm", 10));
+    }
+    if run("footprint") {
+        footprint(&mut report, flag("--idle", 60));
+    }
+    if run("databricks") {
+        databricks(&mut report);
+    }
     if json_out {
         println!(
             "{}",

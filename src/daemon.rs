@@ -94,7 +94,10 @@ fn serve_fuse(
     let mut filesystems = Vec::new();
     for m in &config.mounts {
         let root = open_dir(&m.dir)?;
-        filesystems.push(TokenFs::new(m, root, ctx.clone())?);
+        let fs = TokenFs::new(m, root, ctx.clone())?;
+        let views = fs.views.clone();
+        store.on_publish(move || views.retire_stale());
+        filesystems.push(fs);
     }
     let infos = filesystems.iter().map(|f| f.info.clone()).collect();
     let mut mounted: Vec<PathBuf> = Vec::new();
@@ -223,7 +226,9 @@ fn mount(fs: TokenFs, m: &MountConfig, tx: mpsc::Sender<Event>) -> Result<(), St
     };
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
+    let views = fs.views.clone();
     let session = Session::new(fs, &m.dir, &cfg).map_err(|e| mount_error(&m.dir, &e))?;
+    views.set_notifier(session.notifier());
     let dir = m.dir.clone();
     std::thread::Builder::new()
         .name("session".into())

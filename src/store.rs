@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::secret::Secret;
 
@@ -183,6 +183,9 @@ pub struct Store {
     publish: Mutex<Recent>,
     published: Condvar,
     health: Mutex<BTreeMap<String, Health>>,
+    /// Run after every publish, on the publishing thread, before `publish`
+    /// returns: a rotation is done only once every consumer has seen it.
+    hooks: RwLock<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 #[derive(Default)]
@@ -213,7 +216,13 @@ impl Store {
             publish: Mutex::new(Recent::default()),
             published: Condvar::new(),
             health: Mutex::new(health),
+            hooks: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Registers `hook` to run after each publish (see `hooks`).
+    pub fn on_publish(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.hooks.write().push(Box::new(hook));
     }
 
     /// The current snapshot. Lock-free; never blocks a publisher.
@@ -271,6 +280,9 @@ impl Store {
         let generation = next.generation;
         self.current.store(Arc::new(next));
         drop(recent);
+        for hook in self.hooks.read().iter() {
+            hook();
+        }
         self.published.notify_all();
         self.record_success(name);
         Some(generation)

@@ -4,7 +4,7 @@
 //! Nothing here knows FUSE. The backing file lives in the hidden original
 //! directory and holds the user's bytes with each secret replaced by a
 //! placeholder; [`ManagedFile::rendering`] substitutes the current secrets.
-//! One rendering per (snapshot generation, template version) is cached and
+//! One [`Rendering`] per (snapshot generation, template version) is cached and
 //! shared by every handle opened while it is current, so a config read costs
 //! an `Arc` clone, while a handle keeps its own rendering for its whole life.
 
@@ -46,10 +46,15 @@ enum State {
     },
 }
 
-struct Cached {
-    generation: u64,
-    version: u64,
-    bytes: Arc<SecretBytes>,
+/// One rendering: the bytes of one (snapshot generation, template version).
+/// Immutable, so the kernel may cache it for as long as it stays current.
+#[derive(Clone)]
+pub struct Rendering {
+    pub generation: u64,
+    pub version: u64,
+    pub bytes: Arc<SecretBytes>,
+    /// When its snapshot was published: its mtime (clients cache by mtime).
+    pub published_at: SystemTime,
 }
 
 /// What `tokenfs status` shows about a file.
@@ -80,7 +85,7 @@ pub struct ManagedFile {
     bindings: Vec<Binding>,
     slots: Vec<SlotRef>,
     state: RwLock<State>,
-    cache: Mutex<Option<Cached>>,
+    cache: Mutex<Option<Rendering>>,
     /// (thread id, handle, size) of open handles: `fstat` arrives without a
     /// handle, and a reader must see the size of the rendering it holds.
     opens: Mutex<Vec<(u32, u64, u64)>>,
@@ -283,7 +288,7 @@ impl ManagedFile {
     }
 
     /// The rendering of the current snapshot, or `None` if the file is absent.
-    pub fn rendering(&self) -> Option<Arc<SecretBytes>> {
+    pub fn rendering(&self) -> Option<Rendering> {
         let snap = self.ctx.store.snapshot();
         let (template, version, broken) = match &*self.state.read() {
             State::Present {
@@ -296,22 +301,32 @@ impl ManagedFile {
         };
         if let Some(c) = &*self.cache.lock() {
             if c.generation == snap.generation && c.version == version {
-                return Some(c.bytes.clone());
+                return Some(c.clone());
             }
         }
-        let bytes = Arc::new(self.render(&snap, &template, broken));
+        let rendering = Rendering {
+            generation: snap.generation,
+            version,
+            bytes: Arc::new(self.render(&snap, &template, broken)),
+            published_at: snap.published_at,
+        };
         let mut cache = self.cache.lock();
         let newer = cache
             .as_ref()
             .is_some_and(|c| c.generation > snap.generation || c.version > version);
         if !newer {
-            *cache = Some(Cached {
-                generation: snap.generation,
-                version,
-                bytes: bytes.clone(),
-            });
+            *cache = Some(rendering.clone());
         }
-        Some(bytes)
+        Some(rendering)
+    }
+
+    /// Whether `r` is what an open would render now.
+    pub fn is_current(&self, r: &Rendering) -> bool {
+        let version = match &*self.state.read() {
+            State::Present { version, .. } => *version,
+            State::Absent => return false,
+        };
+        version == r.version && self.ctx.store.snapshot().generation == r.generation
     }
 
     /// Renders and checks once per new (generation, template): the check
@@ -359,18 +374,23 @@ impl ManagedFile {
         let size = match exact {
             Some(size) => size,
             None => {
-                let current = self.rendering().map_or(0, |r| r.len() as u64);
+                let current = self.rendering().map_or(0, |r| r.bytes.len() as u64);
                 held.map_or(current, |h| h.max(current))
             }
         };
-        let published = self.ctx.store.snapshot().published_at;
-        let mtime = stat_mtime(&st).max(published);
-        let ctime = stat_ctime(&st).max(published);
-        st.st_size = size as i64;
-        st.st_blocks = size.div_ceil(512) as i64;
-        st.st_mode &= !0o077;
-        set_time(mtime, &mut st.st_mtime, &mut st.st_mtime_nsec);
-        set_time(ctime, &mut st.st_ctime, &mut st.st_ctime_nsec);
+        dress(&mut st, size, self.ctx.store.snapshot().published_at);
+        Some(st)
+    }
+
+    /// `stat` of one rendering: its own size and the mtime of its snapshot.
+    /// Constant for the rendering's life, which is what lets the kernel cache
+    /// it (see `fs::view`).
+    pub fn stat_of(&self, r: &Rendering) -> Option<libc::stat> {
+        let mut st = match &*self.state.read() {
+            State::Present { stat, .. } => *stat,
+            State::Absent => return None,
+        };
+        dress(&mut st, r.bytes.len() as u64, r.published_at);
         Some(st)
     }
 
@@ -531,6 +551,18 @@ impl ManagedFile {
             }
         }
     }
+}
+
+/// The backing file's stat as readers see it: the rendering's size, times
+/// that advance with every generation, no group or other access.
+fn dress(st: &mut libc::stat, size: u64, published: SystemTime) {
+    let mtime = stat_mtime(st).max(published);
+    let ctime = stat_ctime(st).max(published);
+    st.st_size = size as i64;
+    st.st_blocks = size.div_ceil(512) as i64;
+    st.st_mode &= !0o077;
+    set_time(mtime, &mut st.st_mtime, &mut st.st_mtime_nsec);
+    set_time(ctime, &mut st.st_ctime, &mut st.st_ctime_nsec);
 }
 
 fn empty_stat() -> libc::stat {

@@ -11,6 +11,7 @@ pub mod managed;
 mod ops;
 mod passthrough;
 pub mod sys;
+pub mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -31,6 +32,7 @@ use tracing::warn;
 
 use self::inode::{Inodes, Node};
 use self::managed::{Context, ManagedFile};
+use self::view::{View, Views};
 use crate::config::MountConfig;
 use crate::secret::SecretBytes;
 
@@ -38,15 +40,21 @@ use crate::secret::SecretBytes;
 /// arrives through this mount, and the kernel drops its cached attributes of
 /// an inode it changes, so a short TTL only saves round trips.
 const PASSTHROUGH_TTL: Duration = Duration::from_secs(1);
-/// Managed files are never cached by the kernel: size and content change with
-/// every rotation.
+/// For what must be asked again every time.
 const NO_CACHE: Duration = Duration::ZERO;
+/// How long the kernel keeps a managed name → its current view, and the
+/// attributes of a current view. Every change (a publish, a write) drops
+/// both at once through the notifier; this only bounds the cost if a
+/// notification is lost, and never correctness (see `view`).
+const VIEW_TTL: Duration = Duration::from_secs(10);
 
 /// One mounted directory.
 pub struct TokenFs {
     pub dir: PathBuf,
     inodes: Inodes,
     managed: Managed,
+    /// Kernel inodes of managed files, one per rendering.
+    pub views: Arc<Views>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     /// Whether the kernel accepted FUSE passthrough for this session.
@@ -91,7 +99,6 @@ type NameKey = ((u64, u64), Vec<u8>);
 
 #[derive(Default)]
 struct Managed {
-    by_id: HashMap<u64, Arc<ManagedFile>>,
     by_name: HashMap<NameKey, Arc<ManagedFile>>,
     /// Directories that hold managed files. Names there get entry TTL 0: after
     /// a program renames its temp file over a managed file, the kernel's
@@ -123,6 +130,9 @@ struct ManagedHandle {
     file: Arc<ManagedFile>,
     snapshot: Arc<SecretBytes>,
     write: Option<Mutex<WriteBuf>>,
+    /// The view whose bytes this handle reads through the page cache, if it
+    /// was opened while that view was current.
+    cached: Option<Arc<View>>,
 }
 
 struct WriteBuf {
@@ -216,7 +226,6 @@ impl TokenFs {
             managed
                 .by_name
                 .insert((parent.key, file.name.as_bytes().to_vec()), file.clone());
-            managed.by_id.insert(id, file.clone());
             files.push(file as Arc<dyn ServedFile>);
         }
         for note in &cfg.notes {
@@ -232,6 +241,7 @@ impl TokenFs {
             dir: cfg.dir.clone(),
             inodes,
             managed,
+            views: Arc::new(Views::default()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kernel_passthrough: AtomicBool::new(false),
@@ -242,6 +252,26 @@ impl TokenFs {
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
         self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    /// `stat` of a view, and how long the kernel may keep it. A current view
+    /// is immutable; a stale one answers for its cached readers while any is
+    /// open, then for whoever opens it now (a bind mount, a raced lookup).
+    fn view_stat(
+        &self,
+        v: &View,
+        tid: u32,
+        fh: Option<FileHandle>,
+    ) -> Result<(libc::stat, Duration), Errno> {
+        let own = || v.file.stat_of(&v.rendering).ok_or(Errno::ENOENT);
+        if v.is_current() {
+            return Ok((own()?, VIEW_TTL));
+        }
+        if v.has_cached_opens() {
+            return Ok((own()?, NO_CACHE));
+        }
+        let st = v.file.stat(tid, fh.map(|f| f.0)).ok_or(Errno::ENOENT)?;
+        Ok((st, NO_CACHE))
     }
 
     fn entry_ttl(&self, parent: &Node) -> Duration {

@@ -13,7 +13,8 @@ use fuser::{
 };
 use tracing::{debug, info};
 
-use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, errno, sys, to_attr};
+use super::view::enter_request;
+use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
 use crate::fs::managed::TMP_PREFIX;
 
 /// Replies with an error, or runs the success path.
@@ -32,10 +33,11 @@ fn io_errno(e: std::io::Error) -> Errno {
 
 impl fuser::Filesystem for TokenFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // DIRECT_IO_ALLOW_MMAP: managed files use direct I/O, and programs
-        // that mmap a config (rare, but git and some parsers do) would
-        // otherwise get ENODEV. The kernel drops an inode's page cache at each
-        // open without FOPEN_KEEP_CACHE, so a mapping never shows an old file.
+        // DIRECT_IO_ALLOW_MMAP: writers and stale views use direct I/O, and
+        // programs that mmap a config would otherwise get ENODEV.
+        // ATOMIC_O_TRUNC: without it, open(O_TRUNC) arrives as a SETATTR
+        // without a handle, indistinguishable from truncate(2) by path, and
+        // readers would see the file empty until the writer closes.
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
@@ -61,11 +63,18 @@ impl fuser::Filesystem for TokenFs {
         debug!(mount = %self.dir.display(), "session destroyed");
     }
 
-    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name) {
-            let st = tri!(reply, m.stat(req.pid(), None).ok_or(Errno::ENOENT));
-            return reply.entry_with_ttls(&NO_CACHE, &NO_CACHE, &to_attr(m.id, &st), Generation(0));
+            enter_request();
+            let v = tri!(reply, self.views.lookup(m, &self.inodes).ok_or(Errno::ENOENT));
+            let Some(st) = m.stat_of(&v.rendering) else {
+                self.views.forget(v.id, 1);
+                return reply.error(Errno::ENOENT);
+            };
+            // fuser sends the node id as st_ino here: attribute TTL 0 makes
+            // the kernel ask GETATTR (the stable st_ino) before showing it.
+            return reply.entry_with_ttls(&NO_CACHE, &VIEW_TTL, &to_attr(v.id, &st), Generation(0));
         }
         if self.managed.parents.contains(&p.key)
             && name.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes())
@@ -76,16 +85,15 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.forget(ino.0, nlookup);
+        if !self.views.forget(ino.0, nlookup) {
+            self.inodes.forget(ino.0, nlookup);
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        if let Some(m) = self.managed.by_id.get(&ino.0) {
-            let st = tri!(
-                reply,
-                m.stat(req.pid(), fh.map(|f| f.0)).ok_or(Errno::ENOENT)
-            );
-            return reply.attr(&NO_CACHE, &to_attr(m.id, &st));
+        if let Some(v) = self.views.get(ino.0) {
+            let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
+            return reply.attr(&ttl, &to_attr(v.file.id, &st));
         }
         let node = tri!(reply, self.node(ino));
         let st = tri!(reply, sys::stat_fd(node.fd()).map_err(io_errno));
@@ -118,13 +126,11 @@ impl fuser::Filesystem for TokenFs {
             atime,
             mtime,
         };
-        if let Some(m) = self.managed.by_id.get(&ino.0) {
-            tri!(reply, self.managed_setattr(m, &change, fh));
-            let st = tri!(
-                reply,
-                m.stat(req.pid(), fh.map(|f| f.0)).ok_or(Errno::ENOENT)
-            );
-            return reply.attr(&NO_CACHE, &to_attr(m.id, &st));
+        if let Some(v) = self.views.get(ino.0) {
+            enter_request();
+            tri!(reply, self.managed_setattr(&v.file, &change, fh));
+            let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
+            return reply.attr(&ttl, &to_attr(v.file.id, &st));
         }
         let node = tri!(reply, self.node(ino));
         let st = tri!(reply, self.passthrough_setattr(&node, &change, fh));
@@ -173,6 +179,8 @@ impl fuser::Filesystem for TokenFs {
         if let Some(m) = self.managed.find(&p, name) {
             info!(file = %m.shown.display(), "managed file unlinked; it reappears when a program creates it");
             m.set_absent();
+            enter_request();
+            self.views.retire(m);
         }
         reply.ok();
     }
@@ -213,6 +221,7 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         let np = tri!(reply, self.node(newparent));
+        enter_request();
         tri!(reply, self.rename_any(&p, name, &np, newname, flags));
         reply.ok();
     }
@@ -225,7 +234,7 @@ impl fuser::Filesystem for TokenFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        if self.managed.by_id.contains_key(&ino.0) {
+        if self.views.get(ino.0).is_some() {
             // A second name for a managed file would show its placeholders.
             return reply.error(Errno::EPERM);
         }
@@ -241,16 +250,10 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if let Some(m) = self.managed.by_id.get(&ino.0) {
-            let fh = tri!(reply, self.open_managed(m, flags.0, req.pid()));
-            // A reader has nothing to commit at close: skip the FLUSH round trip.
-            let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-            let noflush = if read_only {
-                FopenFlags::FOPEN_NOFLUSH
-            } else {
-                FopenFlags::empty()
-            };
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | noflush);
+        if let Some(v) = self.views.get(ino.0) {
+            enter_request();
+            let (fh, open_flags) = tri!(reply, self.open_view(&v, flags.0, req.pid()));
+            return reply.opened(FileHandle(fh), open_flags);
         }
         let node = tri!(reply, self.node(ino));
         let file = tri!(reply, sys::reopen(node.fd(), flags.0).map_err(io_errno));
@@ -337,7 +340,8 @@ impl fuser::Filesystem for TokenFs {
             // is not answered with this one's. (A forked child closing its
             // inherited copy also flushes; that must not count.)
             mh.file.track_close(fh.0, req.pid());
-            tri!(reply, mh.commit());
+            enter_request();
+            tri!(reply, self.commit(mh));
         }
         reply.ok();
     }
@@ -355,9 +359,13 @@ impl fuser::Filesystem for TokenFs {
         let h = self.handles.lock().remove(&fh.0);
         if let Some(Handle::Managed(mh)) = h.as_deref() {
             mh.file.track_release(fh.0);
+            if let Some(v) = &mh.cached {
+                v.released_cached();
+            }
             // Normally flush already committed; this catches writers that
             // never flushed (e.g. an mmap).
-            if let Err(e) = mh.commit() {
+            enter_request();
+            if let Err(e) = self.commit(mh) {
                 tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
             }
         }
@@ -374,7 +382,10 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let h = tri!(reply, self.handle(fh));
         match &*h {
-            Handle::Managed(mh) => tri!(reply, mh.commit()),
+            Handle::Managed(mh) => {
+                enter_request();
+                tri!(reply, self.commit(mh))
+            }
             Handle::File { file, .. } => {
                 let r = if datasync {
                     file.sync_data()
@@ -529,11 +540,13 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name).cloned() {
-            let fh = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
-            let st = tri!(reply, m.stat(req.pid(), Some(fh)).ok_or(Errno::ENOENT));
+            enter_request();
+            let (v, fh, st) = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
+            // The creator writes through direct I/O; the name is looked up
+            // again next time (entry TTL 0), finding the view of what it saved.
             return reply.created(
                 &NO_CACHE,
-                &to_attr(m.id, &st),
+                &to_attr(v.id, &st),
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO,

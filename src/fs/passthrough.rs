@@ -10,12 +10,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use fuser::{BackingId, Errno, FileHandle, INodeNo, RenameFlags, ReplyDirectory, TimeOrNow};
+use fuser::{
+    BackingId, Errno, FileHandle, FopenFlags, INodeNo, RenameFlags, ReplyDirectory, TimeOrNow,
+};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::inode::Node;
 use super::managed::{ManagedFile, TMP_PREFIX};
+use super::view::View;
 use super::{Handle, ManagedHandle, TokenFs, WriteBuf, dirent_type, errno, sys};
 use crate::secret::SecretBytes;
 
@@ -108,13 +111,19 @@ impl TokenFs {
         if let Some(size) = c.size {
             let handle = fh.and_then(|fh| self.handle(fh).ok());
             match handle.as_deref() {
-                Some(Handle::Managed(mh)) if mh.write.is_some() => mh.truncate(size)?,
+                Some(Handle::Managed(mh)) if mh.write.is_some() => {
+                    mh.truncate(size)?;
+                    if let Some(fh) = fh {
+                        mh.file.track_size(fh.0, size);
+                    }
+                }
                 _ => {
                     // truncate(2) by path: applies to what readers see now.
-                    let mut bytes = m.rendering().map(|r| r.to_vec()).unwrap_or_default();
+                    let mut bytes = m.rendering().map(|r| r.bytes.to_vec()).unwrap_or_default();
                     bytes.resize(size as usize, 0);
                     let bytes = SecretBytes::new(bytes);
                     m.commit(&bytes).map_err(io_errno)?;
+                    self.views.retire(m);
                 }
             }
         }
@@ -127,6 +136,8 @@ impl TokenFs {
             let fd = sys::open_path(m.dir.fd(), &m.name).map_err(io_errno)?;
             apply_meta(fd.as_fd(), c, false).map_err(io_errno)?;
             m.refresh_stat().map_err(io_errno)?;
+            // The current view's cached mode and times are now old.
+            self.views.retire(m);
         }
         Ok(())
     }
@@ -167,6 +178,7 @@ impl TokenFs {
                 sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)?;
                 info!(file = %src.shown.display(), "managed file renamed away (its copy keeps the placeholders); it reappears when a program creates it");
                 src.set_absent();
+                self.views.retire(&src);
                 Ok(())
             }
             (Some(a), Some(b)) if Arc::ptr_eq(&a, &b) => Ok(()),
@@ -205,19 +217,52 @@ impl TokenFs {
         io::Read::read_to_end(&mut File::from(fd), &mut bytes).map_err(io_errno)?;
         let bytes = SecretBytes::new(bytes);
         dst.commit(&bytes).map_err(io_errno)?;
+        self.views.retire(dst);
         if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
             warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
         }
         Ok(())
     }
 
-    pub(super) fn open_managed(
+    /// Opens a view. A reader of the current view reads its bytes through
+    /// the page cache (kept across opens: the view never changes). Anyone
+    /// else — a writer, or a reader of a view a rotation replaced — gets
+    /// direct I/O with a private copy of the current rendering.
+    pub(super) fn open_view(
         &self,
-        m: &Arc<ManagedFile>,
+        v: &Arc<View>,
         flags: i32,
         tid: u32,
-    ) -> Result<u64, Errno> {
-        let snapshot = m.rendering().ok_or(Errno::ENOENT)?;
+    ) -> Result<(u64, FopenFlags), Errno> {
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+        if read_only && v.is_current() {
+            v.opened_cached();
+            let fh = self.add_handle(Handle::Managed(ManagedHandle {
+                file: v.file.clone(),
+                snapshot: v.rendering.bytes.clone(),
+                write: None,
+                cached: Some(v.clone()),
+            }));
+            // A reader has nothing to commit at close: no FLUSH round trip.
+            return Ok((fh, FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH));
+        }
+        if !read_only {
+            // Its bytes will change: new readers must not share its cache.
+            self.views.retire(&v.file);
+        } else {
+            self.views.forget_name(v);
+        }
+        let fh = self.open_managed(&v.file, flags, tid)?;
+        let noflush = if read_only {
+            FopenFlags::FOPEN_NOFLUSH
+        } else {
+            FopenFlags::empty()
+        };
+        Ok((fh, FopenFlags::FOPEN_DIRECT_IO | noflush))
+    }
+
+    fn open_managed(&self, m: &Arc<ManagedFile>, flags: i32, tid: u32) -> Result<u64, Errno> {
+        let snapshot = m.rendering().ok_or(Errno::ENOENT)?.bytes;
         let write = if flags & libc::O_ACCMODE != libc::O_RDONLY {
             let truncate = flags & libc::O_TRUNC != 0;
             let data = if truncate {
@@ -241,18 +286,21 @@ impl TokenFs {
             file: m.clone(),
             snapshot,
             write,
+            cached: None,
         }));
         m.track_open(tid, fh, size as u64);
         Ok(fh)
     }
 
+    /// `creat` on a managed name: the view to answer with (counted as a
+    /// lookup), the handle, and the view's `stat`.
     pub(super) fn create_managed(
         &self,
         m: &Arc<ManagedFile>,
         mode: u32,
         flags: i32,
         tid: u32,
-    ) -> Result<u64, Errno> {
+    ) -> Result<(Arc<View>, u64, libc::stat), Errno> {
         if m.is_present() {
             if flags & libc::O_EXCL != 0 {
                 return Err(Errno::EEXIST);
@@ -261,7 +309,25 @@ impl TokenFs {
             m.create_empty(mode).map_err(io_errno)?;
             info!(file = %m.shown.display(), "managed file created by a program");
         }
-        self.open_managed(m, flags, tid)
+        let fh = self.open_managed(m, flags, tid)?;
+        let view = self.views.lookup(m, &self.inodes);
+        let st = view.as_ref().and_then(|v| m.stat_of(&v.rendering));
+        let (Some(v), Some(st)) = (view, st) else {
+            self.handles.lock().remove(&fh);
+            return Err(Errno::ENOENT);
+        };
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.views.retire(m);
+        }
+        Ok((v, fh, st))
+    }
+
+    /// Saves a handle's writes; a save makes the file's current view old.
+    pub(super) fn commit(&self, mh: &ManagedHandle) -> Result<(), Errno> {
+        if mh.commit()? {
+            self.views.retire(&mh.file);
+        }
+        Ok(())
     }
 
     /// The kernel passthrough backing file for `node`, registering `file` if
@@ -322,8 +388,8 @@ impl TokenFs {
 
     /// An fd for xattr calls: the backing file of a managed file, or the node.
     pub(super) fn xattr_target(&self, ino: INodeNo) -> Result<OwnedFd, Errno> {
-        if let Some(m) = self.managed.by_id.get(&ino.0) {
-            return sys::open_path(m.dir.fd(), &m.name).map_err(io_errno);
+        if let Some(v) = self.views.get(ino.0) {
+            return sys::open_path(v.file.dir.fd(), &v.file.name).map_err(io_errno);
         }
         let node = self.node(ino)?;
         if node.is_symlink() {
@@ -380,15 +446,18 @@ impl ManagedHandle {
         Ok(())
     }
 
-    /// Saves the private copy if it changed since the last commit.
-    pub(super) fn commit(&self) -> Result<(), Errno> {
-        let Some(w) = &self.write else { return Ok(()) };
+    /// Saves the private copy if it changed since the last commit; `true`
+    /// if it saved.
+    pub(super) fn commit(&self) -> Result<bool, Errno> {
+        let Some(w) = &self.write else {
+            return Ok(false);
+        };
         let mut w = w.lock();
         if !w.dirty {
-            return Ok(());
+            return Ok(false);
         }
         self.file.commit(&w.data).map_err(io_errno)?;
         w.dirty = false;
-        Ok(())
+        Ok(true)
     }
 }

@@ -1,0 +1,273 @@
+//! Views: one kernel inode per rendering of a managed file.
+//!
+//! Why: the kernel's page cache belongs to an inode, not to an open file. If a
+//! managed file had one inode, caching its bytes would either show a reader
+//! that opened before a rotation the new file (breaking "a handle keeps the
+//! file it opened") or need direct I/O, which costs a round trip per `read`.
+//!
+//! So every rendering gets its own FUSE node id, a *view*. A rendering never
+//! changes, so a view's page cache and size can be kept by the kernel for as
+//! long as the view lives: handles opened on it read it from the page cache,
+//! whole, even after a rotation. Opening by name finds the current view;
+//! after a rotation the name is invalidated (from the publishing thread,
+//! before the publish returns), so the next open looks up the new view.
+//!
+//! Every view reports the managed file's one stable inode number (`st_ino`,
+//! from GETATTR), so programs see one file for the life of the mount. fuser
+//! sends the node id as `st_ino` in LOOKUP replies; those carry attribute
+//! TTL 0, so the kernel asks GETATTR before it shows them to anyone.
+//!
+//! A view that is no longer current (a rotation, or a writer opened it) still
+//! serves its old handles from the cache; new opens through it (a bind mount,
+//! or a lookup that raced the rotation) get direct I/O with the current
+//! rendering, exactly as if views did not exist. Correctness never depends on
+//! an invalidation arriving: only speed does.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+
+use fuser::{INodeNo, Notifier};
+use parking_lot::Mutex;
+use tracing::debug;
+
+use super::inode::Inodes;
+use super::managed::{ManagedFile, Rendering};
+
+pub struct View {
+    pub id: u64,
+    pub file: Arc<ManagedFile>,
+    pub rendering: Rendering,
+    /// Set once a writer opened it or a newer rendering replaced it; a view
+    /// never becomes current again.
+    retired: AtomicBool,
+    /// Open handles reading through the page cache: while any is open, the
+    /// view's size must stay the size of its own bytes.
+    cached_opens: AtomicUsize,
+}
+
+impl View {
+    /// Whether an open of this view may read it through the page cache.
+    pub fn is_current(&self) -> bool {
+        !self.retired.load(Ordering::Acquire) && self.file.is_current(&self.rendering)
+    }
+
+    pub fn has_cached_opens(&self) -> bool {
+        self.cached_opens.load(Ordering::Acquire) > 0
+    }
+
+    pub fn opened_cached(&self) {
+        self.cached_opens.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn released_cached(&self) {
+        self.cached_opens.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    /// Node id → (view, the kernel's lookup count).
+    by_id: HashMap<u64, (Arc<View>, u64)>,
+    /// Managed file id → its current view.
+    current: HashMap<u64, Arc<View>>,
+}
+
+/// The views of one mount.
+#[derive(Default)]
+pub struct Views {
+    table: Mutex<Table>,
+    /// Set once the session exists (the notifier comes from it).
+    notifier: OnceLock<Notifier>,
+}
+
+thread_local! {
+    /// Set while a FUSE request is being handled on this thread.
+    static IN_REQUEST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as one that handles FUSE requests (fuser's workers do
+/// nothing else): invalidations it causes, such as a write that publishes a
+/// value, are sent from another thread and never waited for. A notification
+/// sent from inside a request can deadlock on a lock that request holds.
+pub fn enter_request() {
+    IN_REQUEST.with(|c| c.set(true));
+}
+
+/// Whether this thread handles FUSE requests: marked by a handler, or one of
+/// fuser's workers (named `fuser-N`) as a second line of defence.
+fn in_request() -> bool {
+    IN_REQUEST.with(Cell::get)
+        || std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("fuser-"))
+}
+
+impl Views {
+    pub fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<View>> {
+        self.table.lock().by_id.get(&id).map(|(v, _)| v.clone())
+    }
+
+    /// The current view of `file` for a LOOKUP or CREATE reply (counted as
+    /// one kernel reference), made if the current one is stale. `None`: the
+    /// file is absent.
+    pub fn lookup(&self, file: &Arc<ManagedFile>, inodes: &Inodes) -> Option<Arc<View>> {
+        let mut t = self.table.lock();
+        let previous = t.current.get(&file.id).cloned();
+        if let Some(v) = previous.as_ref().filter(|v| v.is_current()) {
+            if let Some(entry) = t.by_id.get_mut(&v.id) {
+                entry.1 += 1;
+                return Some(v.clone());
+            }
+        }
+        if let Some(old) = previous {
+            // Replaced before a publish hook got to it: its cached attributes
+            // must go (its name is being replaced by this very lookup).
+            old.retired.store(true, Ordering::Release);
+            self.invalidate(vec![old], Scope::Attributes);
+        }
+        let rendering = file.rendering()?;
+        let view = Arc::new(View {
+            id: inodes.synthetic_id(),
+            file: file.clone(),
+            rendering,
+            retired: AtomicBool::new(false),
+            cached_opens: AtomicUsize::new(0),
+        });
+        t.by_id.insert(view.id, (view.clone(), 1));
+        t.current.insert(file.id, view.clone());
+        Some(view)
+    }
+
+    /// The kernel dropped `n` references; `false` if `id` is not a view.
+    pub fn forget(&self, id: u64, n: u64) -> bool {
+        let mut t = self.table.lock();
+        let Some(entry) = t.by_id.get_mut(&id) else {
+            return false;
+        };
+        entry.1 = entry.1.saturating_sub(n);
+        if entry.1 == 0 {
+            if let Some((view, _)) = t.by_id.remove(&id) {
+                if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
+                    t.current.remove(&view.file.id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Retires `file`'s current view (a writer opened it, or it was saved,
+    /// unlinked or renamed) and has the kernel drop its name and attributes.
+    pub fn retire(&self, file: &ManagedFile) {
+        let view = self.table.lock().current.remove(&file.id);
+        if let Some(v) = view {
+            v.retired.store(true, Ordering::Release);
+            self.invalidate(vec![v], Scope::NameAndAttributes);
+        }
+    }
+
+    /// Someone opened a view that is no longer current through a name the
+    /// kernel still maps to it: drop that name so the next open looks up.
+    pub fn forget_name(&self, v: &Arc<View>) {
+        self.invalidate(vec![v.clone()], Scope::NameAndAttributes);
+    }
+
+    /// After a publish: retires every current view whose rendering is no
+    /// longer what an open would render, and invalidates them.
+    pub fn retire_stale(&self) {
+        let stale: Vec<Arc<View>> = {
+            let mut t = self.table.lock();
+            let ids: Vec<u64> = t
+                .current
+                .iter()
+                .filter(|(_, v)| !v.is_current())
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| t.current.remove(id)).collect()
+        };
+        for v in &stale {
+            v.retired.store(true, Ordering::Release);
+        }
+        if !stale.is_empty() {
+            self.invalidate(stale, Scope::NameAndAttributes);
+        }
+    }
+
+    /// Drops the kernel's cached name and attributes of each view: inline on
+    /// a publishing thread (so a rotation is done only when every next open
+    /// will look up the new view), on a helper thread from inside a request.
+    fn invalidate(&self, views: Vec<Arc<View>>, scope: Scope) {
+        let Some(notifier) = self.notifier.get().cloned() else {
+            return;
+        };
+        let job = Job {
+            notifier,
+            views,
+            scope,
+        };
+        if in_request() {
+            let _ = deferred().send(job);
+        } else {
+            job.run();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    Attributes,
+    NameAndAttributes,
+}
+
+struct Job {
+    notifier: Notifier,
+    views: Vec<Arc<View>>,
+    scope: Scope,
+}
+
+/// One thread for invalidations caused by requests; started on first use.
+fn deferred() -> &'static mpsc::Sender<Job> {
+    static TX: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for job in rx {
+                    job.run();
+                }
+            });
+        if let Err(e) = spawned {
+            // Without it, names expire on their own (MANAGED_ENTRY_TTL).
+            tracing::warn!("cannot start the invalidation thread: {e}");
+        }
+        tx
+    })
+}
+
+impl Job {
+    /// The name, so the next open looks up again, and the attributes only
+    /// (offset -1: the page cache stays, the view's old handles still read
+    /// it). ENOENT means the kernel had already forgotten it.
+    fn run(&self) {
+        for v in &self.views {
+            if self.scope == Scope::NameAndAttributes {
+                let name = OsStr::from_bytes(v.file.name.as_bytes());
+                if let Err(e) = self.notifier.inval_entry(INodeNo(v.file.dir.id), name) {
+                    debug!(file = %v.file.shown.display(), "name invalidation: {e}");
+                }
+            }
+            if let Err(e) = self.notifier.inval_inode(INodeNo(v.id), -1, 0) {
+                debug!(file = %v.file.shown.display(), "attribute invalidation: {e}");
+            }
+        }
+    }
+}
