@@ -20,11 +20,21 @@ fn start() -> (Scratch, std::path::PathBuf, Daemon) {
 #[test]
 fn fusermount_u_detaches_and_the_daemon_exits_0() {
     let (_s, dir, mut d) = start();
-    let st = Command::new("fusermount")
-        .arg("-u")
-        .arg(&dir)
-        .status()
-        .expect("fusermount");
+    // Another test's child process may hold a copy of an fd inside this
+    // mount between its fork and exec (EBUSY): retry briefly, as a user would.
+    let mut tries = 0;
+    let st = loop {
+        let st = Command::new("fusermount")
+            .arg("-u")
+            .arg(&dir)
+            .status()
+            .expect("fusermount");
+        tries += 1;
+        if st.success() || tries == 20 {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(st.success());
     let status = d.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit {status}: {}", d.log_text());
