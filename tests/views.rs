@@ -68,7 +68,11 @@ fn after_set_returns_stat_and_read_by_path_see_the_new_rendering() {
         let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
         assert!(mtime > last_mtime, "mtime did not advance at rotation {i}");
         last_mtime = mtime;
-        assert_eq!(fs::read_to_string(&path).unwrap(), want, "content at rotation {i}");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            want,
+            "content at rotation {i}"
+        );
     }
 }
 

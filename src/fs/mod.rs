@@ -354,9 +354,12 @@ impl TokenFs {
     fn reply_lookup(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
         let ttl = self.entry_ttl(parent);
         match self.remember(parent, name) {
-            Ok((node, st)) => {
-                reply.entry_with_ttls(&PASSTHROUGH_TTL, &ttl, &to_attr(node.id, &st), Generation(0))
-            }
+            Ok((node, st)) => reply.entry_with_ttls(
+                &PASSTHROUGH_TTL,
+                &ttl,
+                &to_attr(node.id, &st),
+                Generation(0),
+            ),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !ttl.is_zero() => {
                 // Node id 0: "no such name", cached for `ttl`.
                 // SAFETY: libc::stat is plain old data; all-zero is valid.

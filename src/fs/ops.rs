@@ -78,7 +78,10 @@ impl fuser::Filesystem for TokenFs {
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name) {
             enter_request();
-            let v = tri!(reply, self.views.lookup(m, &self.inodes).ok_or(Errno::ENOENT));
+            let v = tri!(
+                reply,
+                self.views.lookup(m, &self.inodes).ok_or(Errno::ENOENT)
+            );
             let Some(st) = m.stat_of(&v.rendering) else {
                 self.views.forget(v.id, 1);
                 return reply.error(Errno::ENOENT);
