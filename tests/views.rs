@@ -139,3 +139,19 @@ fn a_reader_holding_the_file_keeps_it_across_a_program_saving_it() {
         hermes_yaml(&next).replace("max_turns: 60", "max_turns: 62")
     );
 }
+
+/// Invalidations caused from inside a request must not be sent from that
+/// thread (the kernel can deadlock on a lock the request holds); tokenfs
+/// recognises fuser's request threads by their names. If fuser renames
+/// them, this fails before anything can hang.
+#[test]
+fn the_request_threads_carry_the_names_the_invalidation_guard_expects() {
+    let (_s, _dir, d) = setup(&token("names", 30));
+    let tasks = fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap();
+    let names: Vec<String> = tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    let workers = names.iter().filter(|n| n.starts_with("fuser-")).count();
+    assert_eq!(workers, 2, "thread names: {names:?}");
+}

@@ -565,7 +565,7 @@ fn dress(st: &mut libc::stat, size: u64, published: SystemTime) {
     set_time(ctime, &mut st.st_ctime, &mut st.st_ctime_nsec);
 }
 
-fn empty_stat() -> libc::stat {
+pub(crate) fn empty_stat() -> libc::stat {
     // SAFETY: libc::stat is plain old data; all-zero is a valid value.
     unsafe { std::mem::zeroed() }
 }

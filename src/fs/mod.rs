@@ -346,12 +346,21 @@ impl TokenFs {
         }
     }
 
-    /// A LOOKUP: the entry, or for a name that does not exist a negative
-    /// entry the kernel may keep as long as a positive one. Every creation
-    /// goes through this mount (the original directory is hidden under it),
-    /// and the kernel replaces a cached negative entry itself when one does,
-    /// so this only saves the lookup that precedes each `creat`.
+    /// A LOOKUP: like [`Self::reply_entry`], but a name that does not exist
+    /// gets a negative entry the kernel may keep as long as a positive one.
+    /// Every creation goes through this mount (the original directory is
+    /// hidden under it), and the kernel replaces a cached negative entry
+    /// itself when one does, so this only saves the lookup before a `creat`.
     fn reply_lookup(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
+        self.answer_entry(parent, name, reply, true);
+    }
+
+    /// The entry of a name just made or linked.
+    fn reply_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
+        self.answer_entry(parent, name, reply, false);
+    }
+
+    fn answer_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry, negative: bool) {
         let ttl = self.entry_ttl(parent);
         match self.remember(parent, name) {
             Ok((node, st)) => reply.entry_with_ttls(
@@ -360,24 +369,11 @@ impl TokenFs {
                 &to_attr(node.id, &st),
                 Generation(0),
             ),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !ttl.is_zero() => {
+            Err(e) if negative && e.raw_os_error() == Some(libc::ENOENT) && !ttl.is_zero() => {
                 // Node id 0: "no such name", cached for `ttl`.
-                // SAFETY: libc::stat is plain old data; all-zero is valid.
-                let none: libc::stat = unsafe { std::mem::zeroed() };
-                reply.entry_with_ttls(&NO_CACHE, &ttl, &to_attr(0, &none), Generation(0))
+                let none = to_attr(0, &managed::empty_stat());
+                reply.entry_with_ttls(&NO_CACHE, &ttl, &none, Generation(0))
             }
-            Err(e) => reply.error(errno(&e)),
-        }
-    }
-
-    fn reply_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
-        match self.remember(parent, name) {
-            Ok((node, st)) => reply.entry_with_ttls(
-                &PASSTHROUGH_TTL,
-                &self.entry_ttl(parent),
-                &to_attr(node.id, &st),
-                Generation(0),
-            ),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -13,7 +13,6 @@ use fuser::{
 };
 use tracing::{debug, info};
 
-use super::view::enter_request;
 use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
 use crate::fs::managed::TMP_PREFIX;
 
@@ -77,7 +76,6 @@ impl fuser::Filesystem for TokenFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name) {
-            enter_request();
             let v = tri!(
                 reply,
                 self.views.lookup(m, &self.inodes).ok_or(Errno::ENOENT)
@@ -141,7 +139,6 @@ impl fuser::Filesystem for TokenFs {
             mtime,
         };
         if let Some(v) = self.views.get(ino.0) {
-            enter_request();
             tri!(reply, self.managed_setattr(&v.file, &change, fh));
             let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
             return reply.attr(&ttl, &to_attr(v.file.id, &st));
@@ -193,7 +190,6 @@ impl fuser::Filesystem for TokenFs {
         if let Some(m) = self.managed.find(&p, name) {
             info!(file = %m.shown.display(), "managed file unlinked; it reappears when a program creates it");
             m.set_absent();
-            enter_request();
             self.views.retire(m);
         }
         reply.ok();
@@ -235,7 +231,6 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         let np = tri!(reply, self.node(newparent));
-        enter_request();
         tri!(reply, self.rename_any(&p, name, &np, newname, flags));
         reply.ok();
     }
@@ -265,7 +260,6 @@ impl fuser::Filesystem for TokenFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if let Some(v) = self.views.get(ino.0) {
-            enter_request();
             let (fh, open_flags) = tri!(reply, self.open_view(&v, flags.0, req.pid()));
             return reply.opened(FileHandle(fh), open_flags);
         }
@@ -354,7 +348,6 @@ impl fuser::Filesystem for TokenFs {
             // is not answered with this one's. (A forked child closing its
             // inherited copy also flushes; that must not count.)
             mh.file.track_close(fh.0, req.pid());
-            enter_request();
             tri!(reply, self.commit(mh));
         }
         reply.ok();
@@ -372,13 +365,14 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let h = self.handles.lock().remove(&fh.0);
         if let Some(Handle::Managed(mh)) = h.as_deref() {
-            mh.file.track_release(fh.0);
+            // A cached reader was never tracked and has nothing to commit.
             if let Some(v) = &mh.cached {
                 v.released_cached();
+                return reply.ok();
             }
+            mh.file.track_release(fh.0);
             // Normally flush already committed; this catches writers that
             // never flushed (e.g. an mmap).
-            enter_request();
             if let Err(e) = self.commit(mh) {
                 tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
             }
@@ -396,10 +390,7 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let h = tri!(reply, self.handle(fh));
         match &*h {
-            Handle::Managed(mh) => {
-                enter_request();
-                tri!(reply, self.commit(mh))
-            }
+            Handle::Managed(mh) => tri!(reply, self.commit(mh)),
             Handle::File { file, .. } => {
                 let r = if datasync {
                     file.sync_data()
@@ -554,7 +545,6 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name).cloned() {
-            enter_request();
             let (v, fh, st) = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
             // The creator writes through direct I/O; the name is looked up
             // again next time (entry TTL 0), finding the view of what it saved.

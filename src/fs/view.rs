@@ -23,7 +23,6 @@
 //! rendering, exactly as if views did not exist. Correctness never depends on
 //! an invalidation arriving: only speed does.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -67,6 +66,10 @@ impl View {
     pub fn released_cached(&self) {
         self.cached_opens.fetch_sub(1, Ordering::AcqRel);
     }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Default)]
@@ -85,26 +88,15 @@ pub struct Views {
     notifier: OnceLock<Notifier>,
 }
 
-thread_local! {
-    /// Set while a FUSE request is being handled on this thread.
-    static IN_REQUEST: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Marks this thread as one that handles FUSE requests (fuser's workers do
-/// nothing else): invalidations it causes, such as a write that publishes a
-/// value, are sent from another thread and never waited for. A notification
-/// sent from inside a request can deadlock on a lock that request holds.
-pub fn enter_request() {
-    IN_REQUEST.with(|c| c.set(true));
-}
-
-/// Whether this thread handles FUSE requests: marked by a handler, or one of
-/// fuser's workers (named `fuser-N`) as a second line of defence.
+/// Whether this thread handles FUSE requests: fuser's workers are named
+/// `fuser-N` and do nothing else (tests/views.rs checks the names). An
+/// invalidation caused from one (a write that publishes a value) is sent from
+/// another thread and never waited for: a notification sent from inside a
+/// request can deadlock on a lock that request holds.
 fn in_request() -> bool {
-    IN_REQUEST.with(Cell::get)
-        || std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("fuser-"))
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("fuser-"))
 }
 
 impl Views {
@@ -131,7 +123,7 @@ impl Views {
         if let Some(old) = previous {
             // Replaced before a publish hook got to it: its cached attributes
             // must go (its name is being replaced by this very lookup).
-            old.retired.store(true, Ordering::Release);
+            old.retire();
             self.invalidate(vec![old], Scope::Attributes);
         }
         let rendering = file.rendering()?;
@@ -169,7 +161,7 @@ impl Views {
     pub fn retire(&self, file: &ManagedFile) {
         let view = self.table.lock().current.remove(&file.id);
         if let Some(v) = view {
-            v.retired.store(true, Ordering::Release);
+            v.retire();
             self.invalidate(vec![v], Scope::NameAndAttributes);
         }
     }
@@ -183,19 +175,15 @@ impl Views {
     /// After a publish: retires every current view whose rendering is no
     /// longer what an open would render, and invalidates them.
     pub fn retire_stale(&self) {
-        let stale: Vec<Arc<View>> = {
-            let mut t = self.table.lock();
-            let ids: Vec<u64> = t
-                .current
-                .iter()
-                .filter(|(_, v)| !v.is_current())
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| t.current.remove(id)).collect()
-        };
-        for v in &stale {
-            v.retired.store(true, Ordering::Release);
-        }
+        let mut stale = Vec::new();
+        self.table.lock().current.retain(|_, v| {
+            let keep = v.is_current();
+            if !keep {
+                v.retire();
+                stale.push(v.clone());
+            }
+            keep
+        });
         if !stale.is_empty() {
             self.invalidate(stale, Scope::NameAndAttributes);
         }
