@@ -1,7 +1,7 @@
 //! tokenfs benchmark: every row side by side in one run, reported as ratios.
 //! Driven by `scripts/bench.sh` (which installs bindfs and builds release).
 //!
-//!   bench [--json] [--idle SECS] [--storm SECS] [--only read,stat,...]
+//!   bench [--json] [--idle SECS] [--storm SECS] [--only read,fsync,stat,...]
 //!   bench --soak SECS    (rotation every 100 ms, 2 readers; RSS and fds at start and end)
 //!   bench reader read|stat PATH ITERS   (child mode: prints latencies in ns)
 
@@ -53,6 +53,9 @@ fn main() {
     let mut report = Report::default();
     if run("read") {
         bench.config_read(&mut report);
+    }
+    if run("fsync") {
+        bench.under_fsync(&mut report);
     }
     if run("stat") {
         bench.stat(&mut report);
@@ -400,6 +403,48 @@ impl Bench {
         }
         self.pin(false);
         r.put("config_read", Value::Object(rows));
+    }
+
+    /// Config reads while three threads rewrite and fsync 64 KiB files in
+    /// the same mount (an agent's SQLite or session log): a read must not
+    /// queue behind the disk.
+    fn under_fsync(&self, r: &mut Report) {
+        r.section("1b. config read while 3 writers fsync in the same mount (µs, unpinned)");
+        let mut rows = serde_json::Map::new();
+        for (name, path) in self.columns("plain.yaml") {
+            if name.starts_with("floor") {
+                continue;
+            }
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writers: Vec<_> = (0..3)
+                .map(|i| {
+                    let (stop, file) = (stop.clone(), dir.join(format!("db{i}.bin")));
+                    std::thread::spawn(move || {
+                        let f = fs::File::create(&file).expect("create");
+                        let block = vec![7u8; 64 * 1024];
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::os::unix::fs::FileExt::write_all_at(&f, &block, 0).expect("write");
+                            f.sync_all().expect("fsync");
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut lat = self.readers("read", &path, 1, false, 5_000);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            for w in writers {
+                let _ = w.join();
+            }
+            let (m, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+            r.line(format!(
+                "{name:<28} median {:>8.1}  p99 {:>8.1}",
+                us(m),
+                us(p99)
+            ));
+            rows.insert(name.into(), json!({"median_us": us(m), "p99_us": us(p99)}));
+        }
+        r.put("read_under_fsync", Value::Object(rows));
     }
 
     fn stat(&self, r: &mut Report) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks tokenfs side by side with the kernel floor, bindfs and file
 # rotators, in one run; prints a table (or --json). Not part of CI.
-#   scripts/bench.sh [--json] [--idle SECS] [--storm SECS] [--only read,stat,bulk,rotation,storm,footprint,databricks]
+#   scripts/bench.sh [--json] [--idle SECS] [--storm SECS] [--only read,fsync,stat,bulk,rotation,storm,footprint,databricks]
 #   scripts/bench.sh --soak 3600      (1 h soak: RSS and fds must stay flat)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -224,6 +224,10 @@ fn mount(fs: TokenFs, m: &MountConfig, tx: mpsc::Sender<Event>) -> Result<(), St
     } else {
         SessionACL::RootAndOwner
     };
+    // Two request threads: with one, a reader on another CPU pays a
+    // cross-CPU wake-up per request (unpinned config read 62 us against 7 us
+    // with two; pinned to one CPU, one thread is faster: 4.9 against 5.6).
+    // Neither blocks on the disk: fsyncs and saves reply from `fs::offload`.
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
     let views = fs.views.clone();

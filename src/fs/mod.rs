@@ -8,6 +8,7 @@
 
 pub mod inode;
 pub mod managed;
+mod offload;
 mod ops;
 mod passthrough;
 pub mod sys;

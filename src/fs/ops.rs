@@ -13,6 +13,8 @@ use fuser::{
 };
 use tracing::{debug, info};
 
+use super::offload;
+use super::passthrough::rename_onto_managed;
 use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
 use crate::fs::managed::TMP_PREFIX;
 
@@ -33,6 +35,13 @@ const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// Forwarded (no kernel passthrough): every change goes through this mount,
 /// so the page cache stays right across opens.
 const FORWARDED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
+fn answer(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
 
 fn io_errno(e: std::io::Error) -> Errno {
     errno(&e)
@@ -231,8 +240,16 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         let np = tri!(reply, self.node(newparent));
-        tri!(reply, self.rename_any(&p, name, &np, newname, flags));
-        reply.ok();
+        if self.managed.find(&p, name).is_none() {
+            if let Some(dst) = self.managed.find(&np, newname).cloned() {
+                // A program's atomic save: an fsynced save of our own.
+                let (name, views) = (name.to_owned(), self.views.clone());
+                return offload::run(move || {
+                    answer(reply, rename_onto_managed(&p, &name, &dst, flags, &views))
+                });
+            }
+        }
+        answer(reply, self.rename_any(&p, name, &np, newname, flags));
     }
 
     fn link(
@@ -348,7 +365,14 @@ impl fuser::Filesystem for TokenFs {
             // is not answered with this one's. (A forked child closing its
             // inherited copy also flushes; that must not count.)
             mh.file.track_close(fh.0, req.pid());
-            tri!(reply, self.commit(mh));
+            if mh.write.is_some() {
+                let views = self.views.clone();
+                return offload::run(move || {
+                    if let Handle::Managed(mh) = &*h {
+                        answer(reply, mh.save(&views));
+                    }
+                });
+            }
         }
         reply.ok();
     }
@@ -364,20 +388,32 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyEmpty,
     ) {
         let h = self.handles.lock().remove(&fh.0);
-        if let Some(Handle::Managed(mh)) = h.as_deref() {
-            // A cached reader was never tracked and has nothing to commit.
-            if let Some(v) = &mh.cached {
-                v.released_cached();
-                return reply.ok();
-            }
-            mh.file.track_release(fh.0);
-            // Normally flush already committed; this catches writers that
-            // never flushed (e.g. an mmap).
-            if let Err(e) = self.commit(mh) {
-                tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
-            }
+        let Some(h) = h else {
+            return reply.ok();
+        };
+        let Handle::Managed(mh) = &*h else {
+            return reply.ok();
+        };
+        // A cached reader was never tracked and has nothing to commit.
+        if let Some(v) = &mh.cached {
+            v.released_cached();
+            return reply.ok();
         }
-        reply.ok();
+        mh.file.track_release(fh.0);
+        if mh.write.is_none() {
+            return reply.ok();
+        }
+        // Normally flush already saved; this catches writers that never
+        // flushed (e.g. through an mmap).
+        let views = self.views.clone();
+        offload::run(move || {
+            if let Handle::Managed(mh) = &*h {
+                if let Err(e) = mh.save(&views) {
+                    tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
+                }
+            }
+            reply.ok();
+        });
     }
 
     fn fsync(
@@ -389,19 +425,16 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyEmpty,
     ) {
         let h = tri!(reply, self.handle(fh));
-        match &*h {
-            Handle::Managed(mh) => tri!(reply, self.commit(mh)),
-            Handle::File { file, .. } => {
-                let r = if datasync {
-                    file.sync_data()
-                } else {
-                    file.sync_all()
-                };
-                tri!(reply, r.map_err(io_errno));
-            }
-            Handle::Dir(d) => tri!(reply, d.lock().sync_all().map_err(io_errno)),
-        }
-        reply.ok();
+        let views = self.views.clone();
+        offload::run(move || {
+            let synced = match &*h {
+                Handle::Managed(mh) => mh.save(&views),
+                Handle::File { file, .. } if datasync => file.sync_data().map_err(io_errno),
+                Handle::File { file, .. } => file.sync_all().map_err(io_errno),
+                Handle::Dir(d) => d.lock().sync_all().map_err(io_errno),
+            };
+            answer(reply, synced);
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -451,10 +484,10 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyEmpty,
     ) {
         let h = tri!(reply, self.handle(fh));
-        if let Handle::Dir(d) = &*h {
-            tri!(reply, d.lock().sync_all().map_err(io_errno));
-        }
-        reply.ok();
+        offload::run(move || match &*h {
+            Handle::Dir(d) => answer(reply, d.lock().sync_all().map_err(io_errno)),
+            _ => reply.ok(),
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -607,14 +640,15 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyEmpty,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let Handle::File { file, .. } = &*h else {
+        if !matches!(&*h, Handle::File { .. }) {
             return reply.error(Errno::EOPNOTSUPP);
-        };
-        tri!(
-            reply,
-            sys::fallocate(file, mode, offset, length).map_err(io_errno)
-        );
-        reply.ok();
+        }
+        offload::run(move || {
+            if let Handle::File { file, .. } = &*h {
+                let r = sys::fallocate(file, mode, offset, length).map_err(io_errno);
+                answer(reply, r);
+            }
+        });
     }
 
     fn lseek(
@@ -662,14 +696,17 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let src = tri!(reply, self.handle(fh_in));
         let dst = tri!(reply, self.handle(fh_out));
-        let (Handle::File { file: s, .. }, Handle::File { file: d, .. }) = (&*src, &*dst) else {
+        if !matches!((&*src, &*dst), (Handle::File { .. }, Handle::File { .. })) {
             // Managed files: let the kernel fall back to read + write.
             return reply.error(Errno::EXDEV);
-        };
-        let n = tri!(
-            reply,
-            sys::copy_file_range(s, offset_in, d, offset_out, len).map_err(io_errno)
-        );
-        reply.written(n as u32);
+        }
+        offload::run(move || {
+            if let (Handle::File { file: s, .. }, Handle::File { file: d, .. }) = (&*src, &*dst) {
+                match sys::copy_file_range(s, offset_in, d, offset_out, len) {
+                    Ok(n) => reply.written(n as u32),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+        });
     }
 }

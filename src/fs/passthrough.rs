@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::inode::Node;
 use super::managed::{ManagedFile, TMP_PREFIX};
-use super::view::View;
+use super::view::{View, Views};
 use super::{Handle, ManagedHandle, TokenFs, WriteBuf, dirent_type, errno, sys};
 use crate::secret::SecretBytes;
 
@@ -170,7 +170,7 @@ impl TokenFs {
             (None, None) => {
                 sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)
             }
-            (None, Some(dst)) => self.rename_onto_managed(p, name, &dst, flags),
+            (None, Some(dst)) => rename_onto_managed(p, name, &dst, flags, &self.views),
             (Some(src), None) => {
                 if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                     return Err(Errno::EXDEV);
@@ -186,42 +186,6 @@ impl TokenFs {
             // which goes through the normal write path.
             (Some(_), Some(_)) => Err(Errno::EXDEV),
         }
-    }
-
-    /// The atomic-save pattern: a program wrote a temp file and renames it
-    /// over a managed file. The temp file's bytes are committed as a write
-    /// (secrets become placeholders) and the temp file is removed, so the
-    /// managed file keeps its inode and no token lands on disk.
-    fn rename_onto_managed(
-        &self,
-        p: &Node,
-        name: &OsStr,
-        dst: &ManagedFile,
-        flags: RenameFlags,
-    ) -> Result<(), Errno> {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return Err(Errno::EXDEV);
-        }
-        if flags.contains(RenameFlags::RENAME_NOREPLACE) && dst.is_present() {
-            return Err(Errno::EEXIST);
-        }
-        let c = sys::cname(name).map_err(io_errno)?;
-        let st = sys::stat_name(p.fd(), &c).map_err(io_errno)?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => {}
-            libc::S_IFDIR => return Err(Errno::EISDIR),
-            _ => return Err(Errno::EXDEV),
-        }
-        let fd = sys::open_at(p.fd(), &c, libc::O_RDONLY, 0).map_err(io_errno)?;
-        let mut bytes = Vec::with_capacity(st.st_size.max(0) as usize);
-        io::Read::read_to_end(&mut File::from(fd), &mut bytes).map_err(io_errno)?;
-        let bytes = SecretBytes::new(bytes);
-        dst.commit(&bytes).map_err(io_errno)?;
-        self.views.retire(dst);
-        if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
-            warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
-        }
-        Ok(())
     }
 
     /// Opens a view. A reader of the current view reads its bytes through
@@ -320,14 +284,6 @@ impl TokenFs {
             self.views.retire(m);
         }
         Ok((v, fh, st))
-    }
-
-    /// Saves a handle's writes; a save makes the file's current view old.
-    pub(super) fn commit(&self, mh: &ManagedHandle) -> Result<(), Errno> {
-        if mh.commit()? {
-            self.views.retire(&mh.file);
-        }
-        Ok(())
     }
 
     /// The kernel passthrough backing file for `node`, registering `file` if
@@ -446,9 +402,18 @@ impl ManagedHandle {
         Ok(())
     }
 
+    /// Saves the private copy if it changed since the last save; a save
+    /// makes the file's current view old.
+    pub(super) fn save(&self, views: &Views) -> Result<(), Errno> {
+        if self.commit()? {
+            views.retire(&self.file);
+        }
+        Ok(())
+    }
+
     /// Saves the private copy if it changed since the last commit; `true`
     /// if it saved.
-    pub(super) fn commit(&self) -> Result<bool, Errno> {
+    fn commit(&self) -> Result<bool, Errno> {
         let Some(w) = &self.write else {
             return Ok(false);
         };
@@ -460,4 +425,40 @@ impl ManagedHandle {
         w.dirty = false;
         Ok(true)
     }
+}
+
+/// The atomic-save pattern: a program wrote a temp file and renames it
+/// over a managed file. The temp file's bytes are committed as a write
+/// (secrets become placeholders) and the temp file is removed, so the
+/// managed file keeps its inode and no token lands on disk.
+pub(super) fn rename_onto_managed(
+    p: &Node,
+    name: &OsStr,
+    dst: &ManagedFile,
+    flags: RenameFlags,
+    views: &Views,
+) -> Result<(), Errno> {
+    if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+        return Err(Errno::EXDEV);
+    }
+    if flags.contains(RenameFlags::RENAME_NOREPLACE) && dst.is_present() {
+        return Err(Errno::EEXIST);
+    }
+    let c = sys::cname(name).map_err(io_errno)?;
+    let st = sys::stat_name(p.fd(), &c).map_err(io_errno)?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(Errno::EISDIR),
+        _ => return Err(Errno::EXDEV),
+    }
+    let fd = sys::open_at(p.fd(), &c, libc::O_RDONLY, 0).map_err(io_errno)?;
+    let mut bytes = Vec::with_capacity(st.st_size.max(0) as usize);
+    io::Read::read_to_end(&mut File::from(fd), &mut bytes).map_err(io_errno)?;
+    let bytes = SecretBytes::new(bytes);
+    dst.commit(&bytes).map_err(io_errno)?;
+    views.retire(dst);
+    if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
+        warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
+    }
+    Ok(())
 }
