@@ -24,6 +24,10 @@ const TOKENFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/token
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("churn") {
+        println!("{}", small_files(Path::new(&args[2])));
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("reader") {
         return reader(
             &args[2],
@@ -308,10 +312,7 @@ impl Bench {
             format!("0-{}", num_cpus() - 1)
         };
         for pid in [self.daemon.child.id(), self.bindfs.id()] {
-            let _ = Command::new("taskset")
-                .args(["-a", "-cp", &cpus, &pid.to_string()])
-                .stdout(Stdio::null())
-                .status();
+            taskset(pid, &cpus);
         }
     }
 
@@ -500,15 +501,27 @@ impl Bench {
         for (i, (name, _)) in targets.iter().enumerate() {
             results.push((*name, best[i].0, best[i].1, best[i].2));
         }
+        // Churn again with every process on CPU 0: unpinned, each request
+        // may or may not pay a cross-CPU wake-up, and runs vary 2x.
+        self.pin(true);
+        taskset(_fwd_daemon.child.id(), "0");
+        let mut pinned = [0.0f64; 4];
+        for _ in 0..3 {
+            for (i, (_, dir)) in targets.iter().enumerate() {
+                pinned[i] = pinned[i].max(churn_pinned(&dir.join("churn")));
+            }
+        }
+        self.pin(false);
         let (floor, bind) = (results[1], results[2]);
-        for (name, w, rd, churn) in &results {
+        for (i, (name, w, rd, churn)) in results.iter().enumerate() {
             r.line(format!(
-                "{name:<20} write {w:>6.0} ({:.2}× floor, {:>5.2}× bindfs)  read {rd:>6.0} ({:.2}× floor, {:.2}× bindfs)  churn {churn:>6.0} ops/s ({:.2}× bindfs)",
-                w / floor.1, w / bind.1, rd / floor.2, rd / bind.2, churn / bind.3
+                "{name:<20} write {w:>6.0} ({:.2}× floor, {:>5.2}× bindfs)  read {rd:>6.0} ({:.2}× floor, {:.2}× bindfs)  churn {churn:>6.0} ops/s ({:.2}× bindfs), pinned {:>6.0} ({:.2}× bindfs)",
+                w / floor.1, w / bind.1, rd / floor.2, rd / bind.2, churn / bind.3,
+                pinned[i], pinned[i] / pinned[2]
             ));
             rows.insert(
                 (*name).into(),
-                json!({"write_mbs": w, "read_mbs": rd, "churn_ops": churn}),
+                json!({"write_mbs": w, "read_mbs": rd, "churn_ops": churn, "churn_ops_pinned": pinned[i]}),
             );
         }
         r.put("bulk", Value::Object(rows));
@@ -670,6 +683,30 @@ fn seq_io(path: &Path) -> (f64, f64) {
 }
 
 /// create + write + rename + unlink of 1,000 small files; ops (files) per second.
+/// Moves every thread of `pid` to `cpus`.
+fn taskset(pid: u32, cpus: &str) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-cp", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+}
+
+/// `small_files` in a child process on CPU 0.
+fn churn_pinned(dir: &Path) -> f64 {
+    let me = std::env::current_exe().expect("exe");
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(me)
+        .arg("churn")
+        .arg(dir)
+        .output()
+        .expect("churn");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0.0)
+}
+
 fn small_files(dir: &Path) -> f64 {
     fs::create_dir_all(dir).expect("mkdir");
     let t = Instant::now();
