@@ -92,6 +92,9 @@ pub struct ManagedFile {
     health: Mutex<FileHealth>,
     ctx: Arc<Context>,
     saves: AtomicU64,
+    /// Held from writing the backing file to installing its template, so two
+    /// saves finishing together cannot leave memory and disk disagreeing.
+    saving: Mutex<()>,
 }
 
 fn stat_mtime(st: &libc::stat) -> SystemTime {
@@ -151,6 +154,7 @@ impl ManagedFile {
             health: Mutex::new(FileHealth::default()),
             ctx,
             saves: AtomicU64::new(0),
+            saving: Mutex::new(()),
         };
         file.sweep_temp_files();
         match sys::stat_name(file.dir.fd(), &file.name) {
@@ -420,19 +424,22 @@ impl ManagedFile {
         let snap = self.ctx.store.snapshot();
         let conv = self.to_template(&snap, bytes);
         self.report_conversion(&conv, "write");
-        let stat = match self.save_backing(&conv.template) {
-            Ok(st) => st,
-            Err(e) => {
-                let msg = format!(
-                    "saving {} failed: {e}; the previous content is kept",
-                    self.shown.display()
-                );
-                tracing::error!(file = %self.shown.display(), "{msg}");
-                self.note_error(msg);
-                return Err(e);
-            }
-        };
-        self.install(conv.template, conv.parse_error.is_some(), stat);
+        {
+            let _saving = self.saving.lock();
+            let stat = match self.save_backing(&conv.template) {
+                Ok(st) => st,
+                Err(e) => {
+                    let msg = format!(
+                        "saving {} failed: {e}; the previous content is kept",
+                        self.shown.display()
+                    );
+                    tracing::error!(file = %self.shown.display(), "{msg}");
+                    self.note_error(msg);
+                    return Err(e);
+                }
+            };
+            self.install(conv.template, conv.parse_error.is_some(), stat);
+        }
         self.health.lock().last_write = Some(SystemTime::now());
         for found in conv.found {
             let Ok(slot) = SlotRef::parse(&found.slot) else {
