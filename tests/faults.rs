@@ -123,21 +123,34 @@ fn sigkill_during_writes_leaves_the_old_or_the_new_file_and_a_clean_restart() {
         })
         .collect();
     let path = dir.join("config.yaml");
+    // The writer goes through an fd of the mounted directory: after the
+    // kill it keeps pointing at the dead mount (ENOTCONN), never at the plain
+    // directory auto-unmount uncovers. (A close interrupted by the kill
+    // reports nothing, fs::write ignores it.)
+    let mounted = fs::File::open(&dir).unwrap();
+    let through_mount = std::path::PathBuf::from(format!(
+        "/proc/self/fd/{}/config.yaml",
+        std::os::fd::AsRawFd::as_raw_fd(&mounted)
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (path, versions) = (path.clone(), versions.clone());
+        let (path, versions, stop) = (through_mount, versions.clone(), stop.clone());
         std::thread::spawn(move || {
-            for i in 0.. {
-                if fs::write(&path, &versions[i % 2]).is_err() {
-                    return i;
-                }
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && fs::write(&path, &versions[i % 2]).is_ok()
+            {
+                i += 1;
             }
-            0
+            i
         })
     };
     std::thread::sleep(Duration::from_millis(300));
     d.signal(libc::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.join().unwrap();
+    drop(mounted);
     assert!(writes > 2, "the writer barely ran");
     let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
     let templates: Vec<String> = std::iter::once(hermes_yaml(&tok))
