@@ -240,16 +240,19 @@ impl fuser::Filesystem for TokenFs {
     ) {
         let p = tri!(reply, self.node(parent));
         let np = tri!(reply, self.node(newparent));
-        if self.managed.find(&p, name).is_none() {
-            if let Some(dst) = self.managed.find(&np, newname).cloned() {
-                // A program's atomic save: an fsynced save of our own.
-                let (name, views) = (name.to_owned(), self.views.clone());
-                return offload::run(move || {
-                    answer(reply, rename_onto_managed(&p, &name, &dst, flags, &views))
-                });
-            }
+        let src = self.managed.find(&p, name).cloned();
+        let dst = self.managed.find(&np, newname).cloned();
+        if let (None, Some(dst)) = (&src, &dst) {
+            // A program's atomic save: an fsynced save of our own.
+            let (name, dst, views) = (name.to_owned(), dst.clone(), self.views.clone());
+            return offload::run(move || {
+                answer(reply, rename_onto_managed(&p, &name, &dst, flags, &views))
+            });
         }
-        answer(reply, self.rename_any(&p, name, &np, newname, flags));
+        answer(
+            reply,
+            self.rename_any(&p, name, &np, newname, flags, (src, dst)),
+        );
     }
 
     fn link(

@@ -152,6 +152,7 @@ impl TokenFs {
         }
     }
 
+    /// `managed`: the managed files `name` and `newname` are, if any.
     pub(super) fn rename_any(
         &self,
         p: &Node,
@@ -159,9 +160,9 @@ impl TokenFs {
         np: &Node,
         newname: &OsStr,
         flags: RenameFlags,
+        managed: (Option<Arc<ManagedFile>>, Option<Arc<ManagedFile>>),
     ) -> Result<(), Errno> {
-        let src = self.managed.find(p, name).cloned();
-        let dst = self.managed.find(np, newname).cloned();
+        let (src, dst) = managed;
         let (c_old, c_new) = (
             sys::cname(name).map_err(io_errno)?,
             sys::cname(newname).map_err(io_errno)?,
