@@ -431,3 +431,35 @@ fn symlinked_files_pass_through() {
     fs::write(dir.join("agent.json"), "{\"k\": 2}\n").unwrap();
     assert_eq!(fs::read_to_string(&target).unwrap(), "{\"k\": 2}\n");
 }
+
+/// Python asks `isatty` (an ioctl) at every `open()`, and programs poll
+/// files: both answer as a regular file does, and the daemon logs nothing.
+#[test]
+fn ioctl_and_poll_answer_like_a_regular_file() {
+    let (_s, dir, _backing, d) = mounted();
+    for name in ["existing.txt", "config.yaml"] {
+        let f = fs::File::open(dir.join(name)).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let mut tio = std::mem::MaybeUninit::<libc::termios>::uninit();
+        let rc = unsafe { libc::ioctl(fd, libc::TCGETS, tio.as_mut_ptr()) };
+        let err = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((rc, err), (-1, Some(libc::ENOTTY)), "{name}: isatty");
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN | libc::POLLOUT,
+            revents: 0,
+        };
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 1000) }, 1, "{name}: poll");
+        assert_ne!(p.revents & libc::POLLIN, 0, "{name}: readable");
+    }
+    // The way Hermes opens its config: Python's open() and read().
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sys; print(len(open(sys.argv[1]).read()) > 0)")
+        .arg(dir.join("config.yaml"))
+        .output()
+        .expect("python3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "True");
+    let log = d.log_text();
+    assert!(!log.contains("Not Implemented"), "{log}");
+}

@@ -7,9 +7,10 @@ use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info};
 
@@ -682,6 +683,40 @@ impl fuser::Filesystem for TokenFs {
         };
         let off = tri!(reply, sys::lseek(file, offset, whence).map_err(io_errno));
         reply.offset(off);
+    }
+
+    /// Every `ioctl` on a file of the mount arrives here, and programs make
+    /// them in passing: Python asks `isatty` (TCGETS) at every `open()`.
+    /// Regular files and directories answer none, exactly as the backing
+    /// filesystem would for a terminal request; fuser's default would log a
+    /// warning per call (the kernel does not remember a refusal).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    /// `poll`/`select` on a file: ENOSYS tells the kernel, once per mount,
+    /// to answer "always ready" itself, which is what regular files are.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn copy_file_range(
