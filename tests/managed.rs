@@ -336,3 +336,123 @@ fn concurrent_saves_leave_memory_and_disk_agreeing() {
         "{seen}"
     );
 }
+
+/// `mv config.yaml config.bak`: the kernel moves its cached name (the
+/// managed file's node) to the new name, which must show the placeholder
+/// copy at once, not ENOENT until the name expires.
+#[test]
+fn a_managed_file_renamed_away_is_readable_at_its_new_name_at_once() {
+    // As long as the placeholder: the kernel cannot tell the rendering's
+    // cached pages from the copy's by their size.
+    let tok = token("away", "__tokenfs:databricks.token__".len());
+    let (_s, dir, backing, d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let ino = fs::metadata(&path).unwrap().ino();
+    assert!(fs::read_to_string(&path).unwrap().contains(&tok));
+    let bak = dir.join("config.bak");
+    fs::rename(&path, &bak).unwrap();
+    let moved = fs::read_to_string(&bak).expect("the new name opens at once");
+    assert_eq!(
+        moved.as_bytes(),
+        backing.read("config.bak").unwrap().as_slice()
+    );
+    assert!(moved.contains("__tokenfs:databricks.token__") && !moved.contains(&tok));
+    assert_eq!(fs::metadata(&bak).unwrap().len(), moved.len() as u64);
+    assert!(!path.exists());
+    // The program writes a new config the usual way: managed again, same inode.
+    let tmp = dir.join("config.yaml.tmp");
+    fs::write(&tmp, hermes_yaml(&tok)).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), hermes_yaml(&tok));
+    assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+    let next = token("next", 40);
+    d.set("databricks", &next);
+    assert!(fs::read_to_string(&path).unwrap().contains(&next));
+    assert_eq!(
+        fs::read_to_string(&bak).unwrap(),
+        moved,
+        "the copy is a plain file"
+    );
+}
+
+/// Names beside a managed file are cached, so after `rename(tmp, config)`
+/// the kernel's moved name points at the temp file's node: every stat and
+/// read right after the rename, here and from another process, must still
+/// be the managed file (its inode, its rendering).
+#[test]
+fn the_instant_after_a_temp_file_rename_shows_the_managed_file() {
+    let tok = token("inst", 32);
+    let (_s, dir, backing, _d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let ino = fs::metadata(&path).unwrap().ino();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(m) = fs::metadata(&path) {
+                    if m.ino() != ino {
+                        bad.push(format!("inode {}", m.ino()));
+                    }
+                }
+                if let Ok(t) = fs::read_to_string(&path) {
+                    if t.contains("__tokenfs:") {
+                        bad.push("a placeholder".into());
+                    }
+                }
+            }
+            bad
+        })
+    };
+    for i in 0..200 {
+        let text = hermes_yaml(&tok).replace("max_turns: 60", &format!("max_turns: {i}"));
+        let tmp = dir.join(format!(".config.yaml.{i}.tmp"));
+        fs::write(&tmp, &text).unwrap();
+        assert_eq!(fs::metadata(&tmp).unwrap().len(), text.len() as u64);
+        fs::rename(&tmp, &path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().ino(), ino, "round {i}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), text, "round {i}");
+        assert!(!tmp.exists());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let bad = watcher.join().unwrap();
+    assert!(
+        bad.is_empty(),
+        "the other reader saw {} wrong results: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
+    assert!(on_disk.contains("max_turns: 199") && !on_disk.contains(&tok));
+}
+
+/// A temp file with a second hard link keeps its node (the other name is a
+/// plain file). Renamed over the managed file, the managed name shows the
+/// bytes written at once and the managed inode as soon as the name's
+/// invalidation lands (README, known limits); the other name keeps its own.
+#[test]
+fn a_hard_linked_file_renamed_over_a_managed_file() {
+    let tok = token("hl", 32);
+    let (_s, dir, _b, _d) = setup(&tok);
+    let path = dir.join("config.yaml");
+    let ino = fs::metadata(&path).unwrap().ino();
+    let text = hermes_yaml(&tok).replace("max_turns: 60", "max_turns: 7");
+    let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    fs::write(&a, &text).unwrap();
+    fs::hard_link(&a, &b).unwrap();
+    assert_eq!(fs::metadata(&a).unwrap().nlink(), 2);
+    fs::rename(&a, &path).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while fs::metadata(&path).unwrap().ino() != ino {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the managed inode never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(fs::read_to_string(&path).unwrap(), text);
+    assert_eq!(fs::read_to_string(&b).unwrap(), text);
+    assert_ne!(fs::metadata(&b).unwrap().ino(), ino);
+}

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -29,6 +29,10 @@ pub struct Node {
     pub key: (u64, u64),
     /// `S_IFMT` bits of the inode (a node never changes type).
     pub kind: libc::mode_t,
+    /// The kernel's page cache of this node may hold another file's bytes:
+    /// the node id was a managed file's view (its rendering) until a rename.
+    /// The next cached open drops the pages.
+    pub pages_stale: AtomicBool,
 }
 
 impl Node {
@@ -72,6 +76,7 @@ impl Inodes {
             fd: root,
             key,
             kind: libc::S_IFDIR,
+            pages_stale: AtomicBool::new(false),
         });
         let mut table = Table::default();
         table.by_key.insert(key, ROOT_ID);
@@ -120,6 +125,7 @@ impl Inodes {
             fd,
             key,
             kind: st.st_mode & libc::S_IFMT,
+            pages_stale: AtomicBool::new(false),
         });
         table.by_key.insert(key, id);
         table.by_id.insert(
@@ -147,8 +153,72 @@ impl Inodes {
         };
         if gone {
             if let Some(entry) = table.by_id.remove(&id) {
-                table.by_key.remove(&entry.node.key);
+                table.unmap_key(&entry.node.key, id);
             }
+        }
+    }
+
+    /// Hands node `id` of the inode `key` to `to` with the kernel's lookup
+    /// count, and forgets it here. A rename gives a node id another meaning
+    /// (a plain file renamed over a managed one); `to` runs under this
+    /// table's lock, so no request sees the id in neither place. Returns
+    /// whether `to` took it.
+    ///
+    /// `to` gets the node itself too, and must keep it while the kernel
+    /// knows the id: its fd keeps the inode allocated, so a new file cannot
+    /// get the same inode number (which is the node id) meanwhile.
+    pub fn hand_over(&self, key: (u64, u64), to: impl FnOnce(&Arc<Node>, u64) -> bool) -> bool {
+        let mut table = self.table.lock();
+        let Some(&id) = table.by_key.get(&key) else {
+            return false;
+        };
+        let Some((node, lookups)) = table.by_id.get(&id).map(|e| (e.node.clone(), e.lookups))
+        else {
+            return false;
+        };
+        if id == ROOT_ID || !to(&node, lookups) {
+            return false;
+        }
+        table.by_id.remove(&id);
+        table.unmap_key(&key, id);
+        true
+    }
+
+    /// Takes over node id `id` for the inode behind `fd` (`st`) from `from`,
+    /// which gives up the kernel's lookup count of it (a managed file renamed
+    /// away: its view's node id now names the plain file). `from` runs under
+    /// this table's lock. The id keeps its meaning for the kernel, so `stat`
+    /// shows it as the inode number.
+    pub fn take_over(
+        &self,
+        id: u64,
+        fd: OwnedFd,
+        st: &libc::stat,
+        from: impl FnOnce() -> Option<u64>,
+    ) -> bool {
+        let mut table = self.table.lock();
+        let Some(lookups) = from() else {
+            return false;
+        };
+        let key = (st.st_dev, st.st_ino);
+        let node = Arc::new(Node {
+            id,
+            fd,
+            key,
+            kind: st.st_mode & libc::S_IFMT,
+            pages_stale: AtomicBool::new(true),
+        });
+        table.by_key.entry(key).or_insert(id);
+        table.by_id.insert(id, Entry { node, lookups });
+        true
+    }
+}
+
+impl Table {
+    /// Drops `key → id`, unless the key names another node id by now.
+    fn unmap_key(&mut self, key: &(u64, u64), id: u64) {
+        if self.by_key.get(key) == Some(&id) {
+            self.by_key.remove(key);
         }
     }
 }

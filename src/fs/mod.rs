@@ -7,6 +7,7 @@
 //! errnos. Nothing here panics on input: every failure becomes an errno.
 
 pub mod inode;
+mod io_mode;
 pub mod managed;
 mod offload;
 mod ops;
@@ -21,17 +22,16 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, ReplyEntry, Request,
-};
+use fuser::{Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, ReplyEntry, Request};
 use parking_lot::Mutex;
 use tracing::warn;
 
 use self::inode::{Inodes, Node};
+use self::io_mode::{Io, IoModes};
 use self::managed::{Context, ManagedFile};
 use self::view::{View, Views};
 use crate::config::MountConfig;
@@ -52,7 +52,7 @@ const VIEW_TTL: Duration = Duration::from_secs(10);
 /// One mounted directory.
 pub struct TokenFs {
     pub dir: PathBuf,
-    inodes: Inodes,
+    inodes: Arc<Inodes>,
     managed: Managed,
     /// Kernel inodes of managed files, one per rendering.
     pub views: Arc<Views>,
@@ -60,9 +60,7 @@ pub struct TokenFs {
     next_fh: AtomicU64,
     /// Whether the kernel accepted FUSE passthrough for this session.
     kernel_passthrough: AtomicBool,
-    /// One backing file per inode, shared by its open handles (the kernel
-    /// refuses a second one while the first is in use).
-    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    io: IoModes,
     pub info: Arc<MountInfo>,
 }
 
@@ -119,7 +117,8 @@ impl Managed {
 enum Handle {
     File {
         file: File,
-        _backing: Option<Arc<BackingId>>,
+        /// Keeps the inode's I/O mode (and backing file) while open.
+        _io: Io,
     },
     Dir(Mutex<File>),
     Managed(ManagedHandle),
@@ -240,13 +239,13 @@ impl TokenFs {
         });
         Ok(TokenFs {
             dir: cfg.dir.clone(),
-            inodes,
+            inodes: Arc::new(inodes),
             managed,
             views: Arc::new(Views::default()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kernel_passthrough: AtomicBool::new(false),
-            backing: Mutex::new(HashMap::new()),
+            io: IoModes::default(),
             info,
         })
     }
@@ -275,8 +274,18 @@ impl TokenFs {
         Ok((st, NO_CACHE))
     }
 
-    fn entry_ttl(&self, parent: &Node) -> Duration {
-        if self.managed.parents.contains(&parent.key) {
+    /// How long the kernel may keep a name in `parent` (`st`: what it
+    /// names; `None`: nothing). Every change arrives through this mount, so
+    /// names are cached, also beside managed files, where programs keep the
+    /// rest of their state: a plain file renamed over a managed one hands its
+    /// node to the managed file (`rename_onto_managed`), so the kernel's moved
+    /// name stays right. The exception is a file with other hard links,
+    /// whose node must stay plain: beside a managed file its names are asked
+    /// again every time.
+    fn entry_ttl(&self, parent: &Node, st: Option<&libc::stat>) -> Duration {
+        let linked =
+            st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1);
+        if linked && self.managed.parents.contains(&parent.key) {
             NO_CACHE
         } else {
             PASSTHROUGH_TTL
@@ -362,17 +371,17 @@ impl TokenFs {
     }
 
     fn answer_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry, negative: bool) {
-        let ttl = self.entry_ttl(parent);
         match self.remember(parent, name) {
             Ok((node, st)) => reply.entry_with_ttls(
                 &PASSTHROUGH_TTL,
-                &ttl,
+                &self.entry_ttl(parent, Some(&st)),
                 &to_attr(node.id, &st),
                 Generation(0),
             ),
-            Err(e) if negative && e.raw_os_error() == Some(libc::ENOENT) && !ttl.is_zero() => {
-                // Node id 0: "no such name", cached for `ttl`.
+            Err(e) if negative && e.raw_os_error() == Some(libc::ENOENT) => {
+                // Node id 0: "no such name", cached like a name.
                 let none = to_attr(0, &managed::empty_stat());
+                let ttl = self.entry_ttl(parent, None);
                 reply.entry_with_ttls(&NO_CACHE, &ttl, &none, Generation(0))
             }
             Err(e) => reply.error(errno(&e)),

@@ -14,6 +14,7 @@ use fuser::{
 };
 use tracing::{debug, info};
 
+use super::io_mode::Io;
 use super::offload;
 use super::passthrough::rename_onto_managed;
 use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
@@ -28,14 +29,6 @@ macro_rules! tri {
         }
     };
 }
-
-/// Open flags of passthrough files. NOFLUSH: `close` has nothing to wait
-/// for (writes reach the backing file at once, and POSIX locks are the
-/// kernel's), so it costs no round trip.
-const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
-/// Forwarded (no kernel passthrough): every change goes through this mount,
-/// so the page cache stays right across opens.
-const FORWARDED_OPEN: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 fn answer(reply: ReplyEmpty, r: Result<(), Errno>) {
     match r {
@@ -245,9 +238,11 @@ impl fuser::Filesystem for TokenFs {
         let dst = self.managed.find(&np, newname).cloned();
         if let (None, Some(dst)) = (&src, &dst) {
             // A program's atomic save: an fsynced save of our own.
-            let (name, dst, views) = (name.to_owned(), dst.clone(), self.views.clone());
+            let (name, dst) = (name.to_owned(), dst.clone());
+            let (views, inodes) = (self.views.clone(), self.inodes.clone());
             return offload::run(move || {
-                answer(reply, rename_onto_managed(&p, &name, &dst, flags, &views))
+                let renamed = rename_onto_managed(&p, &name, &dst, flags, &views, &inodes);
+                answer(reply, renamed)
             });
         }
         answer(
@@ -286,21 +281,15 @@ impl fuser::Filesystem for TokenFs {
         }
         let node = tri!(reply, self.node(ino));
         let file = tri!(reply, sys::reopen(node.fd(), flags.0).map_err(io_errno));
-        match self.backing_for(&node, &file, |f| reply.open_backing(f)) {
-            Some(id) => {
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    _backing: Some(id.clone()),
-                });
-                reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_OPEN, &id);
-            }
-            None => {
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    _backing: None,
-                });
-                reply.opened(FileHandle(fh), FORWARDED_OPEN);
-            }
+        let (io, open_flags) = self.io_for(&node, &file, flags.0, |f| reply.open_backing(f));
+        let backing = match &io {
+            Io::Passthrough(id) => Some(id.clone()),
+            Io::Cached(_) => None,
+        };
+        let fh = FileHandle(self.add_handle(Handle::File { file, _io: io }));
+        match backing {
+            Some(id) => reply.opened_passthrough(fh, open_flags, &id),
+            None => reply.opened(fh, open_flags),
         }
     }
 
@@ -601,35 +590,17 @@ impl fuser::Filesystem for TokenFs {
         self.chown_to_caller(req, &p, name);
         let (node, st) = tri!(reply, self.remember(&p, name).map_err(io_errno));
         let file = std::fs::File::from(fd);
-        let ttl = self.entry_ttl(&p);
-        match self.backing_for(&node, &file, |f| reply.open_backing(f)) {
-            Some(id) => {
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    _backing: Some(id.clone()),
-                });
-                reply.created_passthrough(
-                    &ttl,
-                    &to_attr(node.id, &st),
-                    Generation(0),
-                    FileHandle(fh),
-                    PASSTHROUGH_OPEN,
-                    &id,
-                );
-            }
-            None => {
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    _backing: None,
-                });
-                reply.created(
-                    &ttl,
-                    &to_attr(node.id, &st),
-                    Generation(0),
-                    FileHandle(fh),
-                    FORWARDED_OPEN,
-                );
-            }
+        let ttl = self.entry_ttl(&p, Some(&st));
+        let (io, open_flags) = self.io_for(&node, &file, flags, |f| reply.open_backing(f));
+        let backing = match &io {
+            Io::Passthrough(id) => Some(id.clone()),
+            Io::Cached(_) => None,
+        };
+        let fh = FileHandle(self.add_handle(Handle::File { file, _io: io }));
+        let attr = to_attr(node.id, &st);
+        match backing {
+            Some(id) => reply.created_passthrough(&ttl, &attr, Generation(0), fh, open_flags, &id),
+            None => reply.created(&ttl, &attr, Generation(0), fh, open_flags),
         }
     }
 

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
 
 use fuser::{
@@ -16,11 +17,19 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use super::inode::Node;
+use super::inode::{Inodes, Node};
+use super::io_mode::{Io, SMALL_FILE, Want};
 use super::managed::{ManagedFile, TMP_PREFIX};
 use super::view::{View, Views};
 use super::{Handle, ManagedHandle, TokenFs, WriteBuf, dirent_type, errno, sys};
 use crate::secret::SecretBytes;
+
+/// Open flags of plain files. NOFLUSH: `close` has nothing to wait for
+/// (writes reach the backing file at once, and POSIX locks are the
+/// kernel's), so it costs no round trip. Cached opens add KEEP_CACHE unless
+/// the pages may be stale (`io_mode`).
+const PASSTHROUGH_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+const CACHED_OPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 fn io_errno(e: io::Error) -> Errno {
     errno(&e)
@@ -171,21 +180,44 @@ impl TokenFs {
             (None, None) => {
                 sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)
             }
-            (None, Some(dst)) => rename_onto_managed(p, name, &dst, flags, &self.views),
+            (None, Some(dst)) => {
+                rename_onto_managed(p, name, &dst, flags, &self.views, &self.inodes)
+            }
             (Some(src), None) => {
                 if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                     return Err(Errno::EXDEV);
                 }
+                let view = self.views.current_id(&src);
                 sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits()).map_err(io_errno)?;
                 info!(file = %src.shown.display(), "managed file renamed away (its copy keeps the placeholders); it reappears when a program creates it");
                 src.set_absent();
                 self.views.retire(&src);
+                if let Some(id) = view {
+                    self.view_becomes_plain(id, np, &c_new);
+                }
                 Ok(())
             }
             (Some(a), Some(b)) if Arc::ptr_eq(&a, &b) => Ok(()),
             // Two managed files: let the program fall back to copy + unlink,
             // which goes through the normal write path.
             (Some(_), Some(_)) => Err(Errno::EXDEV),
+        }
+    }
+
+    /// After a managed file was renamed to `dir`/`name`, the kernel's dentry
+    /// of that name still points at the file's view `id`: the node id now
+    /// names the plain file (its placeholder copy). If that fails the name
+    /// shows ENOENT until the kernel looks it up again.
+    fn view_becomes_plain(&self, id: u64, dir: &Node, name: &std::ffi::CStr) {
+        let opened = sys::open_path(dir.fd(), name)
+            .and_then(|fd| sys::stat_fd(fd.as_fd()).map(|st| (fd, st)));
+        match opened {
+            Ok((fd, st)) => {
+                self.inodes.take_over(id, fd, &st, || self.views.take(id));
+            }
+            Err(e) => {
+                warn!(mount = %self.dir.display(), "a managed file renamed away: cannot follow its new name: {e}")
+            }
         }
     }
 
@@ -287,36 +319,34 @@ impl TokenFs {
         Ok((v, fh, st))
     }
 
-    /// The kernel passthrough backing file for `node`, registering `file` if
-    /// the inode has none yet. `None` means: forward reads and writes.
-    pub(super) fn backing_for(
+    /// The I/O of a new open of `node` (`file`, opened with `flags`) and its
+    /// open flags. Read-only opens of small files use the page cache (no
+    /// GETATTR after each read, see `io_mode`); the rest kernel passthrough
+    /// where the kernel allows it.
+    pub(super) fn io_for(
         &self,
         node: &Node,
         file: &File,
+        flags: i32,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
-        if !self
-            .kernel_passthrough
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return None;
-        }
-        let mut backing = self.backing.lock();
-        if let Some(id) = backing.get(&node.id).and_then(|w| w.upgrade()) {
-            return Some(id);
-        }
-        match open_backing(file) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                backing.retain(|_, w| w.strong_count() > 0);
-                backing.insert(node.id, Arc::downgrade(&id));
-                Some(id)
-            }
-            Err(e) => {
-                warn!(mount = %self.dir.display(), "kernel passthrough refused ({e}); forwarding reads and writes");
-                None
-            }
-        }
+    ) -> (Io, FopenFlags) {
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+        let small = || file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE);
+        let want = if !self.kernel_passthrough.load(Ordering::Relaxed) || (read_only && small()) {
+            Want::Cached
+        } else {
+            Want::Passthrough
+        };
+        let io = self.io.choose(node.id, want, || open_backing(file));
+        let open_flags = match &io {
+            // Without KEEP_CACHE the kernel drops the node's pages at this
+            // open, and no cached open can refill them while it lasts: pages
+            // never go stale behind a passthrough writer.
+            Io::Passthrough(_) => PASSTHROUGH_OPEN,
+            Io::Cached(_) if node.pages_stale.swap(false, Ordering::Relaxed) => CACHED_OPEN,
+            Io::Cached(_) => CACHED_OPEN | FopenFlags::FOPEN_KEEP_CACHE,
+        };
+        (io, open_flags)
     }
 
     /// Lists a directory, giving managed files their own node ids and hiding
@@ -432,12 +462,19 @@ impl ManagedHandle {
 /// over a managed file. The temp file's bytes are committed as a write
 /// (secrets become placeholders) and the temp file is removed, so the
 /// managed file keeps its inode and no token lands on disk.
+///
+/// The kernel then moves its cached name of the temp file onto the managed
+/// name, still pointing at the temp file's node until the invalidation of
+/// the name arrives: that node becomes a stale view of the managed file, so
+/// even an open in that instant gets the rendering. (A temp file with other
+/// hard links keeps its node; such names are never cached, see `entry_ttl`.)
 pub(super) fn rename_onto_managed(
     p: &Node,
     name: &OsStr,
-    dst: &ManagedFile,
+    dst: &Arc<ManagedFile>,
     flags: RenameFlags,
     views: &Views,
+    inodes: &Inodes,
 ) -> Result<(), Errno> {
     if flags.contains(RenameFlags::RENAME_EXCHANGE) {
         return Err(Errno::EXDEV);
@@ -460,6 +497,9 @@ pub(super) fn rename_onto_managed(
     views.retire(dst);
     if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
         warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
+    }
+    if st.st_nlink == 1 {
+        inodes.hand_over((st.st_dev, st.st_ino), |node, n| views.alias(node, dst, n));
     }
     Ok(())
 }

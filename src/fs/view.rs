@@ -34,7 +34,7 @@ use fuser::{INodeNo, Notifier};
 use parking_lot::Mutex;
 use tracing::debug;
 
-use super::inode::Inodes;
+use super::inode::{Inodes, Node};
 use super::managed::{ManagedFile, Rendering};
 
 pub struct View {
@@ -47,6 +47,9 @@ pub struct View {
     /// Open handles reading through the page cache: while any is open, the
     /// view's size must stay the size of its own bytes.
     cached_opens: AtomicUsize,
+    /// For a plain file's node turned into a view by a rename: that node,
+    /// held so its inode number (the node id) is not reused meanwhile.
+    _pinned: Option<Arc<Node>>,
 }
 
 impl View {
@@ -134,10 +137,49 @@ impl Views {
             rendering,
             retired: AtomicBool::new(false),
             cached_opens: AtomicUsize::new(0),
+            _pinned: None,
         });
         t.by_id.insert(view.id, (view.clone(), 1));
         t.current.insert(file.id, view.clone());
         Some(view)
+    }
+
+    /// `node`, a plain file the kernel holds `lookups` references to, was
+    /// just renamed over `file`. After the rename the kernel's cached name of
+    /// `file` points at that node until the invalidation of the name arrives,
+    /// so the node becomes a view of `file` that is not current: an open
+    /// through it gets the current rendering, as through any stale name.
+    /// `false` if the file has no rendering to show.
+    pub fn alias(&self, node: &Arc<Node>, file: &Arc<ManagedFile>, lookups: u64) -> bool {
+        let Some(rendering) = file.rendering() else {
+            return false;
+        };
+        let view = Arc::new(View {
+            id: node.id,
+            file: file.clone(),
+            rendering,
+            retired: AtomicBool::new(true),
+            cached_opens: AtomicUsize::new(0),
+            _pinned: Some(node.clone()),
+        });
+        self.table.lock().by_id.insert(node.id, (view, lookups));
+        true
+    }
+
+    /// The node id of `file`'s current view, if the kernel has one.
+    pub fn current_id(&self, file: &ManagedFile) -> Option<u64> {
+        self.table.lock().current.get(&file.id).map(|v| v.id)
+    }
+
+    /// Gives up view `id` and the kernel's lookup count of it: the managed
+    /// file was renamed away, and its node id now names the plain file.
+    pub fn take(&self, id: u64) -> Option<u64> {
+        let mut t = self.table.lock();
+        let (view, lookups) = t.by_id.remove(&id)?;
+        if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
+            t.current.remove(&view.file.id);
+        }
+        Some(lookups)
     }
 
     /// The kernel dropped `n` references; `false` if `id` is not a view.
