@@ -41,6 +41,23 @@ fn io_errno(e: std::io::Error) -> Errno {
     errno(&e)
 }
 
+/// Runs `f` with this thread's read buffer of `size` bytes. A forwarded
+/// READ is up to 1 MiB; a fresh `Vec` per request would be mmap'd and
+/// unmapped each time (it is above glibc's mmap threshold), and every
+/// munmap of a multi-threaded process sends TLB-flush IPIs to the other
+/// CPUs. Stale bytes past what `pread` fills are never sent.
+fn read_into_scratch(size: usize, f: impl FnOnce(&mut [u8])) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        f(&mut buf[..size]);
+    });
+}
+
 impl fuser::Filesystem for TokenFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // DIRECT_IO_ALLOW_MMAP: writers and stale views use direct I/O, and
@@ -308,9 +325,10 @@ impl fuser::Filesystem for TokenFs {
         match &*h {
             Handle::Managed(mh) => mh.read(offset, size, |bytes| reply.data(bytes)),
             Handle::File { file, .. } => {
-                let mut buf = vec![0u8; size as usize];
-                let n = tri!(reply, sys::pread(file, &mut buf, offset).map_err(io_errno));
-                reply.data(&buf[..n]);
+                read_into_scratch(size as usize, |buf| match sys::pread(file, buf, offset) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => reply.error(errno(&e)),
+                })
             }
             Handle::Dir(_) => reply.error(Errno::EISDIR),
         }
