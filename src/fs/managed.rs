@@ -487,7 +487,7 @@ impl ManagedFile {
             file.write_all(bytes)?;
             if let Some(st) = previous {
                 // Keep the owner of the original (we may be root serving a user).
-                if st.st_uid != euid() || st.st_gid != egid() {
+                if st.st_uid != sys::euid() || st.st_gid != sys::egid() {
                     sys::chown_fd(file.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
                 }
             }
@@ -575,12 +575,4 @@ fn dress(st: &mut libc::stat, size: u64, published: SystemTime) {
 pub(crate) fn empty_stat() -> libc::stat {
     // SAFETY: libc::stat is plain old data; all-zero is a valid value.
     unsafe { std::mem::zeroed() }
-}
-
-fn euid() -> u32 {
-    nix::unistd::geteuid().as_raw()
-}
-
-fn egid() -> u32 {
-    nix::unistd::getegid().as_raw()
 }

@@ -313,8 +313,8 @@ impl TokenFs {
     /// Files created by another uid (with `allow_other`) belong to that uid,
     /// as they would on the original filesystem.
     fn chown_to_caller(&self, req: &Request, parent: &Node, name: &OsStr) {
-        let euid = nix::unistd::geteuid().as_raw();
-        if euid != 0 || (req.uid() == euid && req.gid() == nix::unistd::getegid().as_raw()) {
+        let euid = sys::euid();
+        if euid != 0 || (req.uid() == euid && req.gid() == sys::egid()) {
             return;
         }
         let res = sys::cname(name)

@@ -373,16 +373,33 @@ impl TokenFs {
         }
     }
 
-    /// An fd for xattr calls: the backing file of a managed file, or the node.
-    pub(super) fn xattr_target(&self, ino: INodeNo) -> Result<OwnedFd, Errno> {
+    /// What xattr calls act on: the backing file of a managed file, or the
+    /// node. (The kernel asks `security.capability` before the first write
+    /// to every new file, so this is on the churn path: no dup of the fd.)
+    pub(super) fn xattr_target(&self, ino: INodeNo) -> Result<XattrTarget, Errno> {
         if let Some(v) = self.views.get(ino.0) {
-            return sys::open_path(v.file.dir.fd(), &v.file.name).map_err(io_errno);
+            let fd = sys::open_path(v.file.dir.fd(), &v.file.name).map_err(io_errno)?;
+            return Ok(XattrTarget::Managed(fd));
         }
         let node = self.node(ino)?;
         if node.is_symlink() {
             return Err(Errno::EOPNOTSUPP);
         }
-        node.fd().try_clone_to_owned().map_err(io_errno)
+        Ok(XattrTarget::Node(node))
+    }
+}
+
+pub(super) enum XattrTarget {
+    Managed(OwnedFd),
+    Node(Arc<Node>),
+}
+
+impl AsFd for XattrTarget {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            XattrTarget::Managed(fd) => fd.as_fd(),
+            XattrTarget::Node(node) => node.fd(),
+        }
     }
 }
 

@@ -419,3 +419,15 @@ pub fn read_dir(dir: &File, offset: i64, mut each: impl FnMut(DirEntry) -> bool)
         }
     }
 }
+
+/// The daemon's effective uid and gid, which never change while it runs
+/// (asked on every create, to decide whether to give the file away).
+pub fn euid() -> u32 {
+    static EUID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *EUID.get_or_init(|| nix::unistd::geteuid().as_raw())
+}
+
+pub fn egid() -> u32 {
+    static EGID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *EGID.get_or_init(|| nix::unistd::getegid().as_raw())
+}
