@@ -80,6 +80,10 @@ pub struct MountStatus {
     pub notes: Vec<String>,
     pub kernel_passthrough: bool,
     pub files: Vec<FileStatus>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_at: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -133,25 +137,30 @@ impl State {
         let mounts = self
             .mounts
             .iter()
-            .map(|m| MountStatus {
-                dir: m.dir.clone(),
-                notes: m.notes.clone(),
-                kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
-                files: m
-                    .files
-                    .iter()
-                    .map(|f| {
-                        let h = f.health();
-                        FileStatus {
-                            path: f.rel().to_owned(),
-                            format: f.format().to_string(),
-                            present: h.present,
-                            last_write: unix(h.last_write),
-                            last_error: h.last_error,
-                            last_error_at: unix(h.last_error_at),
-                        }
-                    })
-                    .collect(),
+            .map(|m| {
+                let last_error = m.last_error.lock().clone();
+                MountStatus {
+                    dir: m.dir.clone(),
+                    notes: m.notes.clone(),
+                    kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
+                    last_error_at: unix(last_error.as_ref().map(|(_, at)| *at)),
+                    last_error: last_error.map(|(e, _)| e),
+                    files: m
+                        .files
+                        .iter()
+                        .map(|f| {
+                            let h = f.health();
+                            FileStatus {
+                                path: f.rel().to_owned(),
+                                format: f.format().to_string(),
+                                present: h.present,
+                                last_write: unix(h.last_write),
+                                last_error: h.last_error,
+                                last_error_at: unix(h.last_error_at),
+                            }
+                        })
+                        .collect(),
+                }
             })
             .collect();
         Status {
@@ -241,7 +250,16 @@ pub fn serve(path: &Path, state: Arc<State>) -> Result<(), String> {
 fn accept_loop(listener: UnixListener, state: Arc<State>) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
+        let stream = match conn {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE leaves the connection queued: retrying at once
+                // would spin. Wait a little, then take it.
+                warn!("cannot accept a control connection: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         let peer =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
         match peer {
@@ -376,6 +394,9 @@ pub fn render_status(s: &Status) -> String {
         ));
         for n in &m.notes {
             out.push_str(&format!("  note: {n}\n"));
+        }
+        if let Some(e) = &m.last_error {
+            out.push_str(&format!("  last error: {e} ({})\n", ago(m.last_error_at)));
         }
         for f in &m.files {
             out.push_str(&format!(

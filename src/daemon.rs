@@ -41,6 +41,7 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     fix_mmap_threshold();
     harden();
+    raise_open_file_limit();
     let store = Arc::new(Store::new(
         config
             .credentials
@@ -262,6 +263,38 @@ fn mount_error(dir: &Path, e: &std::io::Error) -> String {
 fn fix_mmap_threshold() {
     // SAFETY: mallopt takes two integers.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+}
+
+/// The passthrough holds one `O_PATH` fd per inode the kernel knows (as
+/// virtiofsd does), so listing a directory of more files than the soft limit
+/// of open files (often 1,024) would fail with EMFILE. Raised to the hard
+/// limit, as virtiofsd and libfuse's passthrough_hp do; a low hard limit is
+/// reported.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => return warn!("cannot read the open file limit: {e}"),
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                warn!("cannot raise the open file limit from {soft} to {hard}: {e}");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    crate::fs::sys::set_fd_limit(limit);
+    if limit < 65_536 {
+        warn!(
+            "open file limit is {limit}: tokenfs keeps an fd per file the kernel has looked up, so a mount with more files than that gives EMFILE; raise it (ulimit -Hn, LimitNOFILE=)"
+        );
+    } else {
+        info!(limit, "open file limit");
+    }
 }
 
 /// Keeps secrets out of core dumps, swap and other processes' reach: the

@@ -77,12 +77,7 @@ pub fn start(
         }
         let mut notes = m.notes.clone();
         notes.push("files mode: tokens are written to disk (no FUSE)".into());
-        infos.push(Arc::new(MountInfo {
-            dir: m.dir.clone(),
-            notes,
-            files,
-            kernel_passthrough: Default::default(),
-        }));
+        infos.push(Arc::new(MountInfo::new(m.dir.clone(), notes, files)));
     }
     warn!("files mode: managed files are rewritten on disk at each rotation and hold tokens");
     std::thread::Builder::new()

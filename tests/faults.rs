@@ -227,3 +227,49 @@ fn other_users_get_eacces_on_the_mount_and_the_control_socket() {
     );
     assert!(fs::metadata(&d.socket).unwrap().permissions().mode() & 0o077 == 0);
 }
+
+/// One fd per inode the kernel knows: the daemon raises its soft limit of
+/// open files to the hard limit, so a directory of more files than the soft
+/// limit (often 1,024) lists and stats. With a hard limit that low, EMFILE
+/// reaches the caller, the log (once, not per lookup) and `status`, and the
+/// daemon keeps fds in reserve: the control socket still answers.
+#[test]
+fn directories_with_more_files_than_the_soft_fd_limit() {
+    let stat_all = |dir: &Path, n: usize| {
+        (0..n)
+            .filter(|i| fs::metadata(dir.join(format!("f{i}.json"))).is_err())
+            .count()
+    };
+    for (limit, n, expect_failures) in [("200:4096", 600, false), ("200:200", 400, true)] {
+        let s = Scratch::new();
+        let dir = s.path("home/.hermes");
+        s.write("home/.hermes/config.yaml", &hermes_yaml(&token("fd", 32)));
+        for i in 0..n {
+            s.write(&format!("home/.hermes/many/f{i}.json"), "{}\n");
+        }
+        let nofile = format!("--nofile={limit}");
+        let d = Daemon::start_under(
+            &s,
+            &hermes_config(&s, &dir),
+            &[&dir],
+            &[],
+            &["prlimit", &nofile, "--"],
+        );
+        let failed = stat_all(&dir.join("many"), n);
+        let log = d.log_text();
+        let status = d.status();
+        let last = status["mounts"][0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if expect_failures {
+            assert!(failed > 0, "a hard limit of 200 must run out");
+            assert!(log.contains("open file limit is 200"), "{log}");
+            assert!(last.contains("out of file descriptors"), "{status}");
+            assert_eq!(log.matches("out of file descriptors").count(), 1, "{log}");
+        } else {
+            assert_eq!(failed, 0, "the soft limit of 200 was not raised:\n{log}");
+            assert!(last.is_empty(), "{status}");
+        }
+    }
+}

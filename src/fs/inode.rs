@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -35,7 +35,32 @@ pub struct Node {
     pub pages_stale: AtomicBool,
 }
 
+/// Nodes alive in the whole daemon (each holds an fd), for the fd budget.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many nodes, over every mount, hold an fd now.
+pub fn live_nodes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Node {
+    fn new(id: u64, fd: OwnedFd, key: (u64, u64), kind: libc::mode_t, pages_stale: bool) -> Node {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Node {
+            id,
+            fd,
+            key,
+            kind,
+            pages_stale: AtomicBool::new(pages_stale),
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -71,13 +96,7 @@ impl Inodes {
     /// A table holding the root directory (node id 1).
     pub fn new(root: OwnedFd, root_stat: &libc::stat) -> Inodes {
         let key = (root_stat.st_dev, root_stat.st_ino);
-        let node = Arc::new(Node {
-            id: ROOT_ID,
-            fd: root,
-            key,
-            kind: libc::S_IFDIR,
-            pages_stale: AtomicBool::new(false),
-        });
+        let node = Arc::new(Node::new(ROOT_ID, root, key, libc::S_IFDIR, false));
         let mut table = Table::default();
         table.by_key.insert(key, ROOT_ID);
         // The root is never forgotten: one lookup the kernel never returns.
@@ -120,13 +139,7 @@ impl Inodes {
         } else {
             self.synthetic_id()
         };
-        let node = Arc::new(Node {
-            id,
-            fd,
-            key,
-            kind: st.st_mode & libc::S_IFMT,
-            pages_stale: AtomicBool::new(false),
-        });
+        let node = Arc::new(Node::new(id, fd, key, st.st_mode & libc::S_IFMT, false));
         table.by_key.insert(key, id);
         table.by_id.insert(
             id,
@@ -201,13 +214,7 @@ impl Inodes {
             return false;
         };
         let key = (st.st_dev, st.st_ino);
-        let node = Arc::new(Node {
-            id,
-            fd,
-            key,
-            kind: st.st_mode & libc::S_IFMT,
-            pages_stale: AtomicBool::new(true),
-        });
+        let node = Arc::new(Node::new(id, fd, key, st.st_mode & libc::S_IFMT, true));
         table.by_key.entry(key).or_insert(id);
         table.by_id.insert(id, Entry { node, lookups });
         true

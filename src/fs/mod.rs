@@ -70,6 +70,37 @@ pub struct MountInfo {
     pub notes: Vec<String>,
     pub files: Vec<Arc<dyn ServedFile>>,
     pub kernel_passthrough: AtomicBool,
+    /// The last failure of the mount itself (not of one managed file).
+    pub last_error: Mutex<Option<(String, SystemTime)>>,
+}
+
+impl MountInfo {
+    pub fn new(dir: PathBuf, notes: Vec<String>, files: Vec<Arc<dyn ServedFile>>) -> MountInfo {
+        MountInfo {
+            dir,
+            notes,
+            files,
+            kernel_passthrough: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Records a failure for `status`, logging it when it is new or has not
+    /// been logged for a minute (a full fd table fails every lookup).
+    fn note_error(&self, msg: String) {
+        let now = SystemTime::now();
+        let mut last = self.last_error.lock();
+        let quiet = last.as_ref().is_some_and(|(m, at)| {
+            *m == msg
+                && now
+                    .duration_since(*at)
+                    .is_ok_and(|d| d < Duration::from_secs(60))
+        });
+        if !quiet {
+            tracing::error!(mount = %self.dir.display(), "{msg}");
+            *last = Some((msg, now));
+        }
+    }
 }
 
 /// A file tokenfs serves, as status sees it (FUSE-managed or, in files
@@ -231,12 +262,7 @@ impl TokenFs {
         for note in &cfg.notes {
             warn!(mount = %cfg.dir.display(), "{note}");
         }
-        let info = Arc::new(MountInfo {
-            dir: cfg.dir.clone(),
-            notes: cfg.notes.clone(),
-            files,
-            kernel_passthrough: AtomicBool::new(false),
-        });
+        let info = Arc::new(MountInfo::new(cfg.dir.clone(), cfg.notes.clone(), files));
         Ok(TokenFs {
             dir: cfg.dir.clone(),
             inodes: Arc::new(inodes),
@@ -303,7 +329,17 @@ impl TokenFs {
     }
 
     /// Registers a newly created or found inode with the kernel's lookup.
+    /// EMFILE once nodes fill the fd budget (`sys::fd_budget`): lookups
+    /// fail, while saves and the control socket keep the fds they need.
+    fn fd_room(&self) -> io::Result<()> {
+        if inode::live_nodes() >= sys::fd_budget() {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        Ok(())
+    }
+
     fn remember(&self, parent: &Node, name: &OsStr) -> io::Result<(Arc<Node>, libc::stat)> {
+        self.fd_room()?;
         let cname = sys::cname(name)?;
         let fd = sys::open_path(parent.fd(), &cname)?;
         let st = sys::stat_fd(std::os::fd::AsFd::as_fd(&fd))?;
@@ -370,6 +406,16 @@ impl TokenFs {
         self.answer_entry(parent, name, reply, false);
     }
 
+    /// Out of file descriptors is the daemon's failure, not the caller's:
+    /// it goes to the log and to `status` as well as to the caller.
+    fn check_fds(&self, e: &io::Error) {
+        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+            self.info.note_error(format!(
+                "out of file descriptors ({e}): lookups and opens fail until the kernel forgets inodes; raise the open file limit"
+            ));
+        }
+    }
+
     fn answer_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry, negative: bool) {
         match self.remember(parent, name) {
             Ok((node, st)) => reply.entry_with_ttls(
@@ -384,7 +430,10 @@ impl TokenFs {
                 let ttl = self.entry_ttl(parent, None);
                 reply.entry_with_ttls(&NO_CACHE, &ttl, &none, Generation(0))
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                self.check_fds(&e);
+                reply.error(errno(&e))
+            }
         }
     }
 }

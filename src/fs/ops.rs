@@ -297,7 +297,13 @@ impl fuser::Filesystem for TokenFs {
             return reply.opened(FileHandle(fh), open_flags);
         }
         let node = tri!(reply, self.node(ino));
-        let file = tri!(reply, sys::reopen(node.fd(), flags.0).map_err(io_errno));
+        let file = tri!(
+            reply,
+            sys::reopen(node.fd(), flags.0).map_err(|e| {
+                self.check_fds(&e);
+                io_errno(e)
+            })
+        );
         let (io, open_flags) = self.io_for(&node, &file, flags.0, |f| reply.open_backing(f));
         let backing = match &io {
             Io::Passthrough(id) => Some(id.clone()),
@@ -601,12 +607,17 @@ impl fuser::Filesystem for TokenFs {
             );
         }
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
+        let fd_error = |e: std::io::Error| {
+            self.check_fds(&e);
+            io_errno(e)
+        };
+        tri!(reply, self.fd_room().map_err(fd_error));
         let fd = tri!(
             reply,
-            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(io_errno)
+            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(fd_error)
         );
         self.chown_to_caller(req, &p, name);
-        let (node, st) = tri!(reply, self.remember(&p, name).map_err(io_errno));
+        let (node, st) = tri!(reply, self.remember(&p, name).map_err(fd_error));
         let file = std::fs::File::from(fd);
         let ttl = self.entry_ttl(&p, Some(&st));
         let (io, open_flags) = self.io_for(&node, &file, flags, |f| reply.open_backing(f));

@@ -431,3 +431,21 @@ pub fn egid() -> u32 {
     static EGID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *EGID.get_or_init(|| nix::unistd::getegid().as_raw())
 }
+
+/// How many fds the inode table and open handles may hold: the open file
+/// limit less a reserve for everything else (saves of managed files, the
+/// control socket, logs), so running out fails lookups, never a save.
+static FD_BUDGET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+pub fn set_fd_limit(limit: u64) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let reserve = (limit / 4).min(256);
+    FD_BUDGET.store(
+        limit.saturating_sub(reserve),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+pub fn fd_budget() -> usize {
+    FD_BUDGET.load(std::sync::atomic::Ordering::Relaxed)
+}

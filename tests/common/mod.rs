@@ -132,13 +132,31 @@ impl Daemon {
     }
 
     pub fn start_env(s: &Scratch, config: &str, dirs: &[&Path], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_under(s, config, dirs, env, &[])
+    }
+
+    /// Starts the daemon as the last argument of `wrapper` (e.g. `prlimit …`).
+    pub fn start_under(
+        s: &Scratch,
+        config: &str,
+        dirs: &[&Path],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Daemon {
         require_fuse();
         let cfg = s.write("tokenfs.toml", config);
         // A socket left by a killed daemon must not look like readiness.
         let _ = fs::remove_file(s.socket());
         let log = s.path("daemon.log");
         let logf = fs::File::create(&log).expect("log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("mount")
             .arg("--config")
             .arg(&cfg)
