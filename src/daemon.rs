@@ -288,7 +288,7 @@ fn raise_open_file_limit() {
         soft
     };
     crate::fs::sys::set_fd_limit(limit);
-    if limit < 65_536 {
+    if limit < 4_096 {
         warn!(
             "open file limit is {limit}: tokenfs keeps an fd per file the kernel has looked up, so a mount with more files than that gives EMFILE; raise it (ulimit -Hn, LimitNOFILE=)"
         );

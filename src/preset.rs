@@ -382,10 +382,33 @@ fn opencode(o: &Options) -> Vec<Mount> {
         })
         .map(|id| bind(segs(&[id, "key"]), o, "token", false))
         .collect();
+    // `opencode auth login` keeps the key in auth.json only: which entries
+    // share the credential is the user's call, never guessed.
+    let unbound: Vec<&String> = auth
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|a| {
+            a.iter()
+                .filter(|(id, e)| {
+                    e.get("type").and_then(Value::as_str) == Some("api") && !ids.contains(id)
+                })
+                .map(|(id, _)| id)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut notes = Vec::new();
+    if o.providers.is_none() && !unbound.is_empty() {
+        let list: Vec<String> = unbound.iter().map(|id| format!("\"{id}\"")).collect();
+        notes.push(format!(
+            "auth.json holds API keys of {} that no opencode.json provider names as apiKey: not managed; add providers = [{}] to the mount to serve them",
+            list.join(", "),
+            list.join(", ")
+        ));
+    }
     let mut mounts = vec![Mount {
         dir: config_dir,
         files: vec![file("opencode.json", Format::Json, bindings, o)],
-        notes: Vec::new(),
+        notes,
     }];
     if !auth_bindings.is_empty() {
         mounts.push(Mount {

@@ -456,3 +456,53 @@ fn a_hard_linked_file_renamed_over_a_managed_file() {
     assert_eq!(fs::read_to_string(&b).unwrap(), text);
     assert_ne!(fs::metadata(&b).unwrap().ino(), ino);
 }
+
+/// A push credential without a value (a restart before the first `set`):
+/// the file shows its placeholder, and the log and status say why, so a
+/// CLI's 401 is explained. A file created by a program is not reported as
+/// broken for being empty at its `creat`.
+#[test]
+fn a_credential_without_a_value_is_reported_and_a_created_file_is_not() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    s.write(
+        "home/.hermes/config.yaml",
+        "model:\n  api_key: __tokenfs:databricks.token__\n",
+    );
+    let cfg = hermes_config(&s, &dir).replace(
+        "bind = { \"model.api_key\" = \"databricks.token\" }\n",
+        "bind = { \"model.api_key\" = \"databricks.token\" }\n[[mount.file]]\npath = \".env\"\nformat = \"dotenv\"\nbind = { \"OPENAI_API_KEY\" = \"databricks.token\" }\n",
+    );
+    let d = Daemon::start(&s, &cfg, &[&dir]);
+    let text = fs::read_to_string(dir.join("config.yaml")).unwrap();
+    assert!(text.contains("__tokenfs:databricks.token__"), "{text}");
+    let status = d.status();
+    let last = status["mounts"][0]["files"][0]["last_error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        last.contains("databricks.token has no value yet"),
+        "{status}"
+    );
+    assert!(
+        d.log_text()
+            .contains("has no value yet (tokenfs set databricks)")
+    );
+    // A value arrives; a program then creates the second file with `>`.
+    let tok = token("late", 32);
+    d.set("databricks", &tok);
+    assert!(
+        fs::read_to_string(dir.join("config.yaml"))
+            .unwrap()
+            .contains(&tok)
+    );
+    fs::write(dir.join(".env"), format!("OPENAI_API_KEY={tok}\n")).unwrap();
+    assert_eq!(
+        fs::read_to_string(dir.join(".env")).unwrap(),
+        format!("OPENAI_API_KEY={tok}\n")
+    );
+    let status = d.status();
+    let env = &status["mounts"][0]["files"][1];
+    assert!(env["present"].as_bool().unwrap_or(false), "{status}");
+    assert!(env["last_error"].is_null(), "{status}");
+}

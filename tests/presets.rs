@@ -306,3 +306,54 @@ fn init_shows_fingerprints_and_changes_nothing_without_yes() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// `opencode auth login` keeps the key in auth.json only. Which of its
+/// entries share the credential is never guessed: without `providers` they
+/// stay untouched and status says how to serve them; with it they are served.
+#[test]
+fn opencode_keys_only_in_auth_json_need_providers_and_say_so() {
+    let s = Scratch::new();
+    s.write(
+        "home/.config/opencode/opencode.json",
+        "{\n  \"provider\": { \"gw\": { \"options\": { \"baseURL\": \"http://127.0.0.1:9/v1\" } } }\n}\n",
+    );
+    let auth = format!("{{\n  \"gw\": {{ \"type\": \"api\", \"key\": \"{TOK}\" }}\n}}\n");
+    s.write("home/.local/share/opencode/auth.json", &auth);
+    let (home, d) = start_preset(&s, "opencode", "databricks", &[".config/opencode"]);
+    let status = d.status();
+    let notes = status["mounts"][0]["notes"].to_string();
+    assert!(notes.contains("providers = [\\\"gw\\\"]"), "{status}");
+    assert_eq!(
+        status["mounts"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    assert_eq!(
+        fs::read_to_string(home.join(".local/share/opencode/auth.json")).unwrap(),
+        auth
+    );
+    drop(d);
+
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\npreset = \"opencode\"\nproviders = [\"gw\"]\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let dirs = [
+        home.join(".config/opencode"),
+        home.join(".local/share/opencode"),
+    ];
+    let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        &refs,
+        &[("HOME", home_s.as_str()), ("XDG_DATA_HOME", "")],
+    );
+    d.set("databricks", "dapiROTATED000000000000000000000001");
+    let served = fs::read_to_string(home.join(".local/share/opencode/auth.json")).unwrap();
+    assert_eq!(
+        served,
+        auth.replace(TOK, "dapiROTATED000000000000000000000001")
+    );
+}

@@ -340,6 +340,7 @@ impl ManagedFile {
         let lookup = |slot: &str| snap.get_str(slot).map(|s| s.expose());
         let mut out = Vec::new();
         template.render(&lookup, &mut out);
+        self.report_missing(snap);
         if broken {
             return SecretBytes::new(out);
         }
@@ -352,6 +353,27 @@ impl ManagedFile {
             self.note_error(msg);
         }
         SecretBytes::new(out)
+    }
+
+    /// A CLI would send a placeholder as its key (and get a 401): say which
+    /// credential has no value, once per generation (renders are cached).
+    fn report_missing(&self, snap: &Snapshot) {
+        let missing: Vec<&SlotRef> = self
+            .slots
+            .iter()
+            .filter(|s| snap.get(s).is_none())
+            .collect();
+        let Some(first) = missing.first() else {
+            return;
+        };
+        let slots: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+        let msg = format!(
+            "served with placeholders: {} has no value yet (tokenfs set {})",
+            slots.join(", "),
+            first.credential
+        );
+        warn!(file = %self.shown.display(), "{msg}");
+        self.note_error(msg);
     }
 
     /// `stat` of the file as readers see it: mode without group and other
@@ -525,7 +547,9 @@ impl ManagedFile {
             mode & 0o700,
         )?;
         let st = sys::stat_fd(fd.as_fd())?;
-        self.install(Vec::new(), false, st);
+        // Empty until its creator's write is saved: not checked as a
+        // rendering (it lacks every bound key), so no false alarm in status.
+        self.install(Vec::new(), true, st);
         Ok(())
     }
 
