@@ -18,6 +18,13 @@ if [ ! -x target/clients/node_modules/.bin/claude ]; then
   npm install --prefix target/clients --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@2.1.330 >/dev/null 2>&1 ||
     echo "setup: could not install Claude Code; its test will fail" >&2
 fi
+# Codex CLI, from the npm registry (a Rust binary; it saves auth.json by rename).
+if [ ! -x target/clients/node_modules/.bin/codex ]; then
+  echo "setup: installing Codex CLI (npm) for the real-client test" >&2
+  mkdir -p target/clients
+  npm install --prefix target/clients --no-audit --no-fund --loglevel=error @openai/codex@0.171.0 >/dev/null 2>&1 ||
+    echo "setup: could not install Codex CLI; its test will fail" >&2
+fi
 # And Hermes Agent, from PyPI, in its own virtualenv.
 if [ ! -x target/clients/hermes-venv/bin/hermes ]; then
   echo "setup: installing Hermes Agent (PyPI) for the real-client test" >&2

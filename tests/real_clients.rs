@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -184,6 +185,136 @@ fn openai(method: &str, _path: &str, body: &[u8]) -> (&'static str, String) {
         );
     }
     ("application/json", r#"{"id":"c1","object":"chat.completion","created":1,"model":"test-model","choices":[{"index":0,"message":{"role":"assistant","content":"hi from the fake"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#.into())
+}
+
+/// The OpenAI Responses API (what Codex speaks): a short streamed reply;
+/// anything else as `openai`.
+fn openai_responses(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {
+    if method != "POST" || !path.trim_end_matches('/').ends_with("/responses") {
+        return openai(method, path, body);
+    }
+    let ev = |e: &str, d: serde_json::Value| format!("event: {e}\ndata: {d}\n\n");
+    let item = serde_json::json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+        "content": [{"type": "output_text", "text": "hi from the fake", "annotations": []}]});
+    let response = serde_json::json!({"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+        "model": "test-model", "output": [item],
+        "usage": {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 3,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 4}});
+    let mut started = response.clone();
+    started["status"] = "in_progress".into();
+    started["output"] = serde_json::json!([]);
+    let sse = [
+        ev(
+            "response.created",
+            serde_json::json!({"type": "response.created", "response": started}),
+        ),
+        ev(
+            "response.output_item.added",
+            serde_json::json!({"type": "response.output_item.added", "output_index": 0, "item": item}),
+        ),
+        ev(
+            "response.output_text.delta",
+            serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_1",
+            "output_index": 0, "content_index": 0, "delta": "hi from the fake"}),
+        ),
+        ev(
+            "response.output_item.done",
+            serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        ),
+        ev(
+            "response.completed",
+            serde_json::json!({"type": "response.completed", "response": response}),
+        ),
+    ];
+    ("text/event-stream", sse.concat())
+}
+
+/// Codex CLI (the real program, from npm) reads `~/.codex/auth.json`
+/// through the mount and sends the key current at each run; `codex login
+/// --with-api-key` saves a new key the way it saves auth.json (a temp file
+/// renamed over it), which tokenfs adopts without writing it to disk.
+#[test]
+fn codex_sends_the_key_current_at_each_run_and_its_login_is_adopted() {
+    let codex = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/clients/node_modules/.bin/codex");
+    assert!(
+        codex.exists(),
+        "Codex CLI is missing: scripts/test.sh installs it from npm"
+    );
+    let (url, seen) = fake_api(openai_responses);
+    let s = Scratch::new();
+    let home = s.path("home");
+    let first = "sk-codex-first-00000000000000000000001";
+    s.write(
+        "home/.codex/config.toml",
+        &format!("model = \"test-model\"\nmodel_provider = \"fake\"\ncli_auth_credentials_store = \"file\"\ncheck_for_update_on_startup = false\n\n[model_providers.fake]\nname = \"Fake\"\nbase_url = \"{url}/v1\"\nwire_api = \"responses\"\nrequires_openai_auth = true\n"),
+    );
+    s.write(
+        "home/.codex/auth.json",
+        &format!("{{\n  \"OPENAI_API_KEY\": \"{first}\"\n}}\n"),
+    );
+    let backing = Backing::open(&home.join(".codex"));
+    let (_, d) = start_preset(&s, "codex", "openai", &[".codex"]);
+    let work = s.path("work");
+    fs::create_dir_all(&work).unwrap();
+    let codex_cmd = |args: &[&str]| {
+        let mut c = Command::new(&codex);
+        c.args(args)
+            .current_dir(&work)
+            .env("HOME", &home)
+            .env_remove("CODEX_HOME")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("RUST_LOG");
+        c
+    };
+    let run = || {
+        let out = codex_cmd(&["exec", "--skip-git-repo-check", "say hi"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("codex");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("hi from the fake"),
+            "codex failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.lock().last().cloned().unwrap_or_default()
+    };
+    assert_eq!(run(), first);
+    let second = "sk-codex-second-0000000000000000000002";
+    d.set("openai", second);
+    assert_eq!(run(), second);
+    // Codex's own save of a new key.
+    let third = "sk-codex-third-00000000000000000000003";
+    let mut login = codex_cmd(&["login", "--with-api-key"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("codex login");
+    login
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(third.as_bytes())
+        .unwrap();
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "codex login: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(run(), third);
+    let on_disk = String::from_utf8(backing.read("auth.json").unwrap()).unwrap();
+    assert!(
+        on_disk.contains("__tokenfs:openai.token__") && !on_disk.contains(third),
+        "{on_disk}"
+    );
+    assert!(
+        seen.lock()
+            .iter()
+            .all(|t| [first, second, third].contains(&t.as_str()))
+    );
 }
 
 /// Claude Code (the real CLI, from npm) reads `~/.claude/settings.json`
