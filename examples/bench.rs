@@ -462,7 +462,7 @@ impl Bench {
 
     fn bulk(&self, r: &mut Report) {
         r.section(
-            "3. bulk passthrough: 64 MiB sequential write / read (MB/s), 1,000 small files (ops/s)",
+            "3. bulk passthrough: 64 MiB sequential write / read (MB/s), 1,000 small files (ops/s); medians of 5 rounds",
         );
         let mut rows = serde_json::Map::new();
         // A second mount that forwards reads and writes through the daemon,
@@ -487,41 +487,60 @@ impl Bench {
             ("bindfs", &self.bind),
             ("tokenfs forwarded", &fwd),
         ];
-        let mut results = Vec::new();
-        // Best of three, interleaved, so one column does not pay for the
-        // writeback of another.
-        let mut best = [(0.0f64, 0.0f64, 0.0f64); 4];
-        for _ in 0..3 {
+        // Five rounds, each measuring every column back to back, so one
+        // column does not pay for the writeback of another; each ratio is
+        // the median of the rounds' ratios (the disk and the VM vary a lot
+        // between rounds, much less within one).
+        const ROUNDS: usize = 5;
+        // samples[metric][column][round]: write MB/s, read MB/s, churn ops/s, pinned churn.
+        let mut samples = vec![vec![Vec::new(); targets.len()]; 4];
+        for _ in 0..ROUNDS {
             for (i, (_, dir)) in targets.iter().enumerate() {
                 let (w, rd) = seq_io(&dir.join("big.bin"));
-                let churn = small_files(&dir.join("churn"));
-                best[i] = (best[i].0.max(w), best[i].1.max(rd), best[i].2.max(churn));
+                samples[0][i].push(w);
+                samples[1][i].push(rd);
+                samples[2][i].push(small_files(&dir.join("churn")));
             }
-        }
-        for (i, (name, _)) in targets.iter().enumerate() {
-            results.push((*name, best[i].0, best[i].1, best[i].2));
         }
         // Churn again with every process on CPU 0: unpinned, each request
         // may or may not pay a cross-CPU wake-up, and runs vary 2x.
         self.pin(true);
         taskset(_fwd_daemon.child.id(), "0");
-        let mut pinned = [0.0f64; 4];
-        for _ in 0..3 {
+        for _ in 0..ROUNDS {
             for (i, (_, dir)) in targets.iter().enumerate() {
-                pinned[i] = pinned[i].max(churn_pinned(&dir.join("churn")));
+                samples[3][i].push(churn_pinned(&dir.join("churn")));
             }
         }
         self.pin(false);
-        let (floor, bind) = (results[1], results[2]);
-        for (i, (name, w, rd, churn)) in results.iter().enumerate() {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        // The median over rounds of column `i` ÷ column `of`, for `metric`.
+        let ratio = |metric: usize, i: usize, of: usize| {
+            let per_round: Vec<f64> = samples[metric][i]
+                .iter()
+                .zip(&samples[metric][of])
+                .map(|(a, b)| a / b.max(f64::MIN_POSITIVE))
+                .collect();
+            median(&per_round)
+        };
+        let (floor, bind) = (1, 2);
+        for (i, (name, _)) in targets.iter().enumerate() {
+            let m: Vec<f64> = (0..4).map(|k| median(&samples[k][i])).collect();
             r.line(format!(
-                "{name:<20} write {w:>6.0} ({:.2}× floor, {:>5.2}× bindfs)  read {rd:>6.0} ({:.2}× floor, {:.2}× bindfs)  churn {churn:>6.0} ops/s ({:.2}× bindfs), pinned {:>6.0} ({:.2}× bindfs)",
-                w / floor.1, w / bind.1, rd / floor.2, rd / bind.2, churn / bind.3,
-                pinned[i], pinned[i] / pinned[2]
+                "{name:<20} write {:>6.0} ({:.2}× floor, {:>5.2}× bindfs)  read {:>6.0} ({:.2}× floor, {:.2}× bindfs)  churn {:>6.0} ops/s ({:.2}× bindfs), pinned {:>6.0} ({:.2}× bindfs)",
+                m[0], ratio(0, i, floor), ratio(0, i, bind),
+                m[1], ratio(1, i, floor), ratio(1, i, bind),
+                m[2], ratio(2, i, bind), m[3], ratio(3, i, bind)
             ));
             rows.insert(
                 (*name).into(),
-                json!({"write_mbs": w, "read_mbs": rd, "churn_ops": churn, "churn_ops_pinned": pinned[i]}),
+                json!({"write_mbs": m[0], "read_mbs": m[1], "churn_ops": m[2], "churn_ops_pinned": m[3],
+                       "write_vs_floor": ratio(0, i, floor), "read_vs_floor": ratio(1, i, floor),
+                       "write_vs_bindfs": ratio(0, i, bind), "read_vs_bindfs": ratio(1, i, bind),
+                       "churn_vs_bindfs": ratio(2, i, bind), "churn_pinned_vs_bindfs": ratio(3, i, bind)}),
             );
         }
         r.put("bulk", Value::Object(rows));
