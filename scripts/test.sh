@@ -38,6 +38,7 @@ cargo test --release --quiet -- --test-threads=4 2>&1 | tee /tmp/tokenfs-test.lo
 # every plain file's reads and writes then go through the daemon.
 TOKENFS_KERNEL_PASSTHROUGH=off cargo test --release --quiet --test passthrough --test managed --test views \
   -- --test-threads=4 2>&1 | tee -a /tmp/tokenfs-test.log
+TOKENFS_KERNEL_PASSTHROUGH=off cargo test --release --quiet --test faults setuid 2>&1 | tee -a /tmp/tokenfs-test.log
 # One closing line for CI: totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tokenfs: %d passed, %d failed\n", p, f; exit (f > 0) }' /tmp/tokenfs-test.log

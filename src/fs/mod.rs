@@ -60,6 +60,9 @@ pub struct TokenFs {
     next_fh: AtomicU64,
     /// Whether the kernel accepted FUSE passthrough for this session.
     kernel_passthrough: AtomicBool,
+    /// Whether the kernel leaves clearing setuid/setgid bits to us
+    /// (`FUSE_HANDLE_KILLPRIV_V2`, see `passthrough::drop_setid`).
+    kill_priv: AtomicBool,
     io: IoModes,
     pub info: Arc<MountInfo>,
 }
@@ -271,6 +274,7 @@ impl TokenFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kernel_passthrough: AtomicBool::new(false),
+            kill_priv: AtomicBool::new(false),
             io: IoModes::default(),
             info,
         })

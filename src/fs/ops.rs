@@ -2,6 +2,7 @@
 //! deciding only whether the name or node is managed and delegating.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -65,11 +66,23 @@ impl fuser::Filesystem for TokenFs {
         // ATOMIC_O_TRUNC: without it, open(O_TRUNC) arrives as a SETATTR
         // without a handle, indistinguishable from truncate(2) by path, and
         // readers would see the file empty until the writer closes.
-        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+        // HANDLE_KILLPRIV_V2: the kernel then stops asking for
+        // security.capability before every write (once per inode instead),
+        // and leaves clearing setuid/setgid bits to us (`drop_setid`).
+        // TOKENFS_KILLPRIV=off leaves it to the kernel (to measure it).
+        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
-        let _ = config.add_capabilities(wanted & config.capabilities());
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        if std::env::var_os("TOKENFS_KILLPRIV").is_some_and(|v| v == "off") {
+            wanted.remove(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        }
+        let granted = wanted & config.capabilities();
+        let _ = config.add_capabilities(granted);
+        let kill_priv = granted.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        self.kill_priv
+            .store(kill_priv, std::sync::atomic::Ordering::Relaxed);
         // Kernel passthrough needs CAP_SYS_ADMIN to register backing files;
         // stack depth 2 lets the backing directory itself be on overlayfs
         // (as a container's root is).
@@ -164,7 +177,10 @@ impl fuser::Filesystem for TokenFs {
             return reply.attr(&ttl, &to_attr(v.file.id, &st));
         }
         let node = tri!(reply, self.node(ino));
-        let st = tri!(reply, self.passthrough_setattr(&node, &change, fh));
+        let st = tri!(
+            reply,
+            self.passthrough_setattr(&node, &change, fh, req.uid() != 0)
+        );
         reply.attr(&PASSTHROUGH_TTL, &to_attr(node.id, &st));
     }
 
@@ -304,6 +320,9 @@ impl fuser::Filesystem for TokenFs {
                 io_errno(e)
             })
         );
+        if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
+            self.drop_setid(file.as_fd());
+        }
         let (io, open_flags) = self.io_for(&node, &file, flags.0, |f| reply.open_backing(f));
         let backing = match &io {
             Io::Passthrough(id) => Some(id.clone()),
@@ -347,7 +366,7 @@ impl fuser::Filesystem for TokenFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -361,6 +380,9 @@ impl fuser::Filesystem for TokenFs {
             }
             Handle::File { file, .. } => {
                 let n = tri!(reply, sys::pwrite(file, data, offset).map_err(io_errno));
+                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                    self.drop_setid(file.as_fd());
+                }
                 reply.written(n as u32);
             }
             Handle::Dir(_) => reply.error(Errno::EISDIR),
@@ -635,7 +657,7 @@ impl fuser::Filesystem for TokenFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -644,8 +666,11 @@ impl fuser::Filesystem for TokenFs {
         reply: ReplyEmpty,
     ) {
         let h = tri!(reply, self.handle(fh));
-        if !matches!(&*h, Handle::File { .. }) {
+        let Handle::File { file, .. } = &*h else {
             return reply.error(Errno::EOPNOTSUPP);
+        };
+        if req.uid() != 0 {
+            self.drop_setid(file.as_fd());
         }
         offload::run(move || {
             if let Handle::File { file, .. } = &*h {

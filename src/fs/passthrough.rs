@@ -96,12 +96,16 @@ impl TokenFs {
         node: &Node,
         c: &AttrChange,
         fh: Option<FileHandle>,
+        unprivileged: bool,
     ) -> Result<libc::stat, Errno> {
         if let Some(size) = c.size {
             let via_handle = fh.and_then(|fh| self.handle(fh).ok());
             match via_handle.as_deref() {
                 Some(Handle::File { file, .. }) => file.set_len(size).map_err(io_errno)?,
                 _ => sys::truncate_fd(node.fd(), size).map_err(io_errno)?,
+            }
+            if unprivileged {
+                self.drop_setid(node.fd());
             }
         }
         apply_meta(node.fd(), c, node.is_symlink()).map_err(io_errno)?;
@@ -331,8 +335,15 @@ impl TokenFs {
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
     ) -> (Io, FopenFlags) {
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
-        let small = || file.metadata().is_ok_and(|m| m.len() <= SMALL_FILE);
-        let want = if !self.kernel_passthrough.load(Ordering::Relaxed) || (read_only && small()) {
+        let st = sys::stat_fd(file.as_fd()).ok();
+        let small = st.is_some_and(|st| st.st_size as u64 <= SMALL_FILE);
+        // Passthrough writes never reach us, so we could not clear the
+        // bits they must clear (`drop_setid`).
+        let setid = st.is_none_or(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
+        let want = if !self.kernel_passthrough.load(Ordering::Relaxed)
+            || (read_only && small)
+            || (self.kill_priv.load(Ordering::Relaxed) && setid)
+        {
             Want::Cached
         } else {
             Want::Passthrough
@@ -347,6 +358,30 @@ impl TokenFs {
             Io::Cached(_) => CACHED_OPEN | FopenFlags::FOPEN_KEEP_CACHE,
         };
         (io, open_flags)
+    }
+
+    /// With `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves it to us to clear
+    /// setuid (and setgid with group-execute, the rule of the kernel's FUSE
+    /// client) when an unprivileged caller writes, truncates or opens with
+    /// `O_TRUNC`: the daemon does those as root, which would keep them.
+    /// A failure is logged: the write itself has happened.
+    pub(super) fn drop_setid(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        if !self.kill_priv.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(st) = sys::stat_fd(fd) else {
+            return;
+        };
+        let mut kill = st.st_mode & libc::S_ISUID;
+        if st.st_mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            kill |= libc::S_ISGID;
+        }
+        if kill == 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return;
+        }
+        if let Err(e) = sys::chmod_fd(fd, st.st_mode & 0o7777 & !kill) {
+            warn!(mount = %self.dir.display(), "cannot clear the setuid/setgid bits of a written file: {e}");
+        }
     }
 
     /// Lists a directory, giving managed files their own node ids and hiding
