@@ -61,12 +61,13 @@ pub struct IoModes {
 
 impl IoModes {
     /// The I/O of a new open of node `id`: whatever the inode's open handles
-    /// already use, else `want`. `register` makes the backing file for a
-    /// first passthrough open; if the kernel refuses it, the open is cached.
+    /// already use, else what `want` says (asked only then: it may `fstat`).
+    /// `register` makes the backing file for a first passthrough open; if
+    /// the kernel refuses it, the open is cached.
     pub fn choose(
         &self,
         id: u64,
-        want: Want,
+        want: impl FnOnce() -> Want,
         register: impl FnOnce() -> io::Result<BackingId>,
     ) -> Io {
         let mut m = self.modes.lock();
@@ -76,7 +77,7 @@ impl IoModes {
         if let Some(c) = m.cached.get(&id).and_then(Weak::upgrade) {
             return Io::Cached(c);
         }
-        if want == Want::Passthrough {
+        if want() == Want::Passthrough {
             match register() {
                 Ok(b) => {
                     let b = Arc::new(b);
@@ -107,20 +108,24 @@ mod tests {
     #[test]
     fn an_inode_keeps_one_mode_while_it_has_opens() {
         let modes = IoModes::default();
-        let first = modes.choose(7, Want::Cached, refused);
+        let first = modes.choose(7, || Want::Cached, refused);
         assert!(matches!(first, Io::Cached(_)));
         // A writer arriving while a cached reader is open stays cached
         // (registering would be refused by the kernel anyway).
-        let second = modes.choose(7, Want::Passthrough, || panic!("must not register"));
+        let second = modes.choose(7, || Want::Passthrough, || panic!("must not register"));
         assert!(matches!(second, Io::Cached(_)));
         drop((first, second));
         // With no open left, the next open chooses afresh; a refusal of the
         // backing file falls back to cached.
         let mut asked = false;
-        let third = modes.choose(7, Want::Passthrough, || {
-            asked = true;
-            refused()
-        });
+        let third = modes.choose(
+            7,
+            || Want::Passthrough,
+            || {
+                asked = true;
+                refused()
+            },
+        );
         assert!(asked && matches!(third, Io::Cached(_)));
     }
 }

@@ -410,14 +410,16 @@ impl TokenFs {
         self.answer_entry(parent, name, reply, false);
     }
 
-    /// Out of file descriptors is the daemon's failure, not the caller's:
-    /// it goes to the log and to `status` as well as to the caller.
-    fn check_fds(&self, e: &io::Error) {
+    /// The errno of a failure to open or look up. Out of file descriptors
+    /// is the daemon's failure, not the caller's: it goes to the log and to
+    /// `status` as well as to the caller.
+    fn fd_errno(&self, e: io::Error) -> Errno {
         if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
             self.info.note_error(format!(
                 "out of file descriptors ({e}): lookups and opens fail until the kernel forgets inodes; raise the open file limit"
             ));
         }
+        errno(&e)
     }
 
     fn answer_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry, negative: bool) {
@@ -434,10 +436,7 @@ impl TokenFs {
                 let ttl = self.entry_ttl(parent, None);
                 reply.entry_with_ttls(&NO_CACHE, &ttl, &none, Generation(0))
             }
-            Err(e) => {
-                self.check_fds(&e);
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(self.fd_errno(e)),
         }
     }
 }

@@ -15,7 +15,6 @@ use fuser::{
 };
 use tracing::{debug, info};
 
-use super::io_mode::Io;
 use super::offload;
 use super::passthrough::rename_onto_managed;
 use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
@@ -315,20 +314,13 @@ impl fuser::Filesystem for TokenFs {
         let node = tri!(reply, self.node(ino));
         let file = tri!(
             reply,
-            sys::reopen(node.fd(), flags.0).map_err(|e| {
-                self.check_fds(&e);
-                io_errno(e)
-            })
+            sys::reopen(node.fd(), flags.0).map_err(|e| self.fd_errno(e))
         );
         if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
             self.drop_setid(file.as_fd());
         }
-        let (io, open_flags) = self.io_for(&node, &file, flags.0, |f| reply.open_backing(f));
-        let backing = match &io {
-            Io::Passthrough(id) => Some(id.clone()),
-            Io::Cached(_) => None,
-        };
-        let fh = FileHandle(self.add_handle(Handle::File { file, _io: io }));
+        let (fh, open_flags, backing) =
+            self.open_plain(&node, file, flags.0, |f| reply.open_backing(f));
         match backing {
             Some(id) => reply.opened_passthrough(fh, open_flags, &id),
             None => reply.opened(fh, open_flags),
@@ -629,25 +621,17 @@ impl fuser::Filesystem for TokenFs {
             );
         }
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        let fd_error = |e: std::io::Error| {
-            self.check_fds(&e);
-            io_errno(e)
-        };
-        tri!(reply, self.fd_room().map_err(fd_error));
+        tri!(reply, self.fd_room().map_err(|e| self.fd_errno(e)));
         let fd = tri!(
             reply,
-            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(fd_error)
+            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(|e| self.fd_errno(e))
         );
         self.chown_to_caller(req, &p, name);
-        let (node, st) = tri!(reply, self.remember(&p, name).map_err(fd_error));
+        let (node, st) = tri!(reply, self.remember(&p, name).map_err(|e| self.fd_errno(e)));
         let file = std::fs::File::from(fd);
         let ttl = self.entry_ttl(&p, Some(&st));
-        let (io, open_flags) = self.io_for(&node, &file, flags, |f| reply.open_backing(f));
-        let backing = match &io {
-            Io::Passthrough(id) => Some(id.clone()),
-            Io::Cached(_) => None,
-        };
-        let fh = FileHandle(self.add_handle(Handle::File { file, _io: io }));
+        let (fh, open_flags, backing) =
+            self.open_plain(&node, file, flags, |f| reply.open_backing(f));
         let attr = to_attr(node.id, &st);
         match backing {
             Some(id) => reply.created_passthrough(&ttl, &attr, Generation(0), fh, open_flags, &id),

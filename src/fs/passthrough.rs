@@ -327,26 +327,28 @@ impl TokenFs {
     /// open flags. Read-only opens of small files use the page cache (no
     /// GETATTR after each read, see `io_mode`); the rest kernel passthrough
     /// where the kernel allows it.
-    pub(super) fn io_for(
+    fn io_for(
         &self,
         node: &Node,
         file: &File,
         flags: i32,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
     ) -> (Io, FopenFlags) {
-        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
-        let st = sys::stat_fd(file.as_fd()).ok();
-        let small = st.is_some_and(|st| st.st_size as u64 <= SMALL_FILE);
-        // Passthrough writes never reach us, so we could not clear the
-        // bits they must clear (`drop_setid`).
-        let setid = st.is_none_or(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
-        let want = if !self.kernel_passthrough.load(Ordering::Relaxed)
-            || (read_only && small)
-            || (self.kill_priv.load(Ordering::Relaxed) && setid)
-        {
-            Want::Cached
-        } else {
-            Want::Passthrough
+        let want = || {
+            if !self.kernel_passthrough.load(Ordering::Relaxed) {
+                return Want::Cached;
+            }
+            let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+            let st = sys::stat_fd(file.as_fd()).ok();
+            let small = st.is_some_and(|st| st.st_size as u64 <= SMALL_FILE);
+            // Passthrough writes never reach us, so we could not clear the
+            // bits they must clear (`drop_setid`).
+            let setid = st.is_none_or(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
+            if (read_only && small) || (self.kill_priv.load(Ordering::Relaxed) && setid) {
+                Want::Cached
+            } else {
+                Want::Passthrough
+            }
         };
         let io = self.io.choose(node.id, want, || open_backing(file));
         let open_flags = match &io {
@@ -358,6 +360,24 @@ impl TokenFs {
             Io::Cached(_) => CACHED_OPEN | FopenFlags::FOPEN_KEEP_CACHE,
         };
         (io, open_flags)
+    }
+
+    /// Registers an open plain file as a handle: the handle, its open flags,
+    /// and the backing file when it uses kernel passthrough.
+    pub(super) fn open_plain(
+        &self,
+        node: &Node,
+        file: File,
+        flags: i32,
+        open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> (FileHandle, FopenFlags, Option<Arc<BackingId>>) {
+        let (io, open_flags) = self.io_for(node, &file, flags, open_backing);
+        let backing = match &io {
+            Io::Passthrough(id) => Some(id.clone()),
+            Io::Cached(_) => None,
+        };
+        let fh = FileHandle(self.add_handle(Handle::File { file, _io: io }));
+        (fh, open_flags, backing)
     }
 
     /// With `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves it to us to clear
