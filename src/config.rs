@@ -26,8 +26,16 @@ pub struct Config {
     pub mode: Mode,
     pub socket: PathBuf,
     pub credentials: BTreeMap<String, SourceConfig>,
+    /// Per credential that sets `min_length`: the shortest value a program
+    /// may write at a bound key and have adopted (else the default).
+    pub min_length: BTreeMap<String, usize>,
     pub mounts: Vec<MountConfig>,
+    /// Where the originals of converted files are backed up (0700).
+    pub state_dir: PathBuf,
 }
+
+/// The largest managed file served unless `max_file_size` says otherwise.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 20;
 
 /// How managed files reach readers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -99,6 +107,12 @@ pub struct ManagedConfig {
     pub bindings: Vec<Binding>,
     /// Create the file (with the bound keys) when it does not exist.
     pub create: bool,
+    /// At mount, a value at a bound key that differs from the credential's
+    /// may be replaced by it (the original is backed up first); without
+    /// this, such a file refuses to mount.
+    pub replace: bool,
+    /// The largest the file may be (`EFBIG` beyond).
+    pub max_size: u64,
 }
 
 /// A configuration error, displayed as `file:line:column: key: message`.
@@ -129,12 +143,22 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     mode: Option<Mode>,
+    /// Bytes, or a string such as "1MiB".
+    max_file_size: Option<Spanned<RawSize>>,
+    state_dir: Option<String>,
     #[serde(default)]
     control: RawControl,
     #[serde(default)]
     credentials: BTreeMap<Spanned<String>, Spanned<RawCredential>>,
     #[serde(default)]
     mount: Vec<Spanned<RawMount>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -156,6 +180,7 @@ struct RawCredential {
     comment: Option<String>,
     cleanup_orphans: Option<bool>,
     timeout: Option<Spanned<String>>,
+    min_length: Option<Spanned<usize>>,
 }
 
 impl RawCredential {
@@ -171,6 +196,7 @@ impl RawCredential {
             ("comment", self.comment.is_some()),
             ("cleanup_orphans", self.cleanup_orphans.is_some()),
             ("timeout", self.timeout.is_some()),
+            ("min_length", self.min_length.is_some()),
         ];
         keys.into_iter()
             .filter(|(_, set)| *set)
@@ -197,6 +223,8 @@ struct RawMount {
     providers: Option<Vec<String>>,
     #[serde(default)]
     oauth: bool,
+    #[serde(default)]
+    replace: bool,
 }
 
 #[derive(Deserialize)]
@@ -208,6 +236,7 @@ struct RawFile {
     bind: BTreeMap<Spanned<String>, Spanned<RawBind>>,
     #[serde(default)]
     create: bool,
+    replace: Option<bool>,
 }
 
 /// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer ", suffix = "" }`.
@@ -251,6 +280,7 @@ impl Config {
 
     fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
         let mut credentials = BTreeMap::new();
+        let mut min_length = BTreeMap::new();
         for (name, cred) in &raw.credentials {
             let key = format!("credentials.{}", name.get_ref());
             if name.get_ref().is_empty() || name.get_ref().contains(['.', ' ']) {
@@ -261,12 +291,35 @@ impl Config {
                 ));
             }
             let source = validate_source(cred.get_ref(), &key, at)?;
+            if let Some(n) = &cred.get_ref().min_length {
+                if *n.get_ref() == 0 {
+                    return Err(at.error(
+                        n.span(),
+                        &format!("{key}.min_length"),
+                        "must be at least 1",
+                    ));
+                }
+                min_length.insert(name.get_ref().clone(), *n.get_ref());
+            }
             credentials.insert(name.get_ref().clone(), source);
         }
+        let max_size = match &raw.max_file_size {
+            Some(v) => parse_size(v.get_ref()).ok_or_else(|| {
+                at.error(
+                    v.span(),
+                    "max_file_size",
+                    "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
+                )
+            })?,
+            None => DEFAULT_MAX_FILE_SIZE,
+        };
         let mut mounts: Vec<MountConfig> = Vec::new();
         for (i, mount) in raw.mount.iter().enumerate() {
             let key = format!("mount[{i}]");
-            for m in validate_mount(mount, &key, &credentials, at)? {
+            for mut m in validate_mount(mount, &key, &credentials, at)? {
+                for f in &mut m.files {
+                    f.max_size = max_size;
+                }
                 if let Some(other) = mounts.iter().find(|o| o.dir == m.dir) {
                     return Err(at.error(
                         mount.span(),
@@ -293,8 +346,49 @@ impl Config {
                 .map(expand_home)
                 .unwrap_or_else(default_socket),
             credentials,
+            min_length,
             mounts,
+            state_dir: match std::env::var_os("TOKENFS_STATE_DIR") {
+                Some(d) if !d.is_empty() => PathBuf::from(d),
+                _ => raw
+                    .state_dir
+                    .as_deref()
+                    .map(expand_home)
+                    .unwrap_or_else(default_state_dir),
+            },
         })
+    }
+}
+
+/// `1048576`, `"1MiB"`, `"512KiB"`, `"2MB"`: at least 1 KiB.
+fn parse_size(raw: &RawSize) -> Option<u64> {
+    let n = match raw {
+        RawSize::Bytes(n) => *n,
+        RawSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "k" | "kb" => 1000,
+                "kib" => 1 << 10,
+                "m" | "mb" => 1_000_000,
+                "mib" => 1 << 20,
+                "g" | "gb" => 1_000_000_000,
+                "gib" => 1 << 30,
+                _ => return None,
+            };
+            num.parse::<u64>().ok()?.checked_mul(mult)?
+        }
+    };
+    (n >= 1024).then_some(n)
+}
+
+/// `$XDG_STATE_HOME/tokenfs`, else `~/.local/state/tokenfs`.
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("tokenfs"),
+        _ => expand_home("~/.local/state").join("tokenfs"),
     }
 }
 
@@ -316,13 +410,13 @@ fn validate_source(
     };
     match source {
         "push" => {
-            only(&["initial_env"])?;
+            only(&["initial_env", "min_length"])?;
             Ok(SourceConfig::Push {
                 initial_env: raw.initial_env.clone(),
             })
         }
         "file" => {
-            only(&["path"])?;
+            only(&["path", "min_length"])?;
             let path = raw.path.as_ref().ok_or_else(|| {
                 at.error(
                     raw.source.span(),
@@ -344,6 +438,7 @@ fn validate_source(
                 "comment",
                 "cleanup_orphans",
                 "timeout",
+                "min_length",
             ])?;
             validate_databricks(raw, key, at).map(SourceConfig::Databricks)
         }
@@ -468,7 +563,7 @@ fn validate_mount(
     let mut files: Vec<ManagedConfig> = Vec::new();
     for (j, file) in raw.file.iter().enumerate() {
         let fkey = format!("{key}.file[{j}]");
-        let f = validate_file(file.get_ref(), &fkey, credentials, at)?;
+        let f = validate_file(file.get_ref(), &fkey, raw.replace, credentials, at)?;
         if files.iter().any(|o| o.path == f.path) {
             return Err(at.error(
                 file.get_ref().path.span(),
@@ -506,6 +601,7 @@ fn validate_mount(
         profile: raw.profile.clone(),
         providers: raw.providers.clone(),
         oauth: raw.oauth,
+        replace: raw.replace,
     };
     let expanded = crate::preset::expand(preset.get_ref(), &opts)
         .map_err(|e| at.error(preset.span(), &format!("{key}.preset"), &e))?;
@@ -531,6 +627,7 @@ fn validate_mount(
 fn validate_file(
     raw: &RawFile,
     key: &str,
+    mount_replace: bool,
     credentials: &BTreeMap<String, SourceConfig>,
     at: &Locator<'_>,
 ) -> Result<ManagedConfig, ConfigError> {
@@ -585,6 +682,8 @@ fn validate_file(
         format,
         bindings,
         create: raw.create,
+        replace: raw.replace.unwrap_or(mount_replace),
+        max_size: DEFAULT_MAX_FILE_SIZE,
     })
 }
 

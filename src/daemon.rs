@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use fuser::{MountOption, Session, SessionACL};
 use tracing::{error, info, warn};
 
+use crate::backup::Backups;
 use crate::config::{Config, Mode, MountConfig};
 use crate::control;
 use crate::files;
@@ -56,7 +57,7 @@ pub fn run(config: Config) -> Result<(), String> {
         Err(e) if config.mode == Mode::Fuse => {
             // The files were converted to placeholders before mounting:
             // put working tokens back before giving up.
-            files::restore(&config, &store, sources.as_ref());
+            files::restore(&config, &store);
             return Err(e);
         }
         Err(e) => {
@@ -88,10 +89,11 @@ fn serve_fuse(
     sources: &Arc<Sources>,
     tx: &mpsc::Sender<Event>,
 ) -> Result<(Vec<Arc<MountInfo>>, Vec<PathBuf>), String> {
-    let ctx = Arc::new(Context {
-        store: store.clone(),
-        adopt: sources.clone(),
-    });
+    let ctx = Arc::new(Context::new(
+        store.clone(),
+        sources.clone(),
+        Backups::new(&config.state_dir),
+    ));
     let mut filesystems = Vec::new();
     for m in &config.mounts {
         let root = open_dir(&m.dir)?;

@@ -35,6 +35,7 @@ pub struct FileCopy {
     bindings: Vec<Binding>,
     slots: Vec<SlotRef>,
     create: bool,
+    replace: bool,
     state: Mutex<CopyState>,
     health: Mutex<FileHealth>,
 }
@@ -87,14 +88,30 @@ pub fn start(
     Ok(infos)
 }
 
-/// Writes the current rendering into every managed file once (after a failed
-/// mount, so the files hold working tokens again instead of placeholders).
-pub fn restore(config: &Config, store: &Store, adopt: &dyn Adopt) {
+/// Puts the current secrets back where a file holds placeholders at its
+/// bound keys (after a failed mount, so the files hold working tokens again).
+/// Nothing else is converted or adopted: a file that was never converted is
+/// left exactly as it is.
+pub fn restore(config: &Config, store: &Store) {
     for m in &config.mounts {
         for f in &m.files {
             let copy = FileCopy::new(&m.dir, f);
-            copy.refresh(store, adopt, true);
-            copy.refresh(store, adopt, false);
+            let Ok(bytes) = std::fs::read(&copy.path) else {
+                continue;
+            };
+            let template = render::template(copy.format, bytes.clone(), &copy.bindings);
+            if template.bound().next().is_none() {
+                continue;
+            }
+            let rendered = render_with(&template, &store.snapshot(), &copy.path);
+            if *rendered != *bytes {
+                match copy.write_atomically(&rendered) {
+                    Ok(()) => info!(file = %copy.path.display(), "put the current tokens back"),
+                    Err(e) => {
+                        error!(file = %copy.path.display(), "could not put the current tokens back: {e}")
+                    }
+                }
+            }
         }
     }
 }
@@ -130,6 +147,7 @@ impl FileCopy {
                 .filter_map(|b| SlotRef::parse(&b.slot).ok())
                 .collect(),
             create: f.create,
+            replace: f.replace,
             state: Mutex::new(CopyState::default()),
             health: Mutex::new(FileHealth::default()),
         }
@@ -159,7 +177,7 @@ impl FileCopy {
         if self.slots.iter().any(|s| snap.get(s).is_none()) {
             return; // Never replace a token on disk with a placeholder.
         }
-        let rendered = render_with(template, &snap);
+        let rendered = render_with(template, &snap, &self.path);
         if on_disk.as_ref() == Some(&rendered) {
             st.last = Some(rendered);
             return;
@@ -206,7 +224,34 @@ impl FileCopy {
         if let Some(e) = &conv.parse_error {
             warn!(file = %self.path.display(), "not valid {} ({e}); kept as written", self.format);
         }
-        for found in conv.found {
+        for s in &conv.stray {
+            warn!(file = %self.path.display(), line = s.line, key = %s.key, fingerprint = %s.fingerprint,
+                "a token is stored outside the bound keys: bind that key or remove it");
+        }
+        if startup && !self.replace {
+            let conflict = conv.found.iter().filter(|f| !f.known).find(|f| {
+                let Ok(slot) = SlotRef::parse(&f.slot) else {
+                    return false;
+                };
+                let differs = snap.get(&slot).is_some_and(|c| *c != f.value);
+                differs && adopt.plausible(&slot, &f.value).is_ok()
+            });
+            if let Some(f) = conflict {
+                let msg = format!(
+                    "{}: key {} holds {}, a different token than credential {}: left as it is (set replace = true to let the credential take over)",
+                    self.path.display(),
+                    f.key,
+                    f.value,
+                    f.slot
+                );
+                error!("{msg}");
+                let mut h = self.health.lock();
+                h.last_error = Some(msg);
+                h.last_error_at = Some(SystemTime::now());
+                return render::template(self.format, bytes.to_vec(), &[]);
+            }
+        }
+        for found in conv.found.into_iter().filter(|f| !f.known) {
             let Ok(slot) = SlotRef::parse(&found.slot) else {
                 continue;
             };
@@ -221,7 +266,7 @@ impl FileCopy {
                 }
             }
         }
-        Template::new(conv.template)
+        render::template(self.format, conv.template, &self.bindings)
     }
 
     /// temp file + fsync + rename + fsync(dir), keeping mode and owner.
@@ -259,8 +304,10 @@ impl FileCopy {
     }
 }
 
-fn render_with(template: &Template, snap: &Snapshot) -> SecretBytes {
+fn render_with(template: &Template, snap: &Snapshot, path: &Path) -> SecretBytes {
     let mut out = Vec::new();
-    template.render(&|slot| snap.get_str(slot).map(|s| s.expose()), &mut out);
+    for r in template.render(&|slot| snap.get_str(slot).map(|s| s.expose()), &mut out) {
+        error!(file = %path.display(), "{r}; its placeholder is kept");
+    }
     SecretBytes::new(out)
 }

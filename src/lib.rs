@@ -5,6 +5,7 @@
 //! and passes every other file through; [`control`] answers `tokenfs status`,
 //! `set`, `rotate` and `token`; [`daemon`] wires them together.
 
+pub mod backup;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -39,6 +39,9 @@ pub struct Options {
     pub providers: Option<Vec<String>>,
     /// Claude: also manage `.credentials.json` (OAuth login).
     pub oauth: bool,
+    /// Let the credential replace differing values at mount (see
+    /// `ManagedConfig::replace`).
+    pub replace: bool,
 }
 
 /// One directory a preset mounts.
@@ -99,6 +102,8 @@ fn file(path: &str, format: Format, bindings: Vec<Binding>, o: &Options) -> Mana
         format,
         bindings,
         create: o.create,
+        replace: o.replace,
+        max_size: crate::config::DEFAULT_MAX_FILE_SIZE,
     }
 }
 

@@ -186,7 +186,15 @@ pub struct Store {
     /// Run after every publish, on the publishing thread, before `publish`
     /// returns: a rotation is done only once every consumer has seen it.
     hooks: RwLock<Vec<Box<dyn Fn() + Send + Sync>>>,
+    /// Asked before every publish: a consumer that cannot carry a new value
+    /// (a managed file whose format cannot hold it) refuses it, and nothing
+    /// changes.
+    validators: RwLock<Vec<Validator>>,
 }
+
+/// Checks a credential's next value; `Err` says why it cannot be served
+/// (no secret in it).
+pub type Validator = Box<dyn Fn(&str, &Credential) -> Result<(), String> + Send + Sync>;
 
 #[derive(Default)]
 struct Recent {
@@ -217,12 +225,21 @@ impl Store {
             published: Condvar::new(),
             health: Mutex::new(health),
             hooks: RwLock::new(Vec::new()),
+            validators: RwLock::new(Vec::new()),
         }
     }
 
     /// Registers `hook` to run after each publish (see `hooks`).
     pub fn on_publish(&self, hook: impl Fn() + Send + Sync + 'static) {
         self.hooks.write().push(Box::new(hook));
+    }
+
+    /// Registers a check every new value must pass before it is published.
+    pub fn on_validate(
+        &self,
+        check: impl Fn(&str, &Credential) -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        self.validators.write().push(Box::new(check));
     }
 
     /// The current snapshot. Lock-free; never blocks a publisher.
@@ -235,8 +252,10 @@ impl Store {
     }
 
     /// Publishes new field values for `name` as one new generation. Returns
-    /// the generation, or `None` when nothing changed (same values again).
-    pub fn publish(&self, name: &str, update: Update) -> Option<u64> {
+    /// the generation, or `None` when nothing changed (same values again);
+    /// `Err` when a consumer cannot carry the value (see `on_validate`),
+    /// which is also recorded in the credential's health.
+    pub fn publish(&self, name: &str, update: Update) -> Result<Option<u64>, String> {
         let mut recent = self.publish.lock();
         let old = self.current.load_full();
         let mut cred = old
@@ -245,19 +264,13 @@ impl Store {
             .map(|c| Credential::clone(c))
             .unwrap_or_default();
         let mut changed = false;
+        let mut replaced = Vec::new();
         for (field, secret) in update.fields {
             if cred.fields.get(&field) == Some(&secret) {
                 continue;
             }
-            let slot = SlotRef {
-                credential: name.to_owned(),
-                field,
-            };
             if let Some(previous) = cred.fields.insert(field, secret) {
-                let ring = recent.by_slot.entry(slot).or_default();
-                ring.retain(|s| s != &previous);
-                ring.push_front(previous);
-                ring.truncate(RECENT_PER_SLOT);
+                replaced.push((field, previous));
             }
             changed = true;
         }
@@ -266,7 +279,32 @@ impl Store {
             changed = true;
         }
         if !changed {
-            return None;
+            return Ok(None);
+        }
+        if let Err(why) = self
+            .validators
+            .read()
+            .iter()
+            .try_for_each(|v| v(name, &cred))
+        {
+            drop(recent);
+            tracing::error!(credential = name, "new value refused: {why}");
+            self.record_error(
+                name,
+                HealthState::Degraded,
+                format!("new value refused, the previous one is still served: {why}"),
+            );
+            return Err(why);
+        }
+        for (field, previous) in replaced {
+            let slot = SlotRef {
+                credential: name.to_owned(),
+                field,
+            };
+            let ring = recent.by_slot.entry(slot).or_default();
+            ring.retain(|s| s != &previous);
+            ring.push_front(previous);
+            ring.truncate(RECENT_PER_SLOT);
         }
         let now = SystemTime::now();
         cred.updated_at = Some(now);
@@ -285,7 +323,7 @@ impl Store {
         }
         self.published.notify_all();
         self.record_success(name);
-        Some(generation)
+        Ok(Some(generation))
     }
 
     /// Earlier values of a slot, newest first (not including the current one).
@@ -353,9 +391,15 @@ mod tests {
     fn publish_swaps_one_generation_and_remembers_the_previous_value() {
         let s = store();
         assert_eq!(s.snapshot().generation, 0);
-        assert_eq!(s.publish("db", Update::token(Secret::new("one"))), Some(1));
+        assert_eq!(
+            s.publish("db", Update::token(Secret::new("one"))),
+            Ok(Some(1))
+        );
         let first = s.snapshot();
-        assert_eq!(s.publish("db", Update::token(Secret::new("two"))), Some(2));
+        assert_eq!(
+            s.publish("db", Update::token(Secret::new("two"))),
+            Ok(Some(2))
+        );
         let slot = SlotRef::parse("db.token").unwrap();
         assert_eq!(first.get(&slot).map(|s| s.expose_str()), Some("one"));
         assert_eq!(
@@ -369,8 +413,8 @@ mod tests {
     #[test]
     fn publishing_the_same_value_is_not_a_new_generation() {
         let s = store();
-        s.publish("db", Update::token(Secret::new("one")));
-        assert_eq!(s.publish("db", Update::token(Secret::new("one"))), None);
+        s.publish("db", Update::token(Secret::new("one"))).unwrap();
+        assert_eq!(s.publish("db", Update::token(Secret::new("one"))), Ok(None));
         assert_eq!(s.snapshot().generation, 1);
     }
 
@@ -391,7 +435,32 @@ mod tests {
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.wait_past(0, Duration::from_secs(10)).generation);
         std::thread::sleep(Duration::from_millis(20));
-        s.publish("db", Update::token(Secret::new("x")));
+        s.publish("db", Update::token(Secret::new("x"))).unwrap();
         assert_eq!(t.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_refused_value_changes_nothing() {
+        let s = store();
+        s.on_validate(|_, c| match c.fields.get(&Field::Token) {
+            Some(v) if v.expose_str().contains('\n') => Err("no line breaks".into()),
+            _ => Ok(()),
+        });
+        s.publish("db", Update::token(Secret::new("one"))).unwrap();
+        let refused = s.publish("db", Update::token(Secret::new("a\nb")));
+        assert_eq!(refused, Err("no line breaks".to_string()));
+        assert_eq!(s.snapshot().generation, 1);
+        assert_eq!(
+            s.snapshot().get_str("db.token").map(|v| v.expose_str()),
+            Some("one")
+        );
+        assert!(s.recent(&SlotRef::parse("db.token").unwrap()).is_empty());
+        let h = s.health();
+        assert!(
+            h["db"]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no line breaks"))
+        );
     }
 }

@@ -21,11 +21,12 @@ use tracing::{info, warn};
 
 use super::inode::Node;
 use super::sys;
+use crate::backup::Backups;
 use crate::config::ManagedConfig;
-use crate::render::{self, Binding, Conversion, Format, Template};
+use crate::render::{self, Binding, Conversion, Format, Found, Template};
 use crate::secret::{Secret, SecretBytes};
 use crate::source::Adopt;
-use crate::store::{SlotRef, Snapshot, Store};
+use crate::store::{Credential, SlotRef, Snapshot, Store};
 
 /// Temporary files of our own atomic saves start with this; they are hidden
 /// from directory listings and swept at mount.
@@ -70,6 +71,22 @@ pub struct FileHealth {
 pub struct Context {
     pub store: Arc<Store>,
     pub adopt: Arc<dyn Adopt>,
+    pub backups: Backups,
+    /// Values files held at mount, per slot, while the daemon starts: a
+    /// second file with a different value for the same slot is a conflict
+    /// even when the first value is still being validated.
+    pub claims: Mutex<std::collections::HashMap<String, Secret>>,
+}
+
+impl Context {
+    pub fn new(store: Arc<Store>, adopt: Arc<dyn Adopt>, backups: Backups) -> Context {
+        Context {
+            store,
+            adopt,
+            backups,
+            claims: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
 }
 
 pub struct ManagedFile {
@@ -84,6 +101,10 @@ pub struct ManagedFile {
     pub format: Format,
     bindings: Vec<Binding>,
     slots: Vec<SlotRef>,
+    /// May replace a differing value at mount (`replace = true`).
+    replace: bool,
+    /// The largest the file may become.
+    pub max_size: u64,
     state: RwLock<State>,
     cache: Mutex<Option<Rendering>>,
     /// (thread id, handle, size) of open handles: `fstat` arrives without a
@@ -148,6 +169,8 @@ impl ManagedFile {
             format: cfg.format,
             bindings: cfg.bindings.clone(),
             slots,
+            replace: cfg.replace,
+            max_size: cfg.max_size,
             state: RwLock::new(State::Absent),
             cache: Mutex::new(None),
             opens: Mutex::new(Vec::new()),
@@ -159,6 +182,14 @@ impl ManagedFile {
         file.sweep_temp_files();
         match sys::stat_name(file.dir.fd(), &file.name) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                if st.st_size as u64 > file.max_size {
+                    return Err(format!(
+                        "{} is {} bytes, over the limit of {} for a managed file: point the config at the right file, or raise max_file_size",
+                        file.shown.display(),
+                        st.st_size,
+                        file.max_size
+                    ));
+                }
                 let bytes = file.read_backing().map_err(|e| file.describe(&e))?;
                 file.convert_at_mount(&bytes, st)?;
             }
@@ -191,30 +222,36 @@ impl ManagedFile {
         Ok(bytes)
     }
 
+    /// The first conversion: a value at a bound key that is not the
+    /// credential's is adopted when the credential has none yet, replaced
+    /// when the config says the credential takes over (`replace`), and
+    /// otherwise refuses the mount, so that no key is lost. The original
+    /// bytes are backed up before anything is written.
     fn convert_at_mount(&self, bytes: &[u8], st: libc::stat) -> Result<(), String> {
         let snap = self.ctx.store.snapshot();
         let conv = self.to_template(&snap, bytes);
-        self.report_conversion(&conv, "at mount");
-        for found in conv.found {
-            let Ok(slot) = SlotRef::parse(&found.slot) else {
-                continue;
-            };
-            if self.ctx.store.snapshot().get(&slot).is_none() {
-                info!(file = %self.shown.display(), key = %found.key, slot = %slot, fingerprint = %found.value,
-                    "adopting the value found in the file as the credential's first value");
-                if let Err(why) =
-                    self.ctx
-                        .adopt
-                        .offer(&slot, found.value, &self.shown.display().to_string())
-                {
-                    warn!(file = %self.shown.display(), slot = %slot, "value found in the file was not adopted: {why}");
-                }
-            } else {
-                info!(file = %self.shown.display(), key = %found.key, slot = %slot, fingerprint = %found.value,
-                    "the file held an older value; it now shows the credential's current one");
-            }
+        let conflicts = self.claim_found(&snap, &conv.found);
+        if !conflicts.is_empty() && !self.replace {
+            return Err(format!(
+                "{}: {}; nothing was changed. Bind that key to its own credential, or set replace = true on this mount to let the credential take over (the file's bytes are backed up first, under {})",
+                self.shown.display(),
+                conflicts.join("; "),
+                self.ctx.backups.original_of(&self.shown).display()
+            ));
         }
+        for c in &conflicts {
+            warn!(file = %self.shown.display(), "replace = true: {c}; the credential takes over");
+        }
+        self.report_conversion(&conv, "at mount");
         let stat = if conv.template != bytes || st.st_ino == 0 {
+            if st.st_ino != 0 {
+                let kept = self
+                    .ctx
+                    .backups
+                    .keep(&self.shown, bytes)
+                    .map_err(|e| format!("{}: cannot back up the original before converting it: {e}; nothing was changed", self.shown.display()))?;
+                info!(file = %self.shown.display(), backup = %kept.display(), "original bytes backed up before the first conversion");
+            }
             self.save_backing(&conv.template)
                 .map_err(|e| self.describe(&e))?
         } else {
@@ -222,6 +259,49 @@ impl ManagedFile {
         };
         self.install(conv.template, conv.parse_error.is_some(), stat);
         Ok(())
+    }
+
+    /// Looks at the values found at bound keys at mount. Each is the
+    /// credential's (current or recent, or claimed by an earlier file this
+    /// start); or becomes its first value; or is no token at all (`none`,
+    /// `x`: replaced, after the backup); or is a different token than the
+    /// credential's — a conflict, described for the error.
+    fn claim_found(&self, snap: &Snapshot, found: &[Found]) -> Vec<String> {
+        let mut conflicts = Vec::new();
+        let origin = self.shown.display().to_string();
+        for f in found.iter().filter(|f| !f.known) {
+            let Ok(slot) = SlotRef::parse(&f.slot) else {
+                continue;
+            };
+            let claimed = self.ctx.claims.lock().get(&f.slot).cloned();
+            if let Err(why) = self.ctx.adopt.plausible(&slot, &f.value) {
+                warn!(file = %origin, key = %f.key, slot = %slot, fingerprint = %f.value,
+                    "the value at a bound key is not a token ({why}); the credential is shown there instead");
+                continue;
+            }
+            match snap.get(&slot).cloned().or(claimed) {
+                Some(c) if c == f.value => {}
+                Some(c) => conflicts.push(format!(
+                    "key {} holds {}, a different token than credential {} ({})",
+                    f.key, f.value, slot.credential, c
+                )),
+                None => match self.ctx.adopt.offer(&slot, f.value.clone(), &origin) {
+                    Ok(()) => {
+                        info!(file = %origin, key = %f.key, slot = %slot, fingerprint = %f.value,
+                            "the value found in the file is the credential's first value");
+                        self.ctx
+                            .claims
+                            .lock()
+                            .insert(f.slot.clone(), f.value.clone());
+                    }
+                    Err(why) => conflicts.push(format!(
+                        "key {} holds {}, which credential {} did not take ({why})",
+                        f.key, f.value, slot.credential
+                    )),
+                },
+            }
+        }
+        conflicts
     }
 
     /// Values (current and recent) this file's slots have had: a write that
@@ -264,12 +344,29 @@ impl ManagedFile {
         for key in &conv.inserted {
             info!(file = %self.shown.display(), key = %key, "{when}: inserted the missing bound key");
         }
+        for s in &conv.stray {
+            let key = if s.key.is_empty() {
+                String::new()
+            } else {
+                format!(" (key {})", s.key)
+            };
+            let msg = format!(
+                "a token ({}) is stored on disk at {}:{}:{}{key}, outside the bound keys: bind that key or remove it",
+                s.fingerprint,
+                self.shown.display(),
+                s.line,
+                s.column
+            );
+            warn!(file = %self.shown.display(), "{when}: {msg}");
+            self.note_error(msg);
+        }
     }
 
     fn install(&self, template: Vec<u8>, broken: bool, stat: libc::stat) {
         let version = self.saves.fetch_add(1, Ordering::Relaxed) + 1;
+        let template = render::template(self.format, template, &self.bindings);
         *self.state.write() = State::Present {
-            template: Arc::new(Template::new(template)),
+            template: Arc::new(template),
             broken,
             version,
             stat,
@@ -339,7 +436,14 @@ impl ManagedFile {
     fn render(&self, snap: &Snapshot, template: &Template, broken: bool) -> SecretBytes {
         let lookup = |slot: &str| snap.get_str(slot).map(|s| s.expose());
         let mut out = Vec::new();
-        template.render(&lookup, &mut out);
+        for r in template.render(&lookup, &mut out) {
+            let msg = format!(
+                "generation {}: {r}; its placeholder is shown",
+                snap.generation
+            );
+            tracing::error!(file = %self.shown.display(), "{msg}");
+            self.note_error(msg);
+        }
         self.report_missing(snap);
         if broken {
             return SecretBytes::new(out);
@@ -439,48 +543,127 @@ impl ManagedFile {
     }
 
     /// Saves bytes a program wrote (through an open handle, or as a file it
-    /// renamed over this one). Secrets become placeholders again; a new value
-    /// at a bound key is offered to its credential's source; bytes that do not
-    /// parse are saved as written and logged. Errors are the writer's errno.
+    /// renamed over this one). The value at each bound key becomes the
+    /// placeholder again (a new one is offered to its credential's source
+    /// first; when it is not adopted, the bytes as written are backed up);
+    /// every other byte is saved as written, and bytes that do not parse are
+    /// saved exactly as written and reported. Errors are the writer's errno.
     pub fn commit(&self, bytes: &[u8]) -> io::Result<()> {
+        self.check_size(bytes.len() as u64)?;
         let snap = self.ctx.store.snapshot();
         let conv = self.to_template(&snap, bytes);
         self.report_conversion(&conv, "write");
-        {
-            let _saving = self.saving.lock();
-            let stat = match self.save_backing(&conv.template) {
-                Ok(st) => st,
-                Err(e) => {
-                    let msg = format!(
-                        "saving {} failed: {e}; the previous content is kept",
-                        self.shown.display()
-                    );
-                    tracing::error!(file = %self.shown.display(), "{msg}");
-                    self.note_error(msg);
-                    return Err(e);
-                }
-            };
-            self.install(conv.template, conv.parse_error.is_some(), stat);
+        if !self.offer_found(&conv.found) {
+            self.ctx.backups.keep(&self.shown, bytes).map_err(|e| {
+                let msg = format!(
+                    "cannot back up a write whose value at a bound key was not adopted: {e}; the previous content is kept"
+                );
+                tracing::error!(file = %self.shown.display(), "{msg}");
+                self.note_error(msg);
+                e
+            })?;
         }
+        let _saving = self.saving.lock();
+        let stat = match self.save_backing(&conv.template) {
+            Ok(st) => st,
+            Err(e) => {
+                let msg = format!(
+                    "saving {} failed: {e}; the previous content is kept",
+                    self.shown.display()
+                );
+                tracing::error!(file = %self.shown.display(), "{msg}");
+                self.note_error(msg);
+                return Err(e);
+            }
+        };
+        self.install(conv.template, conv.parse_error.is_some(), stat);
         self.health.lock().last_write = Some(SystemTime::now());
-        for found in conv.found {
-            let Ok(slot) = SlotRef::parse(&found.slot) else {
+        Ok(())
+    }
+
+    /// Offers the new values a program wrote at bound keys to their
+    /// sources; `false` if one was not adopted (its bytes need a backup).
+    fn offer_found(&self, found: &[Found]) -> bool {
+        let origin = self.shown.display().to_string();
+        let mut all = true;
+        for f in found.iter().filter(|f| !f.known) {
+            let Ok(slot) = SlotRef::parse(&f.slot) else {
                 continue;
             };
-            match self
-                .ctx
-                .adopt
-                .offer(&slot, found.value, &self.shown.display().to_string())
-            {
+            match self.ctx.adopt.offer(&slot, f.value.clone(), &origin) {
                 Ok(()) => {
-                    info!(file = %self.shown.display(), key = %found.key, slot = %slot, "adopted a new value written by a program")
+                    info!(file = %origin, key = %f.key, slot = %slot, fingerprint = %f.value, "adopted a new value written by a program")
                 }
                 Err(why) => {
-                    warn!(file = %self.shown.display(), key = %found.key, slot = %slot, "a value written by a program was not adopted: {why}")
+                    all = false;
+                    let msg = format!(
+                        "the value written at key {} ({}) was not adopted: {why}; the key keeps showing credential {} (the write is backed up)",
+                        f.key, f.value, slot.credential
+                    );
+                    warn!(file = %origin, "{msg}");
+                    self.note_error(msg);
                 }
             }
         }
+        all
+    }
+
+    /// `EFBIG` for a size over the file's limit, logged and in `status`.
+    pub fn check_size(&self, size: u64) -> io::Result<()> {
+        if size <= self.max_size {
+            return Ok(());
+        }
+        let msg = format!(
+            "a write would make {} {size} bytes, over its limit of {} (max_file_size): refused with EFBIG, the file is unchanged",
+            self.shown.display(),
+            self.max_size
+        );
+        warn!(file = %self.shown.display(), "{msg}");
+        self.note_error(msg);
+        Err(io::Error::from_raw_os_error(libc::EFBIG))
+    }
+
+    /// Whether every bound position of this file can carry `cred`'s new
+    /// values (asked before they are published).
+    pub fn carries(&self, name: &str, cred: &Credential) -> Result<(), String> {
+        let State::Present { template, .. } = &*self.state.read() else {
+            return Ok(());
+        };
+        for slot in self.slots.iter().filter(|s| s.credential == name) {
+            if let Some(secret) = cred.fields.get(&slot.field) {
+                template
+                    .carries(&slot.to_string(), secret.expose())
+                    .map_err(|r| format!("{}: {r}", self.shown.display()))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Writes the current rendering into the backing file (before an
+    /// unmount that leaves working files behind). Returns how many bound
+    /// keys now hold their secret.
+    pub fn restore(&self) -> io::Result<usize> {
+        let (template, broken) = match &*self.state.read() {
+            State::Present {
+                template, broken, ..
+            } => (template.clone(), *broken),
+            State::Absent => return Ok(0),
+        };
+        let snap = self.ctx.store.snapshot();
+        let restored = template
+            .bound()
+            .filter(|b| snap.get_str(&b.slot).is_some())
+            .count();
+        if broken || restored == 0 {
+            return Ok(0);
+        }
+        let bytes = self.render(&snap, &template, broken);
+        let _saving = self.saving.lock();
+        let stat = self.save_backing(&bytes)?;
+        if let State::Present { stat: st, .. } = &mut *self.state.write() {
+            *st = stat;
+        }
+        Ok(restored)
     }
 
     /// Writes the backing file atomically: temp file, fsync, rename, fsync of

@@ -256,6 +256,10 @@ impl TokenFs {
                 fcfg,
                 ctx.clone(),
             )?);
+            let weak = Arc::downgrade(&file);
+            ctx.store.on_validate(move |name, cred| {
+                weak.upgrade().map_or(Ok(()), |f| f.carries(name, cred))
+            });
             managed.parents.insert(parent.key);
             managed
                 .by_name

@@ -132,6 +132,7 @@ impl TokenFs {
                 }
                 _ => {
                     // truncate(2) by path: applies to what readers see now.
+                    m.check_size(size).map_err(io_errno)?;
                     let mut bytes = m.rendering().map(|r| r.bytes.to_vec()).unwrap_or_default();
                     bytes.resize(size as usize, 0);
                     let bytes = SecretBytes::new(bytes);
@@ -489,6 +490,7 @@ impl ManagedHandle {
             offset as usize
         };
         let end = start.checked_add(data.len()).ok_or(Errno::EFBIG)?;
+        self.file.check_size(end as u64).map_err(io_errno)?;
         if w.data.len() < end {
             w.data.resize(end, 0);
         }
@@ -499,6 +501,7 @@ impl ManagedHandle {
 
     pub(super) fn truncate(&self, size: u64) -> Result<(), Errno> {
         let w = self.write.as_ref().ok_or(Errno::EBADF)?;
+        self.file.check_size(size).map_err(io_errno)?;
         let mut w = w.lock();
         w.data.resize(size as usize, 0);
         w.dirty = true;
@@ -561,6 +564,7 @@ pub(super) fn rename_onto_managed(
         libc::S_IFDIR => return Err(Errno::EISDIR),
         _ => return Err(Errno::EXDEV),
     }
+    dst.check_size(st.st_size.max(0) as u64).map_err(io_errno)?;
     let fd = sys::open_at(p.fd(), &c, libc::O_RDONLY, 0).map_err(io_errno)?;
     let mut bytes = Vec::with_capacity(st.st_size.max(0) as usize);
     io::Read::read_to_end(&mut File::from(fd), &mut bytes).map_err(io_errno)?;

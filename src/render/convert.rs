@@ -1,16 +1,10 @@
 //! The format-independent part of converting bytes into a template and of
 //! checking a rendering. Formats plug in through [`Syntax`].
 
-use std::ops::Range;
-
 use super::syntax::{Lookup, Syntax, line_col, splice};
-use super::template::{self, OPEN};
-use super::{Binding, Conversion, FormatError, Found, KeyPath, RenderError, placeholder};
+use super::template::{OPEN, Slot};
+use super::{Binding, Conversion, FormatError, Found, KeyPath, RenderError, Stray};
 use crate::secret::Secret;
-
-/// How many places a value is tried at before giving up: each try parses
-/// the whole document, and a value found at its key's span needs one.
-const MAX_TRIES: usize = 64;
 
 pub(super) fn to_template<S: Syntax>(
     input: &[u8],
@@ -18,8 +12,7 @@ pub(super) fn to_template<S: Syntax>(
     known: &[(&str, &[u8])],
     insert_missing: bool,
 ) -> Conversion {
-    let substituted = replace_known(input, known);
-    let parsed = decode(&substituted).and_then(|text| Ok((text, S::parse(text)?)));
+    let parsed = decode(input).and_then(|text| Ok((text, S::parse(text)?)));
     let (text, doc) = match parsed {
         Ok((text, doc)) => (text.to_owned(), doc),
         Err(e) => {
@@ -28,7 +21,8 @@ pub(super) fn to_template<S: Syntax>(
                     message: scrub(e.message, known),
                     ..e
                 }),
-                template: substituted,
+                stray: stray(input, known, &[]),
+                template: input.to_vec(),
                 ..Conversion::default()
             };
         }
@@ -36,7 +30,7 @@ pub(super) fn to_template<S: Syntax>(
     let mut conv = Conversion::default();
     let mut state = (text, doc);
     for b in bindings {
-        match apply::<S>(&state.0, &state.1, b, insert_missing) {
+        match apply::<S>(&state.0, &state.1, b, known, insert_missing) {
             Ok(Outcome::Unchanged) => {}
             Ok(Outcome::Replaced { text, doc, found }) => {
                 state = (text, doc);
@@ -49,8 +43,32 @@ pub(super) fn to_template<S: Syntax>(
             Err(problem) => conv.problems.push(scrub(problem, known)),
         }
     }
+    let new: Vec<&[u8]> = conv.found.iter().map(|f| f.value.expose()).collect();
+    conv.stray = stray(state.0.as_bytes(), known, &new);
     conv.template = state.0.into_bytes();
     conv
+}
+
+/// The bound values of a template: where each binding's placeholder
+/// stands, found by parsing. A template that does not parse has none.
+pub(super) fn slots<S: Syntax>(bytes: &[u8], bindings: &[Binding]) -> Vec<Slot> {
+    let Ok((text, doc)) = decode(bytes).and_then(|t| Ok((t, S::parse(t)?))) else {
+        return Vec::new();
+    };
+    let mut slots: Vec<Slot> = bindings
+        .iter()
+        .filter(|b| S::get(&doc, &b.key) == Lookup::Str(b.placeholder_value()))
+        .filter_map(|b| {
+            let (range, style) = S::locate(&doc, text, &b.key)?;
+            Some(Slot {
+                text: range,
+                style,
+                binding: b.clone(),
+            })
+        })
+        .collect();
+    slots.sort_by_key(|s| s.text.start);
+    slots
 }
 
 /// What one binding did to the text.
@@ -73,12 +91,13 @@ fn apply<S: Syntax>(
     text: &str,
     doc: &S::Doc,
     b: &Binding,
+    known: &[(&str, &[u8])],
     insert_missing: bool,
 ) -> Result<Outcome<S::Doc>, String> {
     let want = b.placeholder_value();
     match S::get(doc, &b.key) {
         Lookup::Str(v) if v == want => Ok(Outcome::Unchanged),
-        Lookup::Str(v) => replace::<S>(text, doc, b, &v, &want),
+        Lookup::Str(v) => replace::<S>(text, doc, b, &v, &want, known),
         Lookup::Missing if insert_missing && b.insert => {
             let (text, doc) = insert::<S>(text, doc, &b.key, &want)
                 .map_err(|p| format!("cannot insert key {}: {p}", b.key))?;
@@ -92,14 +111,16 @@ fn apply<S: Syntax>(
     }
 }
 
-/// Replaces the secret part of the string `value` at a bound key by the
-/// placeholder; the old secret, if not empty, is reported as found.
+/// Replaces the string `value` at a bound key, where it stands, by the
+/// placeholder written in the same quoting. Its secret part is reported
+/// as found, with whether it is one of the slot's known values.
 fn replace<S: Syntax>(
     text: &str,
     doc: &S::Doc,
     b: &Binding,
     value: &str,
     want: &str,
+    known: &[(&str, &[u8])],
 ) -> Result<Outcome<S::Doc>, String> {
     let secret = value
         .strip_prefix(b.prefix.as_str())
@@ -116,71 +137,41 @@ fn replace<S: Syntax>(
             b.key
         ));
     }
-    let (text, doc) = replace_at::<S>(text, doc, &b.key, secret, &placeholder(&b.slot), want)
-        .ok_or_else(|| {
-            format!(
-                "cannot find where the value of key {} is written (escaped?); left alone",
-                b.key
-            )
-        })?;
+    let (text, doc) = replace_at::<S>(text, doc, &b.key, want).ok_or_else(|| {
+        format!(
+            "cannot rewrite the value of key {} in place (an unsupported layout, such as a block scalar); left alone",
+            b.key
+        )
+    })?;
     let found = (!secret.is_empty()).then(|| Found {
         slot: b.slot.clone(),
         key: b.key.clone(),
+        known: known
+            .iter()
+            .any(|(slot, v)| *slot == b.slot && *v == secret.as_bytes()),
         value: Secret::new(secret),
     });
     Ok(Outcome::Replaced { text, doc, found })
 }
 
-/// Finds the occurrence of `secret` that is (part of) the value at `key` —
-/// the same string may stand elsewhere too — and replaces it by `with`.
-/// Candidates inside the value's span come first, then the rest of the
-/// text; a candidate is kept only if the edited document is the original
+/// Writes `want` over the value at `key`, in the quoting the value has
+/// there, and keeps the edit only if the result is the original document
 /// with exactly `want` at `key`.
 fn replace_at<S: Syntax>(
     text: &str,
     doc: &S::Doc,
     key: &KeyPath,
-    secret: &str,
-    with: &str,
     want: &str,
 ) -> Option<(String, S::Doc)> {
     let mut expected = doc.clone();
     if !S::set(&mut expected, key, want) {
         return None;
     }
-    let span = S::span(doc, text, key).filter(|r| text.get(r.clone()).is_some());
-    let whole = 0..text.len();
-    let inside = candidates(text, span.clone().unwrap_or(whole.clone()), secret);
-    let outside = candidates(text, whole, secret).filter(|at| {
-        span.as_ref()
-            .is_some_and(|s| !s.contains(at) && *at != s.end)
-    });
-    inside.chain(outside).take(MAX_TRIES).find_map(|at| {
-        let edited = splice(text, at..at + secret.len(), with);
-        let parsed = S::parse(&edited).ok()?;
-        let right = S::get(&parsed, key) == Lookup::Str(want.to_owned());
-        (right && S::same(&parsed, &expected)).then_some((edited, parsed))
-    })
-}
-
-/// Byte offsets in `range` where `needle` starts; for an empty needle, every
-/// character boundary (an empty value is filled where it stands).
-fn candidates<'t>(
-    text: &'t str,
-    range: Range<usize>,
-    needle: &'t str,
-) -> Box<dyn Iterator<Item = usize> + 't> {
-    let start = range.start;
-    if needle.is_empty() {
-        return Box::new(
-            range
-                .clone()
-                .chain([range.end])
-                .filter(|&i| text.is_char_boundary(i)),
-        );
-    }
-    let hay = &text[range];
-    Box::new(hay.match_indices(needle).map(move |(i, _)| start + i))
+    let (range, style) = S::locate(doc, text, key)?;
+    let edited = splice(text, range, &style.write(want));
+    let parsed = S::parse(&edited).ok()?;
+    let right = S::get(&parsed, key) == Lookup::Str(want.to_owned());
+    (right && S::same(&parsed, &expected)).then_some((edited, parsed))
 }
 
 /// Inserts `key` with `want` and verifies that the result is the original
@@ -203,6 +194,71 @@ fn insert<S: Syntax>(
         return Err(unsupported());
     }
     Ok((edited, parsed))
+}
+
+/// Secrets shorter than this are not looked for outside bound keys: a
+/// short value (`none`, `test`, `123`) is far more likely the user's own
+/// text than a copy of a token.
+pub const STRAY_MIN_LEN: usize = 16;
+
+/// Where a known secret (or a value just found at a bound key) stands in
+/// `bytes` outside the bound positions, which by now hold placeholders.
+/// Such bytes are the user's and are kept; they are reported.
+fn stray(bytes: &[u8], known: &[(&str, &[u8])], new: &[&[u8]]) -> Vec<Stray> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut values: Vec<&[u8]> = known
+        .iter()
+        .map(|(_, v)| *v)
+        .chain(new.iter().copied())
+        .collect();
+    values.retain(|v| v.len() >= STRAY_MIN_LEN);
+    values.sort();
+    values.dedup();
+    let mut out: Vec<Stray> = Vec::new();
+    for v in values {
+        let mut from = 0;
+        while let Some(at) = find(&bytes[from..], v).map(|i| from + i) {
+            let (line, column) = line_col(&text, at);
+            out.push(Stray {
+                line,
+                column,
+                key: key_on_line(&text, at),
+                fingerprint: Secret::from_bytes(v.to_vec())
+                    .map(|s| s.fingerprint())
+                    .unwrap_or_default(),
+            });
+            from = at + v.len();
+        }
+    }
+    out.sort_by_key(|s| (s.line, s.column));
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The key a line assigns (`key:`, `"key":`, `key =`), as a hint for
+/// messages; empty when the line does not look like an assignment.
+fn key_on_line(text: &str, offset: usize) -> String {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let line = line
+        .trim_start()
+        .trim_start_matches("- ")
+        .trim_start_matches("export ");
+    let Some(end) = line.find([':', '=']) else {
+        return String::new();
+    };
+    let key = line[..end].trim().trim_matches(['"', '\'']);
+    let plain = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    if plain { key.to_owned() } else { String::new() }
 }
 
 pub(super) fn check<'a, S: Syntax>(
@@ -261,36 +317,6 @@ fn decode(bytes: &[u8]) -> Result<&str, FormatError> {
     })
 }
 
-/// Every occurrence of every known secret becomes its slot's placeholder,
-/// in one pass, trying longer values first (so a token that contains
-/// another is not split). Placeholders already in the input are copied as
-/// they are, so a short secret never matches inside one.
-fn replace_known(input: &[u8], known: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut order: Vec<(&[u8], String)> = known
-        .iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(slot, v)| (*v, placeholder(slot)))
-        .collect();
-    order.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
-    let mut kept = template::placeholder_ranges(input).into_iter().peekable();
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        while kept.next_if(|r| r.end <= i).is_some() {}
-        if let Some(r) = kept.next_if(|r| r.start == i) {
-            out.extend_from_slice(&input[r.clone()]);
-            i = r.end;
-        } else if let Some((v, ph)) = order.iter().find(|(v, _)| input[i..].starts_with(v)) {
-            out.extend_from_slice(ph.as_bytes());
-            i += v.len();
-        } else {
-            out.push(input[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
 /// Replaces any known secret in a message by its fingerprint: messages go
 /// to logs. Parser messages are not supposed to quote the document; this is
 /// the second line of defence.
@@ -312,18 +338,6 @@ pub(super) fn scrub(mut message: String, known: &[(&str, &[u8])]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn known_secrets_are_replaced_longest_first_and_never_inside_placeholders() {
-        let known: [(&str, &[u8]); 3] = [("a", b"tok"), ("b", b"tok-long"), ("c", b"db")];
-        let out = replace_known(b"x tok-long tok __tokenfs:db.token__ db", &known);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "x __tokenfs:b__ __tokenfs:a__ __tokenfs:db.token__ __tokenfs:c__"
-        );
-        assert_eq!(replace_known(b"abc", &[("a", b"")]), b"abc");
-        assert_eq!(replace_known(b"", &known), b"");
-    }
 
     #[test]
     fn scrub_hides_secrets() {

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax, chomp, error_at, guarded, lines, newline};
 use super::{FormatError, KeyPath};
 
@@ -42,12 +43,23 @@ impl Syntax for Dotenv {
         }
     }
 
-    fn span(_: &Self::Doc, text: &str, key: &KeyPath) -> Option<Range<usize>> {
-        lines(text).into_iter().rev().find_map(|(start, line)| {
+    /// The value of the variable's last assignment: a quoted value up to
+    /// its closing quote, or a bare one up to a comment or the line's end.
+    fn locate(_: &Self::Doc, text: &str, key: &KeyPath) -> Option<(Range<usize>, Style)> {
+        let (start, value) = lines(text).into_iter().rev().find_map(|(start, line)| {
             let body = chomp(line);
             let value = value_of(body, key.as_str())?;
-            Some(start + body.len() - value.len()..start + body.len())
-        })
+            Some((start + body.len() - value.len(), value))
+        })?;
+        let lead = value.len() - value.trim_start_matches([' ', '\t']).len();
+        let (start, value) = (start + lead, &value[lead..]);
+        let (len, style) = match value.as_bytes().first() {
+            Some(b'\'') => (value[1..].find('\'')? + 2, Style::DotenvSingle),
+            Some(b'"') => (double_quoted_len(value)?, Style::DotenvDouble),
+            Some(b'`') => return None,
+            _ => (bare_len(value), Style::DotenvBare),
+        };
+        Some((start..start + len, style))
     }
 
     fn set(doc: &mut Self::Doc, key: &KeyPath, value: &str) -> bool {
@@ -95,6 +107,30 @@ fn value_of<'l>(line: &'l str, name: &str) -> Option<&'l str> {
         .strip_prefix('=')
 }
 
+/// The length of the double-quoted value at the start of `v`.
+fn double_quoted_len(v: &str) -> Option<usize> {
+    let b = v.as_bytes();
+    let mut i = 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// A bare value ends where a comment starts (whitespace then `#`), without
+/// trailing whitespace.
+fn bare_len(v: &str) -> usize {
+    let end = v
+        .char_indices()
+        .find(|&(i, c)| c == '#' && v[..i].ends_with([' ', '\t']))
+        .map_or(v.len(), |(i, _)| i);
+    v[..end].trim_end().len()
+}
+
 fn quote(value: &str) -> String {
     let plain = value
         .chars()
@@ -121,9 +157,22 @@ mod tests {
         let t = "A=1\nexport  B = \"x\"\nB=y # c\nBB=z\n";
         let key = |s: &str| s.parse::<KeyPath>().unwrap();
         let doc = Dotenv::parse(t).unwrap();
-        assert_eq!(&t[Dotenv::span(&doc, t, &key("B")).unwrap()], "y # c");
+        let span = |k: &str| Dotenv::locate(&doc, t, &key(k));
+        assert_eq!(
+            span("B").map(|(r, s)| (&t[r], s)),
+            Some(("y", Style::DotenvBare))
+        );
+        assert_eq!(
+            span("A").map(|(r, s)| (&t[r], s)),
+            Some(("1", Style::DotenvBare))
+        );
+        let t2 = "X = 'a#b' # c\nY=\"q\\\"r\"\n";
+        let doc2 = Dotenv::parse(t2).unwrap();
+        let span2 = |k: &str| Dotenv::locate(&doc2, t2, &key(k)).map(|(r, s)| (&t2[r], s));
+        assert_eq!(span2("X"), Some(("'a#b'", Style::DotenvSingle)));
+        assert_eq!(span2("Y"), Some(("\"q\\\"r\"", Style::DotenvDouble)));
         assert_eq!(Dotenv::get(&doc, &key("B")), Lookup::Str("y".into()));
-        assert_eq!(Dotenv::span(&doc, t, &key("C")), None);
+        assert_eq!(span("C"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use ::ini::ParseOption;
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax, chomp, guarded, lines, newline};
 use super::{FormatError, KeyPath};
 
@@ -56,19 +57,14 @@ impl Syntax for Ini {
         }
     }
 
-    fn span(_: &Sections, text: &str, key: &KeyPath) -> Option<Range<usize>> {
-        let (section, k) = key.ini_parts()?;
-        let mut current = None;
-        for (start, line) in lines(text) {
-            let body = chomp(line);
-            if let Some(name) = header(body) {
-                current = Some(name);
-            } else if current == Some(section) && key_of(body) == Some(k.as_str()) {
-                let sep = body.find(['=', ':'])?;
-                return Some(start + sep + 1..start + body.len());
-            }
-        }
-        None
+    /// configparser strips the value: the text between the separator and
+    /// the line's end, without surrounding whitespace.
+    fn locate(doc: &Sections, text: &str, key: &KeyPath) -> Option<(Range<usize>, Style)> {
+        let r = span(doc, text, key)?;
+        let v = &text[r.clone()];
+        let lead = v.len() - v.trim_start().len();
+        let start = r.start + lead;
+        Some((start..start + v.trim().len(), Style::Ini))
     }
 
     fn set(doc: &mut Sections, key: &KeyPath, value: &str) -> bool {
@@ -134,6 +130,22 @@ impl Syntax for Ini {
     }
 }
 
+/// The text after the separator of `key`'s line.
+fn span(_: &Sections, text: &str, key: &KeyPath) -> Option<Range<usize>> {
+    let (section, k) = key.ini_parts()?;
+    let mut current = None;
+    for (start, line) in lines(text) {
+        let body = chomp(line);
+        if let Some(name) = header(body) {
+            current = Some(name);
+        } else if current == Some(section) && key_of(body) == Some(k.as_str()) {
+            let sep = body.find(['=', ':'])?;
+            return Some(start + sep + 1..start + body.len());
+        }
+    }
+    None
+}
+
 /// The section name of a `[section]` line.
 fn header(line: &str) -> Option<&str> {
     let t = line.trim();
@@ -173,10 +185,10 @@ mod tests {
     fn spans_and_dotted_keys() {
         let t = "[DEFAULT]\nhost = h\ntoken = a\n\n[ p ]\ntoken=b\nx.y: c\n";
         let doc = Ini::parse(t).unwrap();
-        assert_eq!(&t[Ini::span(&doc, t, &key("p.token")).unwrap()], "b");
-        assert_eq!(&t[Ini::span(&doc, t, &key("DEFAULT.token")).unwrap()], " a");
+        assert_eq!(&t[span(&doc, t, &key("p.token")).unwrap()], "b");
+        assert_eq!(&t[span(&doc, t, &key("DEFAULT.token")).unwrap()], " a");
         assert_eq!(Ini::get(&doc, &key("p.x.y")), Lookup::Str("c".into()));
-        assert_eq!(&t[Ini::span(&doc, t, &key("p.x.y")).unwrap()], " c");
+        assert_eq!(&t[span(&doc, t, &key("p.x.y")).unwrap()], " c");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::ops::Range;
 
 use serde_json::{Map, Value};
 
+use super::encode::Style as Quoting;
 use super::syntax::{Lookup, Syntax, index, newline, splice};
 use super::{FormatError, KeyPath};
 
@@ -59,12 +60,14 @@ impl Syntax for Json {
         }
     }
 
-    fn span(_: &Self::Doc, text: &str, key: &KeyPath) -> Option<Range<usize>> {
+    fn locate(_: &Self::Doc, text: &str, key: &KeyPath) -> Option<(Range<usize>, Quoting)> {
         let mut at = root(text)?;
         for s in key.segments() {
             at = child(text, at.start, s)?;
         }
-        Some(at)
+        text[at.clone()]
+            .starts_with('"')
+            .then_some((at, Quoting::Json))
     }
 
     fn set(doc: &mut Self::Doc, key: &KeyPath, value: &str) -> bool {
@@ -430,17 +433,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn span(t: &str, k: &KeyPath) -> Option<Range<usize>> {
+        Json::locate(&None, t, k).map(|(r, _)| r)
+    }
+
     #[test]
     fn spans() {
         let t = r#"{"a": {"b": [1, "x", {"c": "yy"}]}, "k\"q": "v", "a": {"b": "last"}}"#;
-        assert_eq!(&t[Json::span(&None, t, &key("a.b")).unwrap()], "\"last\"");
+        assert_eq!(&t[span(t, &key("a.b")).unwrap()], "\"last\"");
         let t = r#" {"a": {"b": [1, "x", {"c": "yy"}]}} "#;
-        assert_eq!(&t[Json::span(&None, t, &key("a.b.2.c")).unwrap()], "\"yy\"");
-        assert_eq!(&t[Json::span(&None, t, &key("a.b.1")).unwrap()], "\"x\"");
-        assert_eq!(Json::span(&None, t, &key("a.b.9")), None);
-        assert_eq!(Json::span(&None, t, &key("a.z")), None);
+        assert_eq!(&t[span(t, &key("a.b.2.c")).unwrap()], "\"yy\"");
+        assert_eq!(&t[span(t, &key("a.b.1")).unwrap()], "\"x\"");
+        assert_eq!(span(t, &key("a.b.9")), None);
+        assert_eq!(span(t, &key("a.z")), None);
         let t = r#"{"k\"q": "v"}"#;
-        assert_eq!(&t[Json::span(&None, t, &key("k\"q")).unwrap()], "\"v\"");
+        assert_eq!(&t[span(t, &key("k\"q")).unwrap()], "\"v\"");
     }
 
     #[test]

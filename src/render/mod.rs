@@ -1,20 +1,23 @@
-//! Templates: a managed file's bytes with every secret replaced by a
-//! placeholder, and the way back.
+//! Templates: a managed file's bytes with the value at each bound key
+//! replaced by a placeholder, and the way back.
 //!
-//! Rendering ([`Template::render`]) is plain substitution into precomputed
-//! segments: it runs on every open. Converting bytes *into* a template
-//! ([`to_template`]) and checking a rendering ([`check`]) use each format's
-//! real parser for meaning, and edit the text itself only where they must, so
-//! comments, key order, quoting and layout survive byte for byte. Every edit
-//! is verified by parsing the result and comparing it with the document the
-//! edit was meant to produce: an edit that would change anything else is
-//! refused and reported instead.
+//! Everything here works by *position*: a bound value is the value at its
+//! key, located by each format's real parser, never a search for a value.
+//! Converting bytes into a template ([`to_template`]) rewrites exactly the
+//! bound values, in the quoting they were written in; every other byte is
+//! the user's and is kept, whatever it equals. Every edit is verified by
+//! parsing the result and comparing it with the document the edit was meant
+//! to produce: an edit that would change anything else is refused and
+//! reported instead. Rendering ([`Template::render`]) writes each secret
+//! encoded for its position ([`encode`]); a secret a position cannot carry
+//! is refused ([`Template::carries`]) before it is published.
 //!
 //! Nothing here knows about FUSE, files, credentials or the store: a secret
 //! goes into a *slot*, an opaque name such as `databricks.token`.
 
 mod convert;
 mod dotenv;
+mod encode;
 mod ini;
 mod json;
 mod raw;
@@ -29,7 +32,9 @@ mod tests;
 use std::fmt;
 use std::str::FromStr;
 
-pub use template::Template;
+pub use convert::STRAY_MIN_LEN;
+pub use encode::{Style, Unfit};
+pub use template::{Refusal, Template};
 
 use crate::secret::Secret;
 
@@ -198,29 +203,42 @@ pub fn is_valid_slot(slot: &str) -> bool {
     template::is_valid_slot(slot)
 }
 
-/// A value found at a bound key that is not one of ours: a candidate the
-/// caller may adopt as the slot's new secret.
+/// A value found at a bound key (and replaced there by the placeholder).
 pub struct Found {
     pub slot: String,
     pub key: KeyPath,
     /// Without the binding's prefix and suffix.
     pub value: Secret,
+    /// One of the slot's known (current or recent) values: ours, not new.
+    pub known: bool,
+}
+
+/// A known secret standing outside every bound position: the bytes are
+/// the user's and are kept, and this says where, for a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    pub line: usize,
+    pub column: usize,
+    /// The key the line assigns, when it looks like one (else empty).
+    pub key: String,
+    pub fingerprint: String,
 }
 
 /// The result of turning bytes into a template.
 #[derive(Default)]
 pub struct Conversion {
-    /// The input with every known secret and every found value replaced by
-    /// placeholders, plus inserted keys; everything else byte-identical.
+    /// The input with the value at every bound key replaced by its
+    /// placeholder, plus inserted keys; everything else byte-identical.
     pub template: Vec<u8>,
     /// Non-empty values found at bound keys (already placeholders in
     /// `template`).
     pub found: Vec<Found>,
     /// Keys that were missing and were inserted with the placeholder.
     pub inserted: Vec<KeyPath>,
-    /// The (substituted) input did not parse: `template` is the input with
-    /// known secrets replaced, nothing else changed; `found` and
-    /// `inserted` are empty.
+    /// Known secrets (and found values) left outside bound keys.
+    pub stray: Vec<Stray>,
+    /// The input did not parse: `template` is the input exactly as it came;
+    /// `found` and `inserted` are empty.
     pub parse_error: Option<FormatError>,
     /// Notes for the log. Never contain document text.
     pub problems: Vec<String>,
@@ -262,16 +280,15 @@ macro_rules! with_syntax {
 }
 
 /// Turns bytes (a file found at mount time, or bytes a program just wrote)
-/// into a template.
-///
-/// 1. Every occurrence of every `known` secret (slot → value; current and
-///    recent secrets) becomes that slot's placeholder, longest values first.
-/// 2. The result is parsed, and for each binding the value at its key is
-///    looked at: our placeholder is fine; another non-empty string is
-///    replaced, at that key only, by the placeholder and reported in
-///    `found`; an empty one is filled with the placeholder; a missing key is
-///    inserted (if `insert_missing` and the binding allows it); anything
-///    else is a problem and left alone.
+/// into a template. The input is parsed, and for each binding the value
+/// at its key is looked at: our placeholder is fine; another string is
+/// replaced, where it stands and in its quoting, by the placeholder and
+/// reported in `found` (marked `known` when it is one of the slot's
+/// `known` values, slot → current or recent secret); a missing key is
+/// inserted (if `insert_missing` and the binding allows it); anything else
+/// is a problem and left alone. No other byte changes: a known secret
+/// elsewhere is reported in `stray`, and input that does not parse is kept
+/// exactly as it came.
 pub fn to_template(
     format: Format,
     input: &[u8],
@@ -295,6 +312,13 @@ pub fn check<'a>(
     secret_for: &dyn Fn(&str) -> Option<&'a [u8]>,
 ) -> Result<(), RenderError> {
     with_syntax!(format, check(rendered, bindings, secret_for))
+}
+
+/// Splits template bytes into literal runs and the slots of `bindings`
+/// (see [`Template`]).
+pub fn template(format: Format, bytes: Vec<u8>, bindings: &[Binding]) -> Template {
+    let slots = with_syntax!(format, slots(&bytes, bindings));
+    Template::from_slots(bytes, slots)
 }
 
 /// The string at `key` in `text`, if there is one (for presets and `init`).

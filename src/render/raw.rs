@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax};
 use super::{FormatError, KeyPath};
 
@@ -24,8 +25,8 @@ impl Syntax for Raw {
         }
     }
 
-    fn span(_: &Self::Doc, text: &str, _: &KeyPath) -> Option<Range<usize>> {
-        Some(0..body(text).len())
+    fn locate(_: &Self::Doc, text: &str, _: &KeyPath) -> Option<(Range<usize>, Style)> {
+        Some((0..body(text).len(), Style::Raw))
     }
 
     fn set(doc: &mut Self::Doc, key: &KeyPath, value: &str) -> bool {

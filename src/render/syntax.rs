@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use super::encode::Style;
 use super::{FormatError, KeyPath};
 
 /// What a key path leads to in a parsed document.
@@ -27,10 +28,10 @@ pub(super) trait Syntax {
 
     fn get(doc: &Self::Doc, key: &KeyPath) -> Lookup;
 
-    /// The byte range of the value at `key` in `text` (quotes may be
-    /// included), when the format can tell; `None` means "search the whole
-    /// text".
-    fn span(doc: &Self::Doc, text: &str, key: &KeyPath) -> Option<Range<usize>>;
+    /// The exact text of the string value at `key` (quotes included) and
+    /// its quoting, or `None` where the format cannot say (a layout this
+    /// module does not rewrite, such as a YAML block scalar).
+    fn locate(doc: &Self::Doc, text: &str, key: &KeyPath) -> Option<(Range<usize>, Style)>;
 
     /// Sets the string at `key`, creating missing parents the way
     /// [`Syntax::insert`] does: the document an edit is meant to produce.

@@ -1,36 +1,62 @@
-//! A template split once into literal runs and slots, so that rendering —
-//! on every open — is one allocation and a pass of copies.
+//! A template split once into literal runs and bound slots, so that
+//! rendering is one pass of copies and one encoding per slot.
+//!
+//! Slots are found by *position*: the value at each binding's key, located
+//! by parsing, when it holds exactly that binding's placeholder. Placeholder
+//! text anywhere else is the user's and stays literal, and a template that
+//! does not parse has no slots at all.
 
 use std::ops::Range;
+
+use super::encode::{Style, Unfit};
+use super::{Binding, KeyPath};
 
 pub(super) const OPEN: &str = "__tokenfs:";
 pub(super) const CLOSE: &str = "__";
 
-enum Segment {
-    Literal(Range<usize>),
-    /// `text` is the placeholder's own bytes, kept when there is no secret.
-    Slot {
-        name: String,
-        text: Range<usize>,
-    },
+/// A bound value in the template.
+pub(super) struct Slot {
+    /// The raw value text (quotes included) in the template.
+    pub text: Range<usize>,
+    pub style: Style,
+    pub binding: Binding,
 }
 
-/// Template bytes, pre-split into literal runs and placeholder slots.
+enum Segment {
+    Literal(Range<usize>),
+    Slot(Slot),
+}
+
+/// Why a secret could not be rendered at a bound key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key {key}: {why}")]
+pub struct Refusal {
+    pub key: KeyPath,
+    pub slot: String,
+    pub why: Unfit,
+}
+
+/// Template bytes, pre-split into literal runs and bound slots.
 pub struct Template {
     bytes: Vec<u8>,
     segments: Vec<Segment>,
 }
 
 impl Template {
-    pub fn new(bytes: Vec<u8>) -> Template {
-        let mut segments = Vec::new();
+    /// Splits `bytes` at the given slots (from `convert::slots`), which
+    /// must be in order and not overlap.
+    pub(super) fn from_slots(bytes: Vec<u8>, slots: Vec<Slot>) -> Template {
+        let mut segments = Vec::with_capacity(2 * slots.len() + 1);
         let mut at = 0;
-        for (name, text) in placeholders(&bytes) {
-            if text.start > at {
-                segments.push(Segment::Literal(at..text.start));
+        for slot in slots {
+            if slot.text.start < at || slot.text.end > bytes.len() {
+                continue;
             }
-            at = text.end;
-            segments.push(Segment::Slot { name, text });
+            if slot.text.start > at {
+                segments.push(Segment::Literal(at..slot.text.start));
+            }
+            at = slot.text.end;
+            segments.push(Segment::Slot(slot));
         }
         if at < bytes.len() {
             segments.push(Segment::Literal(at..bytes.len()));
@@ -42,160 +68,89 @@ impl Template {
         &self.bytes
     }
 
-    /// The slots that occur, deduplicated, in order of first appearance.
-    pub fn slots(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for s in &self.segments {
-            if let Segment::Slot { name, .. } = s {
-                if !out.contains(&name.as_str()) {
-                    out.push(name);
-                }
-            }
-        }
-        out
+    /// The bindings that have a slot here.
+    pub fn bound(&self) -> impl Iterator<Item = &Binding> {
+        self.slots().map(|s| &s.binding)
     }
 
-    /// Appends the rendering to `out` (reserved once, to the exact length).
-    /// A slot without a secret keeps its placeholder. Bytes are substituted
-    /// verbatim: [`super::check`] catches a secret the format cannot hold.
-    pub fn render<'a>(&self, secret_for: &dyn Fn(&str) -> Option<&'a [u8]>, out: &mut Vec<u8>) {
-        out.reserve(self.rendered_len(secret_for));
-        for s in &self.segments {
-            out.extend_from_slice(self.piece(s, secret_for));
-        }
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Slot(slot) => Some(slot),
+            Segment::Literal(_) => None,
+        })
     }
 
-    /// The exact length of the rendering, without rendering.
-    pub fn rendered_len<'a>(&self, secret_for: &dyn Fn(&str) -> Option<&'a [u8]>) -> usize {
-        self.segments
-            .iter()
-            .map(|s| self.piece(s, secret_for).len())
-            .sum()
-    }
-
-    fn piece<'s, 'a: 's>(
-        &'s self,
-        segment: &Segment,
+    /// Appends the rendering to `out`. A slot without a secret keeps its
+    /// placeholder; so does one whose secret this position cannot carry
+    /// (publishing refuses such secrets first, see [`Template::carries`]),
+    /// which is returned.
+    pub fn render<'a>(
+        &self,
         secret_for: &dyn Fn(&str) -> Option<&'a [u8]>,
-    ) -> &'s [u8] {
-        match segment {
-            Segment::Literal(r) => &self.bytes[r.clone()],
-            Segment::Slot { name, text } => {
-                secret_for(name).unwrap_or_else(|| &self.bytes[text.clone()])
+        out: &mut Vec<u8>,
+    ) -> Vec<Refusal> {
+        let mut refused = Vec::new();
+        out.reserve(self.bytes.len() + 64 * self.segments.len());
+        for s in &self.segments {
+            match s {
+                Segment::Literal(r) => out.extend_from_slice(&self.bytes[r.clone()]),
+                Segment::Slot(slot) => match secret_for(&slot.binding.slot) {
+                    None => out.extend_from_slice(&self.bytes[slot.text.clone()]),
+                    Some(secret) => match encode(slot, secret) {
+                        Ok(text) => out.extend_from_slice(text.as_bytes()),
+                        Err(r) => {
+                            out.extend_from_slice(&self.bytes[slot.text.clone()]);
+                            refused.push(r);
+                        }
+                    },
+                },
             }
         }
+        refused
+    }
+
+    /// Whether every position bound to `slot` can carry `secret`.
+    pub fn carries(&self, slot: &str, secret: &[u8]) -> Result<(), Refusal> {
+        self.slots()
+            .filter(|s| s.binding.slot == slot)
+            .try_for_each(|s| encode(s, secret).map(drop))
     }
 }
 
-/// Whether a slot name's placeholder is recognised by [`placeholders`].
+/// The secret, with the binding's prefix and suffix, in the slot's style.
+fn encode(slot: &Slot, secret: &[u8]) -> Result<String, Refusal> {
+    let b = &slot.binding;
+    let refuse = |why| Refusal {
+        key: b.key.clone(),
+        slot: b.slot.clone(),
+        why,
+    };
+    let s =
+        std::str::from_utf8(secret).map_err(|_| refuse(Unfit("the value is not UTF-8 text")))?;
+    let value = format!("{}{s}{}", b.prefix, b.suffix);
+    slot.style.encode(&value).map_err(refuse)
+}
+
+/// Whether a slot name makes a placeholder that reads back as one:
+/// non-empty, `[A-Za-z0-9._-]`, no `__` inside.
 pub(super) fn is_valid_slot(slot: &str) -> bool {
-    let p = super::placeholder(slot);
-    placeholders(p.as_bytes())
-        .first()
-        .map(|(n, r)| (n.as_str(), r.len()))
-        == Some((slot, p.len()))
-}
-
-/// The byte ranges of the placeholders in `bytes`.
-pub(super) fn placeholder_ranges(bytes: &[u8]) -> Vec<Range<usize>> {
-    placeholders(bytes).into_iter().map(|(_, r)| r).collect()
-}
-
-fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
-}
-
-/// Finds `__tokenfs:NAME__`, NAME being `[A-Za-z0-9._-]+`. The name ends at
-/// the first `__` followed by something other than `_` (or by the next
-/// placeholder), so a name may end in `_` (`x_` → `__tokenfs:x___`) and
-/// text right after a placeholder may start with a letter (a suffix such as
-/// `x-team`), but a name cannot contain `__`.
-fn placeholders(bytes: &[u8]) -> Vec<(String, Range<usize>)> {
-    let mut found = Vec::new();
-    let mut from = 0;
-    while let Some(off) = find(&bytes[from..], OPEN.as_bytes()) {
-        let start = from + off;
-        let name_start = start + OPEN.len();
-        match name_end(&bytes[name_start..]) {
-            Some(len) => {
-                let end = name_start + len + CLOSE.len();
-                let name = String::from_utf8_lossy(&bytes[name_start..name_start + len]);
-                found.push((name.into_owned(), start..end));
-                from = end;
-            }
-            None => from = start + 1,
-        }
-    }
-    found
-}
-
-/// The length of the name at the start of `rest` (which follows OPEN).
-fn name_end(rest: &[u8]) -> Option<usize> {
-    let run = rest.iter().take_while(|&&b| is_name_byte(b)).count();
-    (1..run).find(|&i| {
-        let after = rest.get(i..).and_then(|r| r.strip_prefix(CLOSE.as_bytes()));
-        after.is_some_and(|a| a.first() != Some(&b'_') || a.starts_with(OPEN.as_bytes()))
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    !slot.is_empty()
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && !slot.contains("__")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn render(t: &Template, tok: &[u8]) -> Vec<u8> {
-        let lookup = |slot: &str| (slot == "db.token").then_some(tok);
-        let mut out = b"pre:".to_vec();
-        t.render(&lookup, &mut out);
-        assert_eq!(t.rendered_len(&lookup) + 4, out.len());
-        out.split_off(4)
-    }
-
     #[test]
-    fn renders_slots_and_keeps_unknown_ones() {
-        let t = Template::new(b"a __tokenfs:db.token__ b __tokenfs:other__ c".to_vec());
-        assert_eq!(render(&t, b"T0K"), b"a T0K b __tokenfs:other__ c");
-        assert_eq!(t.slots(), vec!["db.token", "other"]);
-        let t = Template::new(b"__tokenfs:db.token____tokenfs:db.token__".to_vec());
-        assert_eq!(render(&t, b"x"), b"xx");
-        assert_eq!(t.slots(), vec!["db.token"]);
-        let t = Template::new(Vec::new());
-        assert_eq!(render(&t, b"x"), b"");
-        assert!(t.slots().is_empty());
-    }
-
-    #[test]
-    fn placeholder_boundaries() {
-        let t = Template::new(
-            b"__tokenfs:db.token__x-team __tokenfs:x___ __tokenfs:__ __tokenfs:".to_vec(),
-        );
-        assert_eq!(t.slots(), vec!["db.token", "x_"]);
-        assert_eq!(
-            render(&t, b"T"),
-            b"Tx-team __tokenfs:x___ __tokenfs:__ __tokenfs:"
-        );
+    fn slot_names() {
         assert!(is_valid_slot("databricks.token"));
         assert!(is_valid_slot("claude.access_token"));
-        assert!(is_valid_slot("x_"));
         assert!(!is_valid_slot("a__b"));
         assert!(!is_valid_slot("a b"));
         assert!(!is_valid_slot(""));
-    }
-
-    #[test]
-    fn arbitrary_bytes_do_not_panic() {
-        for input in [
-            &b"__tokenfs:\xff__"[..],
-            b"__tokenfs:a",
-            b"__tokenfs:a_",
-            b"__tokenfs",
-            b"\xff\xfe__tokenfs:a__\xff",
-        ] {
-            let t = Template::new(input.to_vec());
-            let _ = render(&t, b"x");
-        }
     }
 }

@@ -37,11 +37,11 @@ fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
-fn render(template: &[u8], tok: &str) -> Vec<u8> {
-    let t = Template::new(template.to_vec());
+fn render(format: Format, bindings: &[Binding], template: &[u8], tok: &str) -> Vec<u8> {
+    let t = super::template(format, template.to_vec(), bindings);
     let mut out = Vec::new();
-    t.render(&secret(tok.as_bytes()), &mut out);
-    assert_eq!(t.rendered_len(&secret(tok.as_bytes())), out.len());
+    let refused = t.render(&secret(tok.as_bytes()), &mut out);
+    assert!(refused.is_empty(), "{format}: {refused:?}");
     out
 }
 
@@ -68,7 +68,7 @@ fn life(format: Format, fixture: &str, binding: Binding, old: &str, new: &str) {
     assert_eq!(conv.found[0].slot, SLOT);
     assert_eq!(conv.found[0].key, bindings[0].key);
 
-    let rendered = render(&conv.template, new);
+    let rendered = render(format, &bindings, &conv.template, new);
     assert_eq!(text(rendered.clone()), fill(fixture, new, old), "{format}");
     check(format, &rendered, &bindings, &secret(new.as_bytes())).unwrap();
     assert!(check(format, &rendered, &bindings, &secret(old.as_bytes())).is_err());
@@ -76,13 +76,18 @@ fn life(format: Format, fixture: &str, binding: Binding, old: &str, new: &str) {
     let known: [(&str, &[u8]); 1] = [(SLOT, new.as_bytes())];
     let again = to_template(format, &rendered, &bindings, &known, true);
     assert_eq!(text(again.template), fill(fixture, PH, old), "{format}");
-    assert!(again.found.is_empty() && again.inserted.is_empty() && again.problems.is_empty());
+    assert!(again.found.iter().all(|f| f.known), "{format}");
+    assert!(again.inserted.is_empty() && again.problems.is_empty());
 
-    // A known secret is replaced wherever it stands.
+    // A known secret is replaced at the bound key only; a copy elsewhere
+    // is the user's bytes, kept and reported when long enough to be a token.
     let known: [(&str, &[u8]); 1] = [(SLOT, old.as_bytes())];
     let conv = to_template(format, input.as_bytes(), &bindings, &known, true);
-    assert_eq!(text(conv.template), fill(fixture, PH, PH), "{format}");
-    assert!(conv.found.is_empty());
+    assert_eq!(text(conv.template), fill(fixture, PH, old), "{format}");
+    assert!(conv.found.iter().all(|f| f.known), "{format}");
+    if old.len() >= STRAY_MIN_LEN && fixture.contains("{SAME}") {
+        assert!(!conv.stray.is_empty(), "{format}");
+    }
 }
 
 const HERMES: &str = "\
@@ -286,7 +291,7 @@ fn inserted(format: Format, input: &str, key: &str) -> String {
     );
     assert!(conv.found.is_empty());
     let out = text(conv.template);
-    let rendered = render(out.as_bytes(), NEW);
+    let rendered = render(format, &[b(key)], out.as_bytes(), NEW);
     check(format, &rendered, &[b(key)], &secret(NEW.as_bytes())).unwrap();
     out
 }
@@ -453,7 +458,7 @@ fn prefixes_suffixes_and_empty_values() {
         format!("{{\"env\": {{\"H\": \"Authorization=Bearer {PH},x-team=a\"}}}}")
     );
     assert_eq!(conv.found[0].value.expose_str(), "abc");
-    let rendered = render(&conv.template, NEW);
+    let rendered = render(Format::Json, &bind, &conv.template, NEW);
     check(Format::Json, &rendered, &bind, &secret(NEW.as_bytes())).unwrap();
     // Text around the token that is not the binding's: left alone.
     let conv = to_template(
@@ -524,13 +529,17 @@ fn non_strings_and_foreign_placeholders_are_problems() {
 }
 
 #[test]
-fn values_not_written_verbatim_are_a_problem() {
-    // JSON escapes: the decoded value does not appear in the text.
+fn values_written_with_escapes_are_replaced_where_they_stand() {
+    // JSON escapes: the decoded value does not appear in the text; the
+    // value at the key is replaced all the same, and nothing else.
     let input = br#"{"k": "ab\u0063d", "x": "abcd"}"#;
     let conv = to_template(Format::Json, input, &[b("k")], &[], true);
-    assert_eq!(conv.template, input);
-    assert_eq!(conv.problems.len(), 1);
-    assert!(conv.found.is_empty());
+    assert_eq!(
+        text(conv.template),
+        format!(r#"{{"k": "{PH}", "x": "abcd"}}"#)
+    );
+    assert!(conv.problems.is_empty());
+    assert_eq!(conv.found[0].value.expose_str(), "abcd");
 }
 
 #[test]
@@ -554,7 +563,7 @@ fn the_bound_occurrence_is_the_one_replaced_even_when_it_comes_last() {
 }
 
 /// A broken document holding a secret: the error has a position and no
-/// secret, and the template is the input with known secrets replaced.
+/// secret, and the template is the input exactly (the secret reported).
 fn broken(format: Format, input: &str, line: usize) {
     let secret = "sk-VERYSECRET-0123456789";
     let input = input.replace("{S}", secret);
@@ -564,8 +573,13 @@ fn broken(format: Format, input: &str, line: usize) {
     assert_eq!(e.line, line, "{format}: {e}");
     assert!(e.column >= 1);
     assert!(!e.to_string().contains("VERYSECRET"), "{format}: {e}");
-    assert_eq!(text(conv.template), input.replace(secret, PH));
+    assert_eq!(text(conv.template), input);
     assert!(conv.found.is_empty() && conv.inserted.is_empty());
+    assert_eq!(conv.stray.len(), 1, "{format}");
+    assert_eq!(
+        conv.stray[0].line,
+        input[..input.find(secret).unwrap()].lines().count().max(1)
+    );
     // Unknown to the conversion, the secret still must not show.
     let conv = to_template(format, input.as_bytes(), &[b("a.b")], &[], true);
     let e = conv.parse_error.expect("a parse error");
@@ -604,7 +618,7 @@ fn non_utf8_is_a_parse_error_not_a_panic() {
         let conv = to_template(format, input, &[b("a.b")], &known, true);
         let e = conv.parse_error.expect("a parse error");
         assert_eq!((e.line, e.column), (2, 6), "{format}");
-        assert_eq!(conv.template, b"a:\n  b: \xff\xfe __tokenfs:db.token__\n");
+        assert_eq!(conv.template, input, "kept exactly as written");
         assert!(check(format, input, &[b("a.b")], &secret(b"tok")).is_err());
     }
 }
@@ -660,8 +674,11 @@ fn placeholders_are_valid_everywhere() {
         let conv = to_template(format, input.as_bytes(), &[b(key)], &[], true);
         assert_eq!(text(conv.template), input);
         assert!(conv.found.is_empty() && conv.problems.is_empty());
-        let t = Template::new(input.into_bytes());
-        assert_eq!(t.slots(), vec![SLOT]);
+        let t = super::template(format, input.into_bytes(), &[b(key)]);
+        assert_eq!(
+            t.bound().map(|b| b.slot.as_str()).collect::<Vec<_>>(),
+            vec![SLOT]
+        );
     }
 }
 
@@ -767,7 +784,7 @@ fn randomized_round_trips() {
             let mut prev = old.clone();
             for _ in 0..3 {
                 let next = rng.token();
-                let rendered = render(&template, &next);
+                let rendered = render(format, &[b(key)], &template, &next);
                 check(format, &rendered, &[b(key)], &secret(next.as_bytes())).unwrap();
                 let known: [(&str, &[u8]); 2] = [(SLOT, next.as_bytes()), (SLOT, prev.as_bytes())];
                 let conv = to_template(format, &rendered, &[b(key)], &known, true);
@@ -818,7 +835,7 @@ fn large_files() {
         let bindings = [b(key), b("missing.key")];
         let conv = to_template(format, input.as_bytes(), &bindings, &[], true);
         assert_eq!(conv.found.len(), 1, "{format}: {:?}", conv.problems);
-        let rendered = render(&conv.template, NEW);
+        let rendered = render(format, &bindings, &conv.template, NEW);
         check(format, &rendered, &bindings, &secret(NEW.as_bytes())).unwrap();
         eprintln!("{format}: {} bytes in {:?}", input.len(), started.elapsed());
     }

@@ -7,6 +7,7 @@ use std::ops::Range;
 use toml::Value;
 use toml_edit::{Document, DocumentMut, Item};
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax, error_at, guarded, index, inserted_run, newline};
 use super::{FormatError, KeyPath};
 
@@ -58,7 +59,8 @@ impl Syntax for Toml {
         }
     }
 
-    fn span(doc: &Doc, _: &str, key: &KeyPath) -> Option<Range<usize>> {
+    /// A multi-line string is rewritten as a one-line string of its kind.
+    fn locate(doc: &Doc, text: &str, key: &KeyPath) -> Option<(Range<usize>, Style)> {
         let mut item = doc.spans.as_item();
         for s in key.segments() {
             item = match index(s) {
@@ -66,7 +68,12 @@ impl Syntax for Toml {
                 None => item.get(s.as_str())?,
             };
         }
-        item.span()
+        let span = item.span()?;
+        match text.as_bytes().get(span.start)? {
+            b'"' => Some((span, Style::TomlBasic)),
+            b'\'' => Some((span, Style::TomlLiteral)),
+            _ => None,
+        }
     }
 
     fn set(doc: &mut Doc, key: &KeyPath, value: &str) -> bool {
@@ -183,8 +190,10 @@ mod tests {
     fn spans_and_nan() {
         let t = "x = nan\n[a]\nk = \"v\" # c\n[[p]]\nk = 'w'\n";
         let doc = Toml::parse(t).unwrap();
-        assert_eq!(&t[Toml::span(&doc, t, &key("a.k")).unwrap()], "\"v\"");
-        assert_eq!(&t[Toml::span(&doc, t, &key("p.0.k")).unwrap()], "'w'");
+        let at = |k: &str| Toml::locate(&doc, t, &key(k)).map(|(r, s)| (&t[r], s));
+        assert_eq!(at("a.k"), Some(("\"v\"", Style::TomlBasic)));
+        assert_eq!(at("p.0.k"), Some(("'w'", Style::TomlLiteral)));
+        assert_eq!(at("x"), None);
         assert!(Toml::same(&doc, &Toml::parse(t).unwrap()));
     }
 

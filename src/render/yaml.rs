@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax, chomp, error_at, guarded, index, lines, newline, splice};
 use super::{FormatError, KeyPath};
 
@@ -48,9 +49,20 @@ impl Syntax for Yaml {
         })
     }
 
-    fn span(doc: &Self::Doc, text: &str, key: &KeyPath) -> Option<Range<usize>> {
+    fn locate(doc: &Self::Doc, text: &str, key: &KeyPath) -> Option<(Range<usize>, Style)> {
         let span = node(doc, key)?.span;
-        Some(byte_offset(text, span.start.index())?..byte_offset(text, span.end.index())?)
+        let start = byte_offset(text, span.start.index())?;
+        let rest = text.get(start..)?;
+        match rest.as_bytes().first()? {
+            // saphyr's end of a quoted scalar can run past the quote.
+            b'\'' => Some((start..start + single_quoted_end(rest)?, Style::YamlSingle)),
+            b'"' => Some((start..start + double_quoted_end(rest)?, Style::YamlDouble)),
+            _ if is_block_scalar(&text[..start]) => None,
+            _ => Some((
+                start..byte_offset(text, span.end.index())?,
+                Style::YamlPlain,
+            )),
+        }
     }
 
     fn set(doc: &mut Self::Doc, key: &KeyPath, value: &str) -> bool {
@@ -170,6 +182,48 @@ fn node<'d>(doc: &'d [Node], key: &KeyPath) -> Option<&'d Node> {
         };
     }
     Some(n)
+}
+
+/// The length of the single-quoted scalar at the start of `s` (`''` is an
+/// escaped quote).
+fn single_quoted_end(s: &str) -> Option<usize> {
+    let mut i = 1;
+    loop {
+        i += s.get(i..)?.find('\'')?;
+        if s.as_bytes().get(i + 1) == Some(&b'\'') {
+            i += 2;
+        } else {
+            return Some(i + 1);
+        }
+    }
+}
+
+/// The length of the double-quoted scalar at the start of `s`.
+fn double_quoted_end(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Whether the text before a scalar ends in a block scalar header (`|`,
+/// `>-`, `|2+`…): its content starts on the next line.
+fn is_block_scalar(before: &str) -> bool {
+    before
+        .trim_end()
+        .rsplit([' ', '\t', '\n'])
+        .next()
+        .and_then(|h| h.strip_prefix(['|', '>']))
+        .is_some_and(|rest| {
+            rest.chars()
+                .all(|c| c.is_ascii_digit() || c == '+' || c == '-')
+        })
 }
 
 /// A string node, as a mapping key or value.
@@ -423,11 +477,16 @@ mod tests {
     fn spans_cover_the_value() {
         let t = "a:\n  b: plain # c\n  q: \"quo\\\"ted\"\n  é: 'x'\nl:\n  - k: v1\n  - k: v2\n";
         let doc = Yaml::parse(t).unwrap();
-        let at = |k: &str| &t[Yaml::span(&doc, t, &key(k)).unwrap()];
-        assert!(at("a.b").contains("plain"));
-        assert!(at("a.q").contains("quo"));
-        assert!(at("a.é").contains('x'));
-        assert!(at("l.1.k").contains("v2"));
+        let at = |k: &str| Yaml::locate(&doc, t, &key(k)).map(|(r, s)| (&t[r], s));
+        assert_eq!(at("a.b"), Some(("plain", Style::YamlPlain)));
+        assert_eq!(at("a.q"), Some(("\"quo\\\"ted\"", Style::YamlDouble)));
+        assert_eq!(at("a.é"), Some(("'x'", Style::YamlSingle)));
+        assert_eq!(at("l.1.k"), Some(("v2", Style::YamlPlain)));
+        let t = "a: 'it''s' # c\nb: |\n  blk\n";
+        let doc = Yaml::parse(t).unwrap();
+        let at = |k: &str| Yaml::locate(&doc, t, &key(k)).map(|(r, s)| (&t[r], s));
+        assert_eq!(at("a"), Some(("'it''s'", Style::YamlSingle)));
+        assert_eq!(at("b"), None);
     }
 
     #[test]

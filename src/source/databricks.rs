@@ -414,7 +414,7 @@ impl Source {
     /// transient reason (`PENDING_TRIES` means: do not retry).
     fn bootstrap(&mut self, token: Secret, tries: u32) -> Result<u64, String> {
         let fp = token.fingerprint();
-        if let Err(f) = crate::source::plausible(&token) {
+        if let Err(f) = crate::source::plausible(&token, 1) {
             return Err(self.fail_loud(format!("bootstrap token {fp} rejected: {f}")));
         }
         match self.validate(&token) {
@@ -505,10 +505,12 @@ impl Source {
             fields: vec![(crate::store::Field::Token, cur.token.clone())],
             expires_at: cur.expires_at,
         };
-        let generation = self
-            .store
-            .publish(&self.name, update)
-            .unwrap_or_else(|| self.store.snapshot().generation);
+        // A refusal (a managed file cannot carry the token) is logged and
+        // recorded by the store; the previous token keeps being served.
+        let generation = match self.store.publish(&self.name, update) {
+            Ok(Some(g)) => g,
+            Ok(None) | Err(_) => self.store.snapshot().generation,
+        };
         self.store.update_health(&self.name, |h| {
             h.state = HealthState::Ok;
             h.last_success = Some(SystemTime::now());

@@ -82,8 +82,15 @@ impl Watcher {
             Ok(bytes) => match Secret::from_bytes(bytes) {
                 Some(s) if !s.is_empty() => {
                     let fp = s.fingerprint();
-                    if self.store.publish(&self.name, Update::token(s)).is_some() {
-                        info!(credential = %self.name, fingerprint = %fp, "new value from {}", self.path.display());
+                    match self.store.publish(&self.name, Update::token(s)) {
+                        Ok(Some(_)) => {
+                            info!(credential = %self.name, fingerprint = %fp, "new value from {}", self.path.display())
+                        }
+                        Ok(None) => {}
+                        Err(why) => self.fail(format!(
+                            "the value in {} cannot be served ({why}); the last value stays",
+                            self.path.display()
+                        )),
                     }
                 }
                 _ => self.fail(format!(

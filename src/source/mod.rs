@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, SourceConfig};
 use crate::secret::Secret;
-use crate::store::{Field, HealthState, SlotRef, Store, Update};
+use crate::store::{Field, SlotRef, Store, Update};
 
 /// Receives values that programs wrote at bound keys of managed files.
 pub trait Adopt: Send + Sync {
@@ -22,28 +22,47 @@ pub trait Adopt: Send + Sync {
     /// a FUSE thread): a source that validates remotely queues the value and
     /// answers `Ok` once queued. `origin` names the file, for logs.
     fn offer(&self, slot: &SlotRef, value: Secret, origin: &str) -> Result<(), String>;
+
+    /// Whether `value` could be a token of `slot`'s credential at all (see
+    /// [`plausible`]); `offer` asks this first.
+    fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String>;
 }
 
 /// Every configured credential's source.
 pub struct Sources {
     store: Arc<Store>,
     kinds: BTreeMap<String, SourceConfig>,
+    /// Per credential: the shortest value adopted from a file.
+    min_length: BTreeMap<String, usize>,
     databricks: BTreeMap<String, databricks::Handle>,
 }
 
+/// The shortest value a program may write at a bound key and have adopted
+/// as a token, unless a credential sets its own `min_length`: real API
+/// keys are far longer, and `none`, `x`, `test` or `123` are someone's
+/// placeholder, not a key.
+pub const DEFAULT_MIN_LENGTH: usize = 16;
+
 /// Rejects values that cannot be a token: a config line pasted by mistake
-/// (`api_key: x`), control characters, whitespace inside.
-pub fn plausible(value: &Secret) -> Result<(), String> {
+/// (`api_key: x`), control characters, whitespace inside, a placeholder,
+/// anything shorter than `min_length`.
+pub fn plausible(value: &Secret, min_length: usize) -> Result<(), String> {
     if value.is_empty() {
         return Err("empty value".into());
     }
-    if value
-        .expose_str()
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control())
-    {
+    let text = value.expose_str();
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "value {value} contains whitespace or control characters"
+        ));
+    }
+    if text.contains("__tokenfs:") {
+        return Err(format!("value {value} is a tokenfs placeholder"));
+    }
+    let chars = text.chars().count();
+    if chars < min_length {
+        return Err(format!(
+            "value {value} has {chars} characters, fewer than a token's minimum of {min_length} (min_length)"
         ));
     }
     Ok(())
@@ -56,6 +75,7 @@ impl Sources {
         let mut sources = Sources {
             store: store.clone(),
             kinds: config.credentials.clone(),
+            min_length: config.min_length.clone(),
             databricks: BTreeMap::new(),
         };
         for (name, kind) in &config.credentials {
@@ -79,7 +99,12 @@ impl Sources {
             Ok(v) if !v.trim().is_empty() => {
                 let secret = Secret::new(v);
                 info!(credential = name, fingerprint = %secret, "initial value from ${var}");
-                self.store.publish(name, Update::token(secret));
+                if let Err(why) = self.store.publish(name, Update::token(secret)) {
+                    warn!(
+                        credential = name,
+                        "the value of ${var} cannot be served: {why}"
+                    );
+                }
             }
             _ => info!(
                 credential = name,
@@ -114,7 +139,7 @@ impl Sources {
                 return source.bootstrap(value);
             }
         }
-        plausible(&value)?;
+        plausible(&value, 1)?;
         let fp = value.fingerprint();
         let generation = self.store.publish(
             name,
@@ -122,7 +147,7 @@ impl Sources {
                 fields: vec![(field, value)],
                 expires_at: None,
             },
-        );
+        )?;
         info!(credential = name, fingerprint = %fp, "value set through the control socket");
         Ok(generation.unwrap_or_else(|| self.store.snapshot().generation))
     }
@@ -143,28 +168,37 @@ impl Sources {
 }
 
 impl Adopt for Sources {
+    fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String> {
+        let min_length = self
+            .min_length
+            .get(&slot.credential)
+            .copied()
+            .unwrap_or(DEFAULT_MIN_LENGTH);
+        plausible(value, min_length)
+    }
+
     fn offer(&self, slot: &SlotRef, value: Secret, origin: &str) -> Result<(), String> {
         let kind = self
             .kinds
             .get(&slot.credential)
             .ok_or_else(|| format!("no credential named `{}`", slot.credential))?;
+        if let Err(why) = Adopt::plausible(self, slot, &value) {
+            // Not the source's failure: its state stays, the note is shown.
+            self.store.update_health(&slot.credential, |h| {
+                h.last_error = Some(format!("did not adopt a value written to {origin}: {why}"));
+                h.last_error_at = Some(std::time::SystemTime::now());
+            });
+            return Err(why);
+        }
         match kind {
             SourceConfig::Push { .. } => {
-                if let Err(why) = plausible(&value) {
-                    self.store.record_error(
-                        &slot.credential,
-                        HealthState::Degraded,
-                        format!("rejected a value written to {origin}: {why}"),
-                    );
-                    return Err(why);
-                }
                 self.store.publish(
                     &slot.credential,
                     Update {
                         fields: vec![(slot.field, value)],
                         expires_at: None,
                     },
-                );
+                )?;
                 Ok(())
             }
             SourceConfig::Databricks(_) => {
