@@ -39,6 +39,14 @@ pub enum Request {
         name: String,
         field: Option<String>,
     },
+    /// Detaches the mounts at `dirs` (all when empty); with `restore`, first
+    /// writes the current secrets into their files on disk.
+    Unmount {
+        #[serde(default)]
+        dirs: Vec<PathBuf>,
+        #[serde(default)]
+        restore: bool,
+    },
 }
 
 /// What the daemon shares with the control server.
@@ -200,6 +208,7 @@ impl State {
                     .map(|s| serde_json::json!({ "secret": s.expose_str() }))
                     .ok_or_else(|| format!("credential `{name}` has no {f} yet"))
             }),
+            Request::Unmount { dirs, restore } => self.unmount(&dirs, restore),
         };
         match result {
             Ok(mut v) => {
@@ -210,6 +219,68 @@ impl State {
             }
             Err(e) => serde_json::json!({ "ok": false, "error": e }),
         }
+    }
+}
+
+impl State {
+    /// `tokenfs unmount`: restores the files when asked, then detaches. The
+    /// detach runs a moment later on its own thread, so this reply is sent
+    /// before the daemon, left without mounts, exits.
+    fn unmount(&self, dirs: &[PathBuf], restore: bool) -> Result<serde_json::Value, String> {
+        let chosen: Vec<&Arc<MountInfo>> = if dirs.is_empty() {
+            self.mounts.iter().collect()
+        } else {
+            let mut chosen = Vec::new();
+            for d in dirs {
+                let m = self.mounts.iter().find(|m| m.dir == *d).ok_or_else(|| {
+                    let all: Vec<String> = self
+                        .mounts
+                        .iter()
+                        .map(|m| m.dir.display().to_string())
+                        .collect();
+                    format!(
+                        "{} is not mounted by this daemon (it serves {})",
+                        d.display(),
+                        all.join(", ")
+                    )
+                })?;
+                chosen.push(m);
+            }
+            chosen
+        };
+        let mut restored = 0;
+        if restore {
+            for m in &chosen {
+                for f in &m.files {
+                    restored += f.restore().map_err(|e| {
+                        let msg = format!(
+                            "cannot restore {}: {e}; nothing was unmounted",
+                            m.dir.join(f.rel()).display()
+                        );
+                        warn!("{msg}");
+                        msg
+                    })?;
+                }
+            }
+            info!(
+                keys = restored,
+                "restored the current tokens into the files on disk"
+            );
+        }
+        let detach: Vec<PathBuf> = chosen.iter().map(|m| m.dir.clone()).collect();
+        let shown: Vec<String> = detach.iter().map(|d| d.display().to_string()).collect();
+        let _ = std::thread::Builder::new()
+            .name("unmount".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                for d in detach {
+                    match crate::daemon::detach(&d) {
+                        Ok(()) => info!(mount = %d.display(), "unmounted on request"),
+                        Err(e) => warn!(mount = %d.display(), "unmount failed: {e}"),
+                    }
+                }
+            });
+        Ok(serde_json::json!({ "restored": restored, "unmounted": shown }))
     }
 }
 

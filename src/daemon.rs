@@ -172,7 +172,8 @@ fn detach_all(dirs: &[PathBuf]) {
     }
 }
 
-fn detach(dir: &Path) -> Result<(), String> {
+/// Detaches one mount lazily (see `detach_all`).
+pub fn detach(dir: &Path) -> Result<(), String> {
     if nix::unistd::geteuid().is_root() {
         let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| "bad path".to_string())?;
         // SAFETY: valid C string.
@@ -387,7 +388,8 @@ fn clear_stale_mount(dir: &Path) -> Result<(), String> {
     }
 }
 
-fn is_tokenfs_mount(dir: &Path) -> bool {
+/// Whether `dir` is a tokenfs mount now (per the kernel's mount table).
+pub fn is_tokenfs_mount(dir: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

@@ -88,6 +88,16 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Detach mounts (all, or the DIRs named). With --restore, first write the
+    /// current tokens into the files on disk, so every CLI keeps working
+    /// without tokenfs (while mounted, the files on disk hold placeholders).
+    Unmount {
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        restore: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a credential's current secret (for apiKeyHelper-style hooks).
     Token {
         name: String,
@@ -213,6 +223,11 @@ fn run(cli: Cli) -> Result<(), String> {
             eprintln!("{name}: rotated, generation {}", v["generation"]);
             Ok(())
         }
+        Command::Unmount {
+            dirs,
+            restore,
+            target,
+        } => unmount(dirs, restore, &target),
         Command::Token {
             name,
             field,
@@ -229,6 +244,40 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn unmount(dirs: Vec<PathBuf>, restore: bool, target: &Target) -> Result<(), String> {
+    let dirs: Vec<PathBuf> = dirs
+        .into_iter()
+        .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+        .collect();
+    let v = control::call(&socket_of(target)?, &Request::Unmount { dirs, restore })?;
+    if restore {
+        println!(
+            "restored {} key(s): the files on disk hold the current tokens",
+            v["restored"]
+        );
+    }
+    let gone: Vec<PathBuf> = v["unmounted"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gone.iter().any(|d| tokenfs::daemon::is_tokenfs_mount(d)) {
+        if std::time::Instant::now() > deadline {
+            return Err("the daemon accepted, but a mount is still there after 5 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for d in &gone {
+        println!("unmounted {}", d.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -13,10 +13,14 @@ fn a_rewritten_secret_file_is_picked_up_within_a_second() {
     let dir = s.path("home/.hermes");
     s.write("home/.hermes/config.yaml", &hermes_yaml("placeholder-free"));
     let secret = s.write("secrets/token", &format!("{}\n", token("file1", 40)));
-    let cfg = hermes_config(&s, &dir).replace(
-        "source = \"push\"",
-        &format!("source = \"file\"\npath = \"{}\"", secret.display()),
-    );
+    // The file holds an old key: the secret file's value takes over
+    // (replace = true; without it the mount refuses, see presets/managed).
+    let cfg = hermes_config(&s, &dir)
+        .replace(
+            "source = \"push\"",
+            &format!("source = \"file\"\npath = \"{}\"", secret.display()),
+        )
+        .replace("[[mount]]\n", "[[mount]]\nreplace = true\n");
     let _d = Daemon::start(&s, &cfg, &[&dir]);
     let path = dir.join("config.yaml");
     let first = fs::read_to_string(&secret).unwrap().trim().to_string();

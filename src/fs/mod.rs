@@ -113,9 +113,18 @@ pub trait ServedFile: Send + Sync {
     fn rel(&self) -> &Path;
     fn format(&self) -> crate::render::Format;
     fn health(&self) -> managed::FileHealth;
+    /// Writes the current secrets into the file on disk (before an unmount
+    /// that must leave working files); how many bound keys it restored.
+    fn restore(&self) -> std::io::Result<usize> {
+        Ok(0)
+    }
 }
 
 impl ServedFile for ManagedFile {
+    fn restore(&self) -> std::io::Result<usize> {
+        ManagedFile::restore(self)
+    }
+
     fn rel(&self) -> &Path {
         &self.rel
     }

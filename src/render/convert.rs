@@ -1,6 +1,7 @@
 //! The format-independent part of converting bytes into a template and of
 //! checking a rendering. Formats plug in through [`Syntax`].
 
+use super::encode::Style;
 use super::syntax::{Lookup, Syntax, line_col, splice};
 use super::template::{OPEN, Slot};
 use super::{Binding, Conversion, FormatError, Found, KeyPath, RenderError, Stray};
@@ -21,8 +22,7 @@ pub(super) fn to_template<S: Syntax>(
                     message: scrub(e.message, known),
                     ..e
                 }),
-                stray: stray(input, known, &[]),
-                template: input.to_vec(),
+                template: replace_known(input, known),
                 ..Conversion::default()
             };
         }
@@ -49,11 +49,62 @@ pub(super) fn to_template<S: Syntax>(
     conv
 }
 
+/// A write that does not parse is kept as written, except that a known
+/// token in it (long enough that it cannot be anything else) becomes its
+/// placeholder, so no token is stored by tokenfs: the placeholder renders
+/// back to the current token, byte for byte where it stood (see
+/// [`verbatim_slots`]). Shorter values are never searched for.
+fn replace_known(input: &[u8], known: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut values: Vec<(&[u8], String)> = known
+        .iter()
+        .filter(|(_, v)| v.len() >= STRAY_MIN_LEN)
+        .map(|(slot, v)| (*v, super::placeholder(slot)))
+        .collect();
+    values.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match values.iter().find(|(v, _)| input[i..].starts_with(v)) {
+            Some((v, ph)) => {
+                out.extend_from_slice(ph.as_bytes());
+                i += v.len();
+            }
+            None => {
+                out.push(input[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The slots of a template that does not parse: the placeholders of the
+/// bound slots that [`replace_known`] left, rendered verbatim.
+fn verbatim_slots(bytes: &[u8], bindings: &[Binding]) -> Vec<Slot> {
+    let mut slots = Vec::new();
+    for b in bindings {
+        let ph = super::placeholder(&b.slot);
+        let mut from = 0;
+        while let Some(at) = find(&bytes[from..], ph.as_bytes()).map(|i| from + i) {
+            slots.push(Slot {
+                text: at..at + ph.len(),
+                style: Style::Verbatim,
+                binding: Binding::new(b.key.clone(), b.slot.clone()),
+            });
+            from = at + ph.len();
+        }
+    }
+    slots.sort_by_key(|s| s.text.start);
+    slots.dedup_by_key(|s| s.text.start);
+    slots
+}
+
 /// The bound values of a template: where each binding's placeholder
-/// stands, found by parsing. A template that does not parse has none.
+/// stands, found by parsing (or, in a template that does not parse, the
+/// placeholders left by [`replace_known`]).
 pub(super) fn slots<S: Syntax>(bytes: &[u8], bindings: &[Binding]) -> Vec<Slot> {
     let Ok((text, doc)) = decode(bytes).and_then(|t| Ok((t, S::parse(t)?))) else {
-        return Vec::new();
+        return verbatim_slots(bytes, bindings);
     };
     let mut slots: Vec<Slot> = bindings
         .iter()

@@ -31,6 +31,9 @@ pub enum Style {
     Ini,
     /// The whole file but one trailing newline.
     Raw,
+    /// Exactly the bytes, where a known token stood in a file that does not
+    /// parse (so its position has no syntax to encode for).
+    Verbatim,
 }
 
 /// Why a format cannot carry a value. Never contains the value.
@@ -50,7 +53,9 @@ impl Style {
             Style::TomlLiteral => format!("'{value}'"),
             Style::DotenvSingle => format!("'{value}'"),
             Style::DotenvDouble => format!("\"{value}\""),
-            Style::YamlPlain | Style::DotenvBare | Style::Ini | Style::Raw => value.to_owned(),
+            Style::YamlPlain | Style::DotenvBare | Style::Ini | Style::Raw | Style::Verbatim => {
+                value.to_owned()
+            }
         }
     }
 
@@ -68,6 +73,7 @@ impl Style {
             Style::DotenvBare | Style::DotenvSingle | Style::DotenvDouble => dotenv(self, value),
             Style::Ini => ini(value),
             Style::Raw => raw(value),
+            Style::Verbatim => Ok(value.to_owned()),
         }
     }
 }

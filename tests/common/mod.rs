@@ -167,6 +167,8 @@ impl Daemon {
             "RUST_LOG",
             std::env::var("TOKENFS_TEST_LOG").unwrap_or_else(|_| "debug".into()),
         );
+        // Backups of converted files stay in the scratch dir.
+        cmd.env("TOKENFS_STATE_DIR", s.path("state"));
         for (k, v) in env {
             cmd.env(k, v);
         }
