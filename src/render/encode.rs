@@ -196,8 +196,10 @@ fn dotenv(style: Style, v: &str) -> Result<String, Unfit> {
         ))
 }
 
-/// configparser strips the value, ends it at the line, and (with its
-/// default interpolation, as the Databricks SDK reads) treats `%` as syntax.
+/// configparser (the Databricks SDK reads its raw sections, so `%` is
+/// literal) strips the value and ends it at the line; Go's ini reader (the
+/// Databricks CLI) also takes a leading `#` or `;` as a comment and strips
+/// surrounding quotes.
 fn ini(v: &str) -> Result<String, Unfit> {
     if v.chars().any(char::is_control) {
         return Err(Unfit(
@@ -209,9 +211,15 @@ fn ini(v: &str) -> Result<String, Unfit> {
             "an INI value cannot start or end with whitespace, or be empty",
         ));
     }
-    if v.contains('%') {
+    if v.starts_with(['#', ';']) {
         return Err(Unfit(
-            "Python's configparser (the Databricks SDK's reader) interpolates '%' in INI values",
+            "an INI value starting with '#' or ';' reads as a comment in Go's ini reader (the Databricks CLI)",
+        ));
+    }
+    let quoted = |q: char| v.len() >= 2 && v.starts_with(q) && v.ends_with(q);
+    if quoted('"') || quoted('`') || quoted('\'') {
+        return Err(Unfit(
+            "an INI value in quotes loses them in Go's ini reader (the Databricks CLI)",
         ));
     }
     Ok(v.to_owned())
@@ -282,7 +290,9 @@ mod tests {
         assert_eq!(Style::Ini.encode("dapi#;=:x").unwrap(), "dapi#;=:x");
         assert!(Style::Ini.encode("a\nb").is_err());
         assert!(Style::Ini.encode(" a").is_err());
-        assert!(Style::Ini.encode("a%b").is_err());
+        assert_eq!(Style::Ini.encode("a%b").unwrap(), "a%b");
+        assert!(Style::Ini.encode("#ab").is_err());
+        assert!(Style::Ini.encode("\"ab\"").is_err());
         assert!(Style::Raw.encode("a\nb").is_err());
         assert_eq!(Style::Raw.encode("a'\"b").unwrap(), "a'\"b");
     }
