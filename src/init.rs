@@ -1,50 +1,75 @@
 //! `tokenfs init`: inspects the agents' existing files, shows what tokenfs
 //! would manage (fingerprints only), and with `--yes` writes `tokenfs.toml`
 //! and moves `~/.databrickscfg` behind a symlink.
+//!
+//! Keys are grouped by value: files holding the same token share one
+//! credential, and each different token gets its own, named after what it
+//! is (`databricks` for `dapi…`, `anthropic` for `sk-ant-…`, `openai`,
+//! `gemini`, else the preset). Nothing is merged that differs.
+//!
+//! Safe to run again and to interrupt: a move of `~/.databrickscfg` cut
+//! short is finished on the next run, and a config identical to the one it
+//! would write is not an error.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::expand_home;
+use crate::config::{ManagedConfig, expand_home};
 use crate::preset::{self, Options};
 use crate::render::{self, placeholder};
 use crate::secret::Secret;
 
 pub struct Args {
     pub presets: Vec<String>,
+    /// The credential for presets whose files hold no key yet.
     pub credential: String,
     pub output: PathBuf,
     pub yes: bool,
     pub force: bool,
 }
 
+/// One preset's plan: which credential it shows, and the keys found.
+struct Planned {
+    preset: String,
+    credential: String,
+    /// A dotfiles-managed `~/.databrickscfg`: the file the link names.
+    databricks_file: Option<PathBuf>,
+}
+
+/// One distinct token found, and where.
+struct Group {
+    credential: String,
+    value: Secret,
+    places: Vec<String>,
+}
+
 pub fn run(args: &Args) -> Result<(), String> {
-    let mut report = String::new();
-    let mut databricks = false;
-    for name in &args.presets {
-        let opts = Options {
-            credential: args.credential.clone(),
-            ..Options::default()
-        };
-        let mounts = preset::expand(name, &opts)?;
-        let _ = writeln!(report, "{name}:");
-        for m in &mounts {
-            for f in &m.files {
-                describe_file(&mut report, &m.dir, f);
-            }
-            for n in &m.notes {
-                let _ = writeln!(report, "  note: {n}");
-            }
-        }
-        databricks |= name == "databricks";
-    }
-    print!("{report}");
-    let config = config_text(args);
-    println!("\nPlan:\n  write {}", args.output.display());
     let link = expand_home("~/.databrickscfg");
     let target = preset::databricks_dir().join(".databrickscfg");
-    let move_cfg =
-        databricks && std::fs::read_link(&link).ok().as_deref() != Some(target.as_path());
+    finish_interrupted_move(&link, &target)?;
+    let mut report = String::new();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut plans = Vec::new();
+    for name in &args.presets {
+        plans.push(plan_preset(name, args, &link, &mut groups, &mut report)?);
+    }
+    print!("{report}");
+    let config = config_text(args, &plans, &groups);
+    println!("\nPlan:");
+    for g in &groups {
+        println!(
+            "  credential {} = {} (from {})",
+            g.credential,
+            g.value.fingerprint(),
+            g.places.join(", ")
+        );
+    }
+    println!("  write {}", args.output.display());
+    let move_cfg = plans
+        .iter()
+        .any(|p| p.preset == "databricks" && p.databricks_file.is_none())
+        && std::fs::read_link(&link).ok().as_deref() != Some(target.as_path());
     if move_cfg {
         println!(
             "  move {} to {} and leave a symlink in its place",
@@ -52,18 +77,16 @@ pub fn run(args: &Args) -> Result<(), String> {
             target.display()
         );
     }
+    println!(
+        "\nWhile tokenfs is mounted, the files on disk hold placeholders (__tokenfs:NAME.token__)\n\
+         and the tokens live in its memory; the originals are backed up (0600) under\n\
+         ~/.local/state/tokenfs/originals/. To go back: tokenfs unmount --restore."
+    );
     if !args.yes {
         println!("\nNothing changed. Run again with --yes to do this.");
         return Ok(());
     }
-    if args.output.exists() && !args.force {
-        return Err(format!(
-            "{} exists: pass --force to overwrite it",
-            args.output.display()
-        ));
-    }
-    std::fs::write(&args.output, config)
-        .map_err(|e| format!("writing {}: {e}", args.output.display()))?;
+    write_config(&args.output, &config, args.force)?;
     if move_cfg {
         move_databrickscfg(&link, &target)?;
     }
@@ -74,21 +97,138 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn describe_file(out: &mut String, dir: &Path, f: &crate::config::ManagedConfig) {
-    let path = dir.join(&f.path);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(_) => {
-            let what = if f.create {
-                "will be created"
-            } else {
-                "absent: managed once a program creates it"
-            };
-            let _ = writeln!(out, "  {} ({what})", path.display());
-            return;
+/// Expands one preset, reports its files, and assigns its credential by
+/// the value its files hold.
+fn plan_preset(
+    name: &str,
+    args: &Args,
+    link: &Path,
+    groups: &mut Vec<Group>,
+    report: &mut String,
+) -> Result<Planned, String> {
+    let databricks_file = (name == "databricks")
+        .then(|| dotfiles_target(link))
+        .flatten();
+    let opts = Options {
+        credential: "CRED".into(),
+        dir: databricks_file
+            .as_ref()
+            .and_then(|f| f.parent().map(Path::to_owned)),
+        ..Options::default()
+    };
+    let mut mounts = preset::expand(name, &opts)?;
+    if let (Some(file), Some(m)) = (&databricks_file, mounts.first_mut()) {
+        for f in &mut m.files {
+            f.path = file.file_name().map(PathBuf::from).unwrap_or_default();
         }
+        m.notes.clear();
+    }
+    let _ = writeln!(report, "{name}:");
+    let mut values: Vec<Secret> = Vec::new();
+    for m in &mounts {
+        for f in &m.files {
+            for v in describe_file(report, &m.dir, f) {
+                if !values.contains(&v) {
+                    values.push(v);
+                }
+            }
+        }
+        // The databricks preset's one note (not yet a symlink) is what
+        // this plan's move takes care of.
+        if name != "databricks" {
+            for n in &m.notes {
+                let _ = writeln!(report, "  note: {n}");
+            }
+        }
+    }
+    if values.len() > 1 {
+        let fps: Vec<String> = values.iter().map(Secret::fingerprint).collect();
+        return Err(format!(
+            "the {name} preset's files hold {} different keys ({}): tokenfs will not merge them into one credential; bind those files by hand with [[mount.file]] tables, one credential per key",
+            values.len(),
+            fps.join(", ")
+        ));
+    }
+    let credential = match values.pop() {
+        Some(v) => group_of(groups, v, name),
+        None => args.credential.clone(),
+    };
+    if let Some(g) = groups.iter_mut().find(|g| g.credential == credential) {
+        g.places.push(name.to_owned());
+    }
+    Ok(Planned {
+        preset: name.to_owned(),
+        credential,
+        databricks_file,
+    })
+}
+
+/// The credential of `value`: an existing group's, or a new one named
+/// after the token's kind (unique among the groups).
+fn group_of(groups: &mut Vec<Group>, value: Secret, preset: &str) -> String {
+    if let Some(g) = groups.iter().find(|g| g.value == value) {
+        return g.credential.clone();
+    }
+    let base = kind_of(value.expose_str()).unwrap_or(preset);
+    let credential = (1..)
+        .map(|n| {
+            if n == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
+        .find(|c| !groups.iter().any(|g| &g.credential == c))
+        .unwrap_or_else(|| base.to_owned());
+    groups.push(Group {
+        credential: credential.clone(),
+        value,
+        places: Vec::new(),
+    });
+    credential
+}
+
+/// What a token is, from its well-known prefix.
+fn kind_of(token: &str) -> Option<&'static str> {
+    [
+        ("dapi", "databricks"),
+        ("sk-ant-", "anthropic"),
+        ("sk-", "openai"),
+        ("AIza", "gemini"),
+    ]
+    .into_iter()
+    .find(|(p, _)| token.starts_with(p))
+    .map(|(_, k)| k)
+}
+
+/// A `~/.databrickscfg` that is the user's own symlink (dotfiles) to a file
+/// elsewhere: that file is served where it is, so the link keeps working.
+fn dotfiles_target(link: &Path) -> Option<PathBuf> {
+    let to = std::fs::read_link(link).ok()?;
+    let to = if to.is_absolute() {
+        to
+    } else {
+        link.parent()?.join(to)
+    };
+    let to = std::fs::canonicalize(to).ok()?;
+    let ours = std::fs::canonicalize(preset::databricks_dir()).ok();
+    (to.parent() != ours.as_deref() && to.is_file()).then_some(to)
+}
+
+/// Prints each bound key of a file and returns the tokens found there.
+fn describe_file(out: &mut String, dir: &Path, f: &ManagedConfig) -> Vec<Secret> {
+    let path = dir.join(&f.path);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        let what = if f.create {
+            "will be created"
+        } else {
+            "absent: managed once a program creates it"
+        };
+        let _ = writeln!(out, "  {} ({what})", path.display());
+        return Vec::new();
     };
     let _ = writeln!(out, "  {} ({})", path.display(), f.format);
+    let mut found = Vec::new();
     for b in &f.bindings {
         let shown = match render::lookup(f.format, &text, &b.key) {
             Some(v) if v.contains(&placeholder(&b.slot)) => "already a placeholder".to_string(),
@@ -97,43 +237,123 @@ fn describe_file(out: &mut String, dir: &Path, f: &crate::config::ManagedConfig)
                     .strip_prefix(b.prefix.as_str())
                     .and_then(|v| v.strip_suffix(b.suffix.as_str()))
                     .unwrap_or(&v);
-                format!(
-                    "token {} → placeholder for {}",
-                    Secret::new(tok).fingerprint(),
-                    b.slot
-                )
+                let secret = Secret::new(tok);
+                match crate::source::plausible(&secret, crate::source::DEFAULT_MIN_LENGTH) {
+                    Ok(()) => {
+                        let s = format!("token {} → placeholder", secret.fingerprint());
+                        found.push(secret);
+                        s
+                    }
+                    Err(_) => format!(
+                        "{} is not a token → the credential is shown there (original backed up)",
+                        secret.fingerprint()
+                    ),
+                }
             }
-            None if b.insert => format!("missing → inserted for {}", b.slot),
+            None if b.insert => "missing → inserted".to_string(),
             None => "missing → left alone".to_string(),
         };
         let _ = writeln!(out, "    {}: {shown}", b.key);
     }
+    found
 }
 
-fn config_text(args: &Args) -> String {
+fn config_text(args: &Args, plans: &[Planned], groups: &[Group]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# Written by `tokenfs init`. Start with: tokenfs mount --config {}",
+        "# Written by `tokenfs init`. Start with: tokenfs mount --config {}\n\
+         # While mounted, the files on disk hold placeholders and the tokens live in\n\
+         # memory; `tokenfs unmount --restore` writes them back.",
         args.output.display()
     );
-    let _ = writeln!(s, "\n[credentials.{}]", args.credential);
-    let _ = writeln!(
-        s,
-        "source = \"push\"                  # or \"databricks\" with host = \"https://…\" to rotate PATs here"
-    );
-    let _ = writeln!(
-        s,
-        "initial_env = \"DATABRICKS_TOKEN\"  # a token found in the files also becomes the first value"
-    );
-    for p in &args.presets {
+    let mut credentials: BTreeMap<&str, ()> = BTreeMap::new();
+    for p in plans {
+        credentials.insert(&p.credential, ());
+    }
+    for c in credentials.keys() {
+        let _ = writeln!(s, "\n[credentials.{c}]");
         let _ = writeln!(
             s,
-            "\n[[mount]]\npreset = \"{p}\"\ncredential = \"{}\"",
-            args.credential
+            "source = \"push\"   # a token found in the files is its first value"
         );
+        if *c == "databricks" {
+            let _ = writeln!(
+                s,
+                "initial_env = \"DATABRICKS_TOKEN\"  # or source = \"databricks\" with host = \"https://…\" to rotate PATs here"
+            );
+        }
+    }
+    for p in plans {
+        let shared = groups
+            .iter()
+            .find(|g| g.credential == p.credential)
+            .is_some_and(|g| g.places.len() > 1);
+        let _ = writeln!(s, "\n[[mount]]");
+        match &p.databricks_file {
+            Some(file) => {
+                let dir = file.parent().unwrap_or(Path::new("/"));
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "# ~/.databrickscfg links here (dotfiles): served where it is\ndir = \"{}\"\n[[mount.file]]\npath = \"{name}\"\nformat = \"ini\"\nbind = {{ \"DEFAULT.token\" = \"{}.token\" }}",
+                    dir.display(),
+                    p.credential
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "preset = \"{}\"\ncredential = \"{}\"",
+                    p.preset, p.credential
+                );
+            }
+        }
+        if shared || p.credential == "databricks" {
+            let _ = writeln!(
+                s,
+                "replace = true   # this key is the credential's: a newer value takes over (the file is backed up first)"
+            );
+        }
     }
     s
+}
+
+/// Writes the config; an identical existing one is fine, a different one
+/// needs `--force`.
+fn write_config(path: &Path, text: &str, force: bool) -> Result<(), String> {
+    match std::fs::read_to_string(path) {
+        Ok(existing) if existing == text => return Ok(()),
+        Ok(_) if !force => {
+            return Err(format!(
+                "{} exists and differs from this plan: pass --force to overwrite it",
+                path.display()
+            ));
+        }
+        _ => {}
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// A run killed between moving `~/.databrickscfg` and linking it leaves
+/// the file moved and no link: put the link in place.
+fn finish_interrupted_move(link: &Path, target: &Path) -> Result<(), String> {
+    if link.symlink_metadata().is_err() && target.is_file() {
+        std::os::unix::fs::symlink(target, link)
+            .map_err(|e| format!("symlinking {}: {e}", link.display()))?;
+        println!(
+            "note: an earlier run was interrupted; {} is linked to {} again",
+            link.display(),
+            target.display()
+        );
+    }
+    Ok(())
 }
 
 /// `~/.databrickscfg` lives in `$HOME`, which must not be mounted over: the

@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -356,4 +356,173 @@ fn opencode_keys_only_in_auth_json_need_providers_and_say_so() {
         served,
         auth.replace(TOK, "dapiROTATED000000000000000000000001")
     );
+}
+
+fn init_in(home: &Path, out: &Path, presets: &str, yes: bool) -> std::process::Output {
+    let mut c = std::process::Command::new(BIN);
+    c.args(["init", "--preset", presets, "--output"])
+        .arg(out)
+        .env("HOME", home)
+        .env("CLAUDE_CONFIG_DIR", "")
+        .env("HERMES_HOME", "")
+        .env("CODEX_HOME", "");
+    if yes {
+        c.arg("--yes");
+    }
+    c.output().unwrap()
+}
+
+/// Two agents holding two different keys: `init` plans two credentials,
+/// and after mounting each agent is served its own key; neither is lost.
+#[test]
+fn init_keeps_different_keys_in_different_credentials() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    let dapi = "dapi0123456789abcdef0123456789abcdef";
+    let ant = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz";
+    s.write(
+        "home/.hermes/config.yaml",
+        &format!("model:\n  api_key: {dapi}\n"),
+    );
+    s.write(
+        "home/.claude/settings.json",
+        &format!("{{\"env\": {{\"ANTHROPIC_AUTH_TOKEN\": \"{ant}\"}}}}\n"),
+    );
+    let out_cfg = s.path("out.toml");
+    let out = init_in(&home, &out_cfg, "hermes,claude", true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("credential databricks = dapi…")
+            && text.contains("credential anthropic = sk-a…"),
+        "{text}"
+    );
+    assert!(!text.contains(dapi) && !text.contains(ant));
+    assert!(text.contains("unmount --restore"), "{text}");
+    // Idempotent: the same run again changes nothing and succeeds.
+    let again = init_in(&home, &out_cfg, "hermes,claude", true);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n{}",
+        s.socket().display(),
+        fs::read_to_string(&out_cfg).unwrap()
+    );
+    let home_s = home.display().to_string();
+    let (hermes, claude) = (home.join(".hermes"), home.join(".claude"));
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("CLAUDE_CONFIG_DIR", ""),
+        ("HERMES_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &[&hermes, &claude], &env);
+    assert!(
+        fs::read_to_string(hermes.join("config.yaml"))
+            .unwrap()
+            .contains(dapi)
+    );
+    assert!(
+        fs::read_to_string(claude.join("settings.json"))
+            .unwrap()
+            .contains(ant)
+    );
+    let status = d.status().to_string();
+    assert!(
+        status.contains("anthropic") && status.contains("databricks"),
+        "{status}"
+    );
+}
+
+/// A preset whose own files hold two different keys is not merged.
+#[test]
+fn init_refuses_to_merge_a_presets_different_keys() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write(
+        "home/.codex/.env",
+        "OPENAI_API_KEY=sk-one-0123456789abcdefghij\n",
+    );
+    s.write(
+        "home/.codex/auth.json",
+        "{\"OPENAI_API_KEY\": \"sk-two-0123456789abcdefghij\"}\n",
+    );
+    let out = init_in(&home, &s.path("out.toml"), "codex", true);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 different keys") && !err.contains("sk-one"),
+        "{err}"
+    );
+    assert!(!s.path("out.toml").exists());
+}
+
+/// A dotfiles-managed `~/.databrickscfg` (a symlink) is served where it
+/// points, and the link keeps working; a move cut short is finished.
+#[test]
+fn init_follows_a_symlinked_databrickscfg_and_finishes_an_interrupted_move() {
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write(
+        "home/dotfiles/databrickscfg",
+        &format!("[DEFAULT]\nhost = https://x\ntoken = {TOK}\n"),
+    );
+    std::os::unix::fs::symlink(
+        home.join("dotfiles/databrickscfg"),
+        home.join(".databrickscfg"),
+    )
+    .unwrap();
+    let out_cfg = s.path("out.toml");
+    let out = init_in(&home, &out_cfg, "databricks", true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = fs::read_to_string(&out_cfg).unwrap();
+    assert!(
+        written.contains(&format!("dir = \"{}\"", home.join("dotfiles").display())),
+        "{written}"
+    );
+    assert!(written.contains("path = \"databrickscfg\""), "{written}");
+    assert_eq!(
+        fs::read_link(home.join(".databrickscfg")).unwrap(),
+        home.join("dotfiles/databrickscfg")
+    );
+    let check = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&out_cfg)
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Killed between moving the file and linking it: the rerun links it.
+    let s2 = Scratch::new();
+    let home2 = s2.path("home");
+    s2.write(
+        "home/.local/share/tokenfs/databricks/.databrickscfg",
+        &format!("[DEFAULT]\ntoken = {TOK}\n"),
+    );
+    let out = init_in(&home2, &s2.path("out.toml"), "databricks", true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_link(home2.join(".databrickscfg")).unwrap(),
+        home2.join(".local/share/tokenfs/databricks/.databrickscfg")
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted"));
 }
