@@ -33,6 +33,19 @@ if [ ! -x target/clients/hermes-venv/bin/hermes ]; then
     target/clients/hermes-venv/bin/pip install -q --disable-pip-version-check hermes-agent==0.19.0; } >/dev/null 2>&1 ||
     echo "setup: could not install Hermes Agent; its test will fail" >&2
 fi
+# The agents' own parsers, for the encoding test: PyYAML and python-dotenv in
+# a venv under target/ (never the system Python), Node's dotenv under
+# target/clients.
+if ! target/test-venv/bin/python3 -c 'import yaml, dotenv' 2>/dev/null; then
+  echo "setup: installing PyYAML and python-dotenv (PyPI) into target/test-venv" >&2
+  python3 -m venv target/test-venv
+  target/test-venv/bin/pip install -q --disable-pip-version-check pyyaml python-dotenv
+fi
+if [ ! -f target/clients/node_modules/dotenv/package.json ]; then
+  echo "setup: installing dotenv (npm) for the encoding test" >&2
+  mkdir -p target/clients
+  npm install --prefix target/clients --no-audit --no-fund --loglevel=error dotenv@16 >/dev/null
+fi
 cargo test --release --quiet -- --test-threads=4 2>&1 | tee /tmp/tokenfs-test.log
 # Again without kernel passthrough, as a daemon without CAP_SYS_ADMIN runs:
 # every plain file's reads and writes then go through the daemon.

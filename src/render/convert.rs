@@ -348,6 +348,10 @@ pub(super) fn check<'a, S: Syntax>(
     Ok(())
 }
 
+pub(super) fn locate<S: Syntax>(text: &str, key: &KeyPath) -> Option<std::ops::Range<usize>> {
+    S::locate(&S::parse(text).ok()?, text, key).map(|(r, _)| r)
+}
+
 pub(super) fn lookup<S: Syntax>(text: &str, key: &KeyPath) -> Option<String> {
     match S::get(&S::parse(text).ok()?, key) {
         Lookup::Str(s) => Some(s),

@@ -216,6 +216,11 @@ fn ini(v: &str) -> Result<String, Unfit> {
             "an INI value starting with '#' or ';' reads as a comment in Go's ini reader (the Databricks CLI)",
         ));
     }
+    if v.ends_with('\\') {
+        return Err(Unfit(
+            "an INI value ending in a backslash continues on the next line for some readers",
+        ));
+    }
     let quoted = |q: char| v.len() >= 2 && v.starts_with(q) && v.ends_with(q);
     if quoted('"') || quoted('`') || quoted('\'') {
         return Err(Unfit(

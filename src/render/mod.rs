@@ -321,6 +321,12 @@ pub fn template(format: Format, bytes: Vec<u8>, bindings: &[Binding]) -> Templat
     Template::from_slots(bytes, slots)
 }
 
+/// Where the value at `key` is written in `text` (quotes included), if the
+/// format can say.
+pub fn locate(format: Format, text: &str, key: &KeyPath) -> Option<std::ops::Range<usize>> {
+    with_syntax!(format, locate(text, key))
+}
+
 /// The string at `key` in `text`, if there is one (for presets and `init`).
 pub fn lookup(format: Format, text: &str, key: &KeyPath) -> Option<String> {
     with_syntax!(format, lookup(text, key))

@@ -1038,3 +1038,114 @@ fn formats_carry_what_their_readers_can_read() {
     assert!(carries(Format::Ini, "[s]\nk = {T}\n", "s.k", "dapi#;x"));
     assert!(!carries(Format::Ini, "[s]\nk = {T}\n", "s.k", "a\nb"));
 }
+
+mod properties {
+    //! For random documents of each format, random bound keys and random
+    //! secrets: rendering changes only the bound value, and saving the
+    //! rendering back through the conversion and rendering it again is the
+    //! identity (every unbound byte kept).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("none".to_string()),
+            Just("x".to_string()),
+            Just(String::new()),
+            Just("123".to_string()),
+            Just("true".to_string()),
+            "[a-zA-Z0-9_.-]{1,24}",
+            "[ -~]{0,24}",
+        ]
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9_.-]{16,48}",
+            "[!-~]{16,40}",
+            Just("none".to_string()),
+            Just("x".to_string()),
+        ]
+    }
+
+    /// A document holding `entries`, every value a string.
+    fn document(format: Format, entries: &[(String, String)]) -> String {
+        let mut out = String::new();
+        match format {
+            Format::Json => {
+                let body: Vec<String> = entries
+                    .iter()
+                    .map(|(k, v)| format!("  \"{k}\": {}", serde_json::to_string(v).unwrap()))
+                    .collect();
+                out = format!("{{\n{}\n}}\n", body.join(",\n"));
+            }
+            Format::Yaml => {
+                for (k, v) in entries {
+                    out += &format!("{k}: '{}'  # {k}\n", v.replace('\'', "''"));
+                }
+            }
+            Format::Toml => {
+                for (k, v) in entries {
+                    out += &format!("{k} = {}\n", serde_json::to_string(v).unwrap());
+                }
+            }
+            Format::Dotenv => {
+                for (k, v) in entries {
+                    out += &format!("{}='{}'\n", k.to_uppercase(), v.replace('\'', ""));
+                }
+            }
+            Format::Ini | Format::Raw => {
+                out += "[s]\n";
+                for (k, v) in entries {
+                    out += &format!("{k} = {}\n", v.trim());
+                }
+            }
+        }
+        out
+    }
+
+    fn key_of(format: Format, k: &str) -> KeyPath {
+        match format {
+            Format::Dotenv => k.to_uppercase().parse().unwrap(),
+            Format::Ini | Format::Raw => format!("s.{k}").parse().unwrap(),
+            _ => k.parse().unwrap(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn save_then_render_keeps_every_unbound_byte(
+            format in prop_oneof![Just(Format::Yaml), Just(Format::Json), Just(Format::Toml), Just(Format::Dotenv), Just(Format::Ini)],
+            entries in proptest::collection::btree_map("[a-z][a-z0-9_]{0,8}", value(), 1..8),
+            pick in any::<prop::sample::Index>(),
+            tok in token(),
+            recent in token(),
+        ) {
+            let entries: Vec<(String, String)> = entries.into_iter().collect();
+            let doc = document(format, &entries);
+            let (bound, _) = &entries[pick.index(entries.len())];
+            let bindings = [b(key_of(format, bound).as_str())];
+            let known: [(&str, &[u8]); 2] = [(SLOT, tok.as_bytes()), (SLOT, recent.as_bytes())];
+            let conv = to_template(format, doc.as_bytes(), &bindings, &known, true);
+            prop_assert!(conv.parse_error.is_none(), "{doc}");
+            let t = super::super::template(format, conv.template.clone(), &bindings);
+            prop_assume!(t.carries(SLOT, tok.as_bytes()).is_ok());
+            let mut rendered = Vec::new();
+            prop_assert!(t.render(&super::secret(tok.as_bytes()), &mut rendered).is_empty());
+            let rendered = text(rendered);
+            // Outside the bound value, the rendering is the document.
+            let span = locate(format, &doc, &bindings[0].key).unwrap();
+            let rspan = locate(format, &rendered, &bindings[0].key).unwrap();
+            prop_assert_eq!(&doc[..span.start], &rendered[..rspan.start]);
+            prop_assert_eq!(&doc[span.end..], &rendered[rspan.end..]);
+            prop_assert_eq!(lookup(format, &rendered, &bindings[0].key), Some(tok.clone()));
+            // A program saves the rendering as it read it: same rendering again.
+            let saved = to_template(format, rendered.as_bytes(), &bindings, &known, true);
+            let t2 = super::super::template(format, saved.template, &bindings);
+            let mut again = Vec::new();
+            t2.render(&super::secret(tok.as_bytes()), &mut again);
+            prop_assert_eq!(text(again), rendered);
+        }
+    }
+}
