@@ -1091,13 +1091,15 @@ mod properties {
             }
             Format::Dotenv => {
                 for (k, v) in entries {
-                    out += &format!("{}='{}'\n", k.to_uppercase(), v.replace('\'', ""));
+                    let v = v.replace(['\'', '\\'], "");
+                    out += &format!("{}='{v}'\n", k.to_uppercase());
                 }
             }
             Format::Ini | Format::Raw => {
                 out += "[s]\n";
                 for (k, v) in entries {
-                    out += &format!("{k} = {}\n", v.trim());
+                    let v = v.replace('\\', "");
+                    out += &format!("{k} = {}\n", v.trim().trim_start_matches(['#', ';']));
                 }
             }
         }
@@ -1113,7 +1115,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
         fn save_then_render_keeps_every_unbound_byte(
             format in prop_oneof![Just(Format::Yaml), Just(Format::Json), Just(Format::Toml), Just(Format::Dotenv), Just(Format::Ini)],
