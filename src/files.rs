@@ -73,6 +73,10 @@ pub fn start(
         for f in &m.files {
             let copy = Arc::new(FileCopy::new(&m.dir, f));
             copy.refresh(&store, adopt.as_ref(), true);
+            let weak = Arc::downgrade(&copy);
+            store.on_validate(move |name, cred| {
+                weak.upgrade().map_or(Ok(()), |c| c.carries(name, cred))
+            });
             all.push(copy.clone());
             files.push(copy);
         }
@@ -135,6 +139,26 @@ fn writer(files: Vec<Arc<FileCopy>>, store: Arc<Store>, adopt: Arc<dyn Adopt>) {
 }
 
 impl FileCopy {
+    /// Whether every bound position can carry `cred`'s new values. While
+    /// this file is being refreshed (its own conversion may publish the
+    /// value it found, which it carries by definition) it is not asked.
+    fn carries(&self, name: &str, cred: &crate::store::Credential) -> Result<(), String> {
+        let Some(st) = self.state.try_lock() else {
+            return Ok(());
+        };
+        let Some(template) = &st.template else {
+            return Ok(());
+        };
+        for slot in self.slots.iter().filter(|s| s.credential == name) {
+            if let Some(secret) = cred.fields.get(&slot.field) {
+                template
+                    .carries(&slot.to_string(), secret.expose())
+                    .map_err(|r| format!("{}: {r}", self.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     fn new(dir: &Path, f: &ManagedConfig) -> FileCopy {
         FileCopy {
             path: dir.join(&f.path),
