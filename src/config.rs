@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::render::{Binding, Format, KeyPath};
+use crate::render::{Binding, Format, KeyPath, Kind};
 use crate::store::SlotRef;
 
 /// A validated configuration.
@@ -239,7 +239,7 @@ struct RawFile {
     replace: Option<bool>,
 }
 
-/// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer ", suffix = "" }`.
+/// `"databricks.token"`, or `{ slot = "databricks.token", prefix = "Bearer ", suffix = "", type = "secret" }`.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawBind {
@@ -250,6 +250,9 @@ enum RawBind {
         prefix: String,
         #[serde(default)]
         suffix: String,
+        /// "secret" (default), "value" (a string the daemon owns) or "number".
+        #[serde(rename = "type")]
+        kind: Option<String>,
     },
 }
 
@@ -652,13 +655,33 @@ fn validate_file(
             .get_ref()
             .parse()
             .map_err(|e| at.error(k.span(), &bkey, &format!("bad key path: {e}")))?;
-        let (slot, prefix, suffix) = match v.get_ref() {
-            RawBind::Slot(s) => (s.as_str(), String::new(), String::new()),
+        let (slot, prefix, suffix, kind) = match v.get_ref() {
+            RawBind::Slot(s) => (s.as_str(), String::new(), String::new(), None),
             RawBind::Full {
                 slot,
                 prefix,
                 suffix,
-            } => (slot.as_str(), prefix.clone(), suffix.clone()),
+                kind,
+            } => (
+                slot.as_str(),
+                prefix.clone(),
+                suffix.clone(),
+                kind.as_deref(),
+            ),
+        };
+        let kind = match kind {
+            None | Some("secret") => Kind::Secret,
+            Some("value") => Kind::Value,
+            Some("number") => Kind::Number,
+            Some(other) => {
+                return Err(at.error(
+                    v.span(),
+                    &bkey,
+                    &format!(
+                        "unknown type \"{other}\" (expected \"secret\", \"value\" or \"number\")"
+                    ),
+                ));
+            }
         };
         let slot = SlotRef::parse(slot).map_err(|e| at.error(v.span(), &bkey, &e))?;
         if !credentials.contains_key(&slot.credential) {
@@ -674,6 +697,7 @@ fn validate_file(
         bindings.push(Binding {
             prefix,
             suffix,
+            kind,
             ..Binding::new(keypath, slot.to_string())
         });
     }

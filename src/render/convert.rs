@@ -4,7 +4,7 @@
 use super::encode::Style;
 use super::syntax::{Lookup, Syntax, line_col, splice};
 use super::template::{OPEN, Slot};
-use super::{Binding, Conversion, FormatError, Found, KeyPath, RenderError, Stray};
+use super::{Binding, Conversion, FormatError, Found, KeyPath, Kind, RenderError, Stray};
 use crate::secret::Secret;
 
 pub(super) fn to_template<S: Syntax>(
@@ -149,6 +149,11 @@ fn apply<S: Syntax>(
     match S::get(doc, &b.key) {
         Lookup::Str(v) if v == want => Ok(Outcome::Unchanged),
         Lookup::Str(v) => replace::<S>(text, doc, b, &v, &want, known),
+        Lookup::Num(v) if b.kind == Kind::Number => replace::<S>(text, doc, b, &v, &want, known),
+        Lookup::Num(_) => Err(format!(
+            "key {} holds a number, not a string; left alone",
+            b.key
+        )),
         Lookup::Missing if insert_missing && b.insert => {
             let (text, doc) = insert::<S>(text, doc, &b.key, &want)
                 .map_err(|p| format!("cannot insert key {}: {p}", b.key))?;
@@ -194,7 +199,7 @@ fn replace<S: Syntax>(
             b.key
         )
     })?;
-    let found = (!secret.is_empty()).then(|| Found {
+    let found = (!secret.is_empty() && b.kind == Kind::Secret).then(|| Found {
         slot: b.slot.clone(),
         key: b.key.clone(),
         known: known
@@ -335,7 +340,8 @@ pub(super) fn check<'a, S: Syntax>(
         };
         let want = [b.prefix.as_bytes(), secret, b.suffix.as_bytes()].concat();
         match S::get(&doc, &b.key) {
-            Lookup::Str(v) if v.as_bytes() == want.as_slice() => {}
+            Lookup::Str(v) if v.as_bytes() == want.as_slice() && b.kind != Kind::Number => {}
+            Lookup::Num(v) if v.as_bytes() == want.as_slice() && b.kind == Kind::Number => {}
             Lookup::Missing => return Err(RenderError::Missing { key: b.key.clone() }),
             _ => {
                 return Err(RenderError::Mismatch {

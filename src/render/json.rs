@@ -54,6 +54,7 @@ impl Syntax for Json {
             Value::String(s) => Lookup::Str(s.clone()),
             Value::Null => Lookup::Other("null"),
             Value::Bool(_) => Lookup::Other("a boolean"),
+            Value::Number(n) if n.is_i64() || n.is_u64() => Lookup::Num(n.to_string()),
             Value::Number(_) => Lookup::Other("a number"),
             Value::Array(_) => Lookup::Other("a list"),
             Value::Object(_) => Lookup::Other("an object"),
@@ -65,9 +66,8 @@ impl Syntax for Json {
         for s in key.segments() {
             at = child(text, at.start, s)?;
         }
-        text[at.clone()]
-            .starts_with('"')
-            .then_some((at, Quoting::Json))
+        let first = text.as_bytes().get(at.start)?;
+        (*first == b'"' || *first == b'-' || first.is_ascii_digit()).then_some((at, Quoting::Json))
     }
 
     fn set(doc: &mut Self::Doc, key: &KeyPath, value: &str) -> bool {

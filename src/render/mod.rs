@@ -34,6 +34,7 @@ use std::str::FromStr;
 
 pub use convert::STRAY_MIN_LEN;
 pub use encode::{Style, Unfit};
+// `Kind` is defined below, next to `Binding`.
 pub use template::{Refusal, Template};
 
 use crate::secret::Secret;
@@ -170,6 +171,21 @@ pub struct Binding {
     /// Insert the key when it is missing (a preset knows where a token
     /// belongs, and where it only may be).
     pub insert: bool,
+    pub kind: Kind,
+}
+
+/// What a bound value is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// A token: a new value a program writes there is offered for adoption.
+    #[default]
+    Secret,
+    /// A string the daemon owns (a URL, a timestamp): rendered like a
+    /// secret, but what a program writes there is never adopted.
+    Value,
+    /// A number the daemon owns (`expiresAt` in ms): rendered as a bare
+    /// number, never adopted.
+    Number,
 }
 
 impl Binding {
@@ -181,6 +197,7 @@ impl Binding {
             prefix: String::new(),
             suffix: String::new(),
             insert: true,
+            kind: Kind::Secret,
         }
     }
 

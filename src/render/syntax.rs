@@ -12,6 +12,8 @@ use super::{FormatError, KeyPath};
 pub(super) enum Lookup {
     Missing,
     Str(String),
+    /// An integer, as decimal text.
+    Num(String),
     /// A number, mapping, list, null…: not ours to touch. The text names
     /// the kind ("a number"), never the value.
     Other(&'static str),

@@ -128,6 +128,13 @@ fn encode(slot: &Slot, secret: &[u8]) -> Result<String, Refusal> {
     let s =
         std::str::from_utf8(secret).map_err(|_| refuse(Unfit("the value is not UTF-8 text")))?;
     let value = format!("{}{s}{}", b.prefix, b.suffix);
+    if b.kind == super::Kind::Number {
+        let digits = value.strip_prefix('-').unwrap_or(&value);
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(refuse(Unfit("the value is not a whole number")));
+        }
+        return Ok(value);
+    }
     slot.style.encode(&value).map_err(refuse)
 }
 

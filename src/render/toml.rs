@@ -51,6 +51,7 @@ impl Syntax for Toml {
         }
         match at {
             Some(Value::String(s)) => Lookup::Str(s.clone()),
+            Some(Value::Integer(i)) => Lookup::Num(i.to_string()),
             None | Some(Value::Table(_)) => Lookup::Other("a table"),
             Some(Value::Array(_)) => Lookup::Other("an array"),
             Some(Value::Boolean(_)) => Lookup::Other("a boolean"),
@@ -72,6 +73,7 @@ impl Syntax for Toml {
         match text.as_bytes().get(span.start)? {
             b'"' => Some((span, Style::TomlBasic)),
             b'\'' => Some((span, Style::TomlLiteral)),
+            b'-' | b'+' | b'0'..=b'9' => Some((span, Style::TomlBasic)),
             _ => None,
         }
     }

@@ -37,6 +37,9 @@ impl Syntax for Yaml {
         if let Some(s) = n.data.as_str() {
             return Lookup::Str(s.to_owned());
         }
+        if let YamlData::Value(Scalar::Integer(i)) = &n.data {
+            return Lookup::Num(i.to_string());
+        }
         Lookup::Other(match &n.data {
             YamlData::Value(Scalar::Null) => "null",
             YamlData::Value(Scalar::Boolean(_)) => "a boolean",
