@@ -12,6 +12,7 @@ pub mod managed;
 mod offload;
 mod ops;
 mod passthrough;
+mod request;
 pub mod sys;
 pub mod view;
 

@@ -18,9 +18,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// hold up a managed file's save.
 const WORKERS: usize = 2;
 
-/// The name prefix of the workers: `view::in_request` treats them as request
-/// threads (they hold a request open while they work).
-pub const THREAD_PREFIX: &str = "request-offload-";
+/// The name prefix of the workers (they mark themselves as serving requests,
+/// see `fs::request`: they hold a request open while they work).
+const THREAD_PREFIX: &str = "request-offload-";
 
 /// Runs `job` on a worker; inline if no worker could be started.
 pub fn run(job: impl FnOnce() + Send + 'static) {
@@ -45,6 +45,7 @@ fn queue() -> Option<&'static mpsc::Sender<Job>> {
             let spawned = std::thread::Builder::new()
                 .name(format!("{THREAD_PREFIX}{i}"))
                 .spawn(move || {
+                    super::request::mark();
                     loop {
                         // The lock is held only while waiting for a job.
                         let job = rx.lock().recv();

@@ -15,9 +15,9 @@ use fuser::{
 };
 use tracing::{debug, info};
 
-use super::offload;
 use super::passthrough::rename_onto_managed;
 use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
+use super::{offload, request};
 use crate::fs::managed::TMP_PREFIX;
 
 /// Replies with an error, or runs the success path.
@@ -60,6 +60,7 @@ fn read_into_scratch(size: usize, f: impl FnOnce(&mut [u8])) {
 
 impl fuser::Filesystem for TokenFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        request::mark();
         // DIRECT_IO_ALLOW_MMAP: writers and stale views use direct I/O, and
         // programs that mmap a config would otherwise get ENODEV.
         // ATOMIC_O_TRUNC: without it, open(O_TRUNC) arrives as a SETATTR
@@ -102,10 +103,12 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn destroy(&mut self) {
+        request::mark();
         debug!(mount = %self.dir.display(), "session destroyed");
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        request::mark();
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name) {
             let v = tri!(
@@ -129,12 +132,14 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        request::mark();
         if !self.views.forget(ino.0, nlookup) {
             self.inodes.forget(ino.0, nlookup);
         }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        request::mark();
         if let Some(v) = self.views.get(ino.0) {
             let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
             return reply.attr(&ttl, &to_attr(v.file.id, &st));
@@ -162,6 +167,7 @@ impl fuser::Filesystem for TokenFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        request::mark();
         let change = super::passthrough::AttrChange {
             mode,
             uid,
@@ -184,6 +190,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        request::mark();
         let node = tri!(reply, self.node(ino));
         let target = tri!(reply, sys::readlink_fd(node.fd()).map_err(io_errno));
         reply.data(&target);
@@ -199,6 +206,7 @@ impl fuser::Filesystem for TokenFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        request::mark();
         self.make_entry(req, parent, name, reply, |dir, c| {
             sys::mknod_at(dir, c, mode, rdev as libc::dev_t)
         });
@@ -213,12 +221,14 @@ impl fuser::Filesystem for TokenFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        request::mark();
         self.make_entry(req, parent, name, reply, |dir, c| {
             sys::mkdir_at(dir, c, mode)
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        request::mark();
         let p = tri!(reply, self.node(parent));
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
         tri!(reply, sys::unlink_at(p.fd(), &c, 0).map_err(io_errno));
@@ -231,6 +241,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        request::mark();
         let p = tri!(reply, self.node(parent));
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
         tri!(
@@ -248,6 +259,7 @@ impl fuser::Filesystem for TokenFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        request::mark();
         let t = tri!(reply, sys::cname(target.as_os_str()).map_err(io_errno));
         self.make_entry(req, parent, link_name, reply, |dir, c| {
             sys::symlink_at(&t, dir, c)
@@ -264,6 +276,7 @@ impl fuser::Filesystem for TokenFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let p = tri!(reply, self.node(parent));
         let np = tri!(reply, self.node(newparent));
         let src = self.managed.find(&p, name).cloned();
@@ -291,6 +304,7 @@ impl fuser::Filesystem for TokenFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        request::mark();
         if self.views.get(ino.0).is_some() {
             // A second name for a managed file would show its placeholders.
             return reply.error(Errno::EPERM);
@@ -307,6 +321,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        request::mark();
         if let Some(v) = self.views.get(ino.0) {
             let (fh, open_flags) = tri!(reply, self.open_view(&v, flags.0, req.pid()));
             return reply.opened(FileHandle(fh), open_flags);
@@ -338,6 +353,7 @@ impl fuser::Filesystem for TokenFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         match &*h {
             Handle::Managed(mh) => mh.read(offset, size, |bytes| reply.data(bytes)),
@@ -363,6 +379,7 @@ impl fuser::Filesystem for TokenFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         match &*h {
             Handle::Managed(mh) => {
@@ -389,6 +406,7 @@ impl fuser::Filesystem for TokenFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         if let Handle::Managed(mh) = &*h {
             // close() waits for flush but not for release: when the opening
@@ -418,6 +436,7 @@ impl fuser::Filesystem for TokenFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.ok();
@@ -455,6 +474,7 @@ impl fuser::Filesystem for TokenFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         let views = self.views.clone();
         offload::run(move || {
@@ -469,6 +489,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        request::mark();
         let node = tri!(reply, self.node(ino));
         let dir = tri!(
             reply,
@@ -486,6 +507,7 @@ impl fuser::Filesystem for TokenFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        request::mark();
         let node = tri!(reply, self.node(ino));
         let h = tri!(reply, self.handle(fh));
         let Handle::Dir(dir) = &*h else {
@@ -502,6 +524,7 @@ impl fuser::Filesystem for TokenFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         self.handles.lock().remove(&fh.0);
         reply.ok();
     }
@@ -514,6 +537,7 @@ impl fuser::Filesystem for TokenFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         offload::run(move || match &*h {
             Handle::Dir(d) => answer(reply, d.lock().sync_all().map_err(io_errno)),
@@ -522,6 +546,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        request::mark();
         let root = tri!(reply, self.node(INodeNo(super::inode::ROOT_ID)));
         let s = tri!(reply, sys::statvfs_fd(root.fd()).map_err(io_errno));
         reply.statfs(
@@ -546,6 +571,7 @@ impl fuser::Filesystem for TokenFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let fd = tri!(reply, self.xattr_target(ino));
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
         tri!(
@@ -556,6 +582,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        request::mark();
         let fd = tri!(reply, self.xattr_target(ino));
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
         let v = tri!(
@@ -570,6 +597,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        request::mark();
         let fd = tri!(reply, self.xattr_target(ino));
         let v = tri!(
             reply,
@@ -583,6 +611,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        request::mark();
         let fd = tri!(reply, self.xattr_target(ino));
         let c = tri!(reply, sys::cname(name).map_err(io_errno));
         tri!(
@@ -593,6 +622,7 @@ impl fuser::Filesystem for TokenFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        request::mark();
         // Mounted with default_permissions: the kernel checks modes itself.
         reply.ok();
     }
@@ -607,6 +637,7 @@ impl fuser::Filesystem for TokenFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        request::mark();
         let p = tri!(reply, self.node(parent));
         if let Some(m) = self.managed.find(&p, name).cloned() {
             let (v, fh, st) = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
@@ -649,6 +680,7 @@ impl fuser::Filesystem for TokenFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         let Handle::File { file, .. } = &*h else {
             return reply.error(Errno::EOPNOTSUPP);
@@ -673,6 +705,7 @@ impl fuser::Filesystem for TokenFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        request::mark();
         let h = tri!(reply, self.handle(fh));
         let file = match &*h {
             Handle::File { file, .. } => file,
@@ -710,6 +743,7 @@ impl fuser::Filesystem for TokenFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        request::mark();
         reply.error(Errno::ENOTTY);
     }
 
@@ -725,6 +759,7 @@ impl fuser::Filesystem for TokenFs {
         _flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        request::mark();
         reply.error(Errno::ENOSYS);
     }
 
@@ -741,6 +776,7 @@ impl fuser::Filesystem for TokenFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        request::mark();
         let src = tri!(reply, self.handle(fh_in));
         let dst = tri!(reply, self.handle(fh_out));
         if !matches!((&*src, &*dst), (Handle::File { .. }, Handle::File { .. })) {

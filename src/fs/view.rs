@@ -91,16 +91,12 @@ pub struct Views {
     notifier: OnceLock<Notifier>,
 }
 
-/// Whether this thread handles FUSE requests: fuser's workers are named
-/// `fuser-N` and do nothing else (tests/views.rs checks the names), and our
-/// offload workers finish requests for them. An invalidation caused from one
-/// (a write that publishes a value) is sent from another thread and never
-/// waited for: a notification sent from inside a request can deadlock on a
-/// lock that request holds.
+/// Whether this thread serves FUSE requests (see `fs::request`): an
+/// invalidation caused from one (a write that publishes a value) is sent
+/// from another thread and never waited for, since a notification sent
+/// from inside a request can deadlock on a lock that request holds.
 fn in_request() -> bool {
-    std::thread::current()
-        .name()
-        .is_some_and(|n| n.starts_with("fuser-") || n.starts_with(super::offload::THREAD_PREFIX))
+    super::request::inside()
 }
 
 impl Views {
