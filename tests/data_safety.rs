@@ -247,9 +247,13 @@ fn two_different_keys_refuse_the_mount_unless_replace() {
     let claude_json = format!("{{\"env\": {{\"ANTHROPIC_AUTH_TOKEN\": \"{ant}\"}}}}\n");
     s.write("home/.hermes/config.yaml", &hermes_yaml);
     s.write("home/.claude/settings.json", &claude_json);
+    // A file mounted first whose bound value is no token: not touched either.
+    let gemini = s.path("home/.gemini");
+    s.write("home/.gemini/.env", "GEMINI_API_KEY=none\n");
     let cfg = config(
         &s,
         &[
+            (&gemini, ".env", "dotenv", "GEMINI_API_KEY"),
             (&hermes, "config.yaml", "yaml", "model.api_key"),
             (&claude, "settings.json", "json", "env.ANTHROPIC_AUTH_TOKEN"),
         ],
@@ -279,10 +283,15 @@ fn two_different_keys_refuse_the_mount_unless_replace() {
         fs::read_to_string(claude.join("settings.json")).unwrap(),
         claude_json
     );
+    assert_eq!(
+        fs::read_to_string(gemini.join(".env")).unwrap(),
+        "GEMINI_API_KEY=none\n"
+    );
+    assert!(!s.path("state/originals").exists(), "nothing was converted");
 
     // The rotation case: the credential takes over, the old key is backed up.
     let cfg = cfg.replace("[[mount]]\n", "[[mount]]\nreplace = true\n");
-    let d = Daemon::start(&s, &cfg, &[&hermes, &claude]);
+    let d = Daemon::start(&s, &cfg, &[&gemini, &hermes, &claude]);
     let served = fs::read_to_string(claude.join("settings.json")).unwrap();
     assert!(served.contains(dapi), "{served}");
     let backup = s

@@ -261,6 +261,60 @@ impl ManagedFile {
         Ok(())
     }
 
+    /// Before anything is converted: the conflicts `convert_at_mount` would
+    /// refuse, over every file of every mount, so that a refused mount
+    /// changes no file at all. `claims` is what earlier files would adopt.
+    pub fn precheck(
+        path: &std::path::Path,
+        cfg: &ManagedConfig,
+        store: &Store,
+        adopt: &dyn Adopt,
+        claims: &mut std::collections::HashMap<String, Secret>,
+    ) -> Vec<String> {
+        let Ok(bytes) = std::fs::read(path) else {
+            return Vec::new();
+        };
+        let snap = store.snapshot();
+        let mut known: Vec<(String, Secret)> = Vec::new();
+        for b in &cfg.bindings {
+            let Ok(slot) = SlotRef::parse(&b.slot) else {
+                continue;
+            };
+            known.extend(snap.get(&slot).cloned().map(|s| (b.slot.clone(), s)));
+            known.extend(store.recent(&slot).into_iter().map(|s| (b.slot.clone(), s)));
+        }
+        let refs: Vec<(&str, &[u8])> = known
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        let conv = render::to_template(cfg.format, &bytes, &cfg.bindings, &refs, true);
+        let mut conflicts = Vec::new();
+        for f in conv.found.iter().filter(|f| !f.known) {
+            let Ok(slot) = SlotRef::parse(&f.slot) else {
+                continue;
+            };
+            if adopt.plausible(&slot, &f.value).is_err() {
+                continue;
+            }
+            match snap.get(&slot).or(claims.get(&f.slot)) {
+                Some(c) if *c == f.value => {}
+                Some(c) if !cfg.replace => conflicts.push(format!(
+                    "{}: key {} holds {}, a different token than credential {} ({})",
+                    path.display(),
+                    f.key,
+                    f.value,
+                    slot.credential,
+                    c
+                )),
+                Some(_) => {}
+                None => {
+                    claims.insert(f.slot.clone(), f.value.clone());
+                }
+            }
+        }
+        conflicts
+    }
+
     /// Looks at the values found at bound keys at mount. Each is the
     /// credential's (current or recent, or claimed by an earlier file this
     /// start); or becomes its first value; or is no token at all (`none`,
