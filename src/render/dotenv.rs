@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::encode::Style;
-use super::syntax::{Lookup, Syntax, chomp, error_at, guarded, lines, newline};
+use super::syntax::{Lookup, Syntax, chomp, double_quoted_len, error_at, guarded, lines, newline};
 use super::{FormatError, KeyPath};
 
 pub(super) struct Dotenv;
@@ -105,20 +105,6 @@ fn value_of<'l>(line: &'l str, name: &str) -> Option<&'l str> {
     t.strip_prefix(name)?
         .trim_start_matches([' ', '\t'])
         .strip_prefix('=')
-}
-
-/// The length of the double-quoted value at the start of `v`.
-fn double_quoted_len(v: &str) -> Option<usize> {
-    let b = v.as_bytes();
-    let mut i = 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
 }
 
 /// A bare value ends where a comment starts (whitespace then `#`), without

@@ -118,6 +118,21 @@ pub(super) fn splice(text: &str, at: Range<usize>, add: &str) -> String {
     out
 }
 
+/// The length of the double-quoted string at the start of `s` (a backslash
+/// escapes the next character), or `None` if it is not closed.
+pub(super) fn double_quoted_len(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// An all-digit segment as a sequence index.
 pub(super) fn index(segment: &str) -> Option<usize> {
     if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {

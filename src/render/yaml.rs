@@ -8,7 +8,9 @@ use std::ops::Range;
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
 use super::encode::Style;
-use super::syntax::{Lookup, Syntax, chomp, error_at, guarded, index, lines, newline, splice};
+use super::syntax::{
+    Lookup, Syntax, chomp, double_quoted_len, error_at, guarded, index, lines, newline, splice,
+};
 use super::{FormatError, KeyPath};
 
 pub(super) struct Yaml;
@@ -59,7 +61,7 @@ impl Syntax for Yaml {
         match rest.as_bytes().first()? {
             // saphyr's end of a quoted scalar can run past the quote.
             b'\'' => Some((start..start + single_quoted_end(rest)?, Style::YamlSingle)),
-            b'"' => Some((start..start + double_quoted_end(rest)?, Style::YamlDouble)),
+            b'"' => Some((start..start + double_quoted_len(rest)?, Style::YamlDouble)),
             _ if is_block_scalar(&text[..start]) => None,
             _ => Some((
                 start..byte_offset(text, span.end.index())?,
@@ -199,20 +201,6 @@ fn single_quoted_end(s: &str) -> Option<usize> {
             return Some(i + 1);
         }
     }
-}
-
-/// The length of the double-quoted scalar at the start of `s`.
-fn double_quoted_end(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut i = 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
 }
 
 /// Whether the text before a scalar ends in a block scalar header (`|`,
