@@ -522,7 +522,11 @@ async fn handle(
     }
     let carriers = match key {
         KeyCheck::Valid(c) => c,
-        refused => return Ok(refuse(&proxy, &req, refused)),
+        refused => {
+            let resp = refuse(&proxy, &req, refused);
+            drain(req.into_body()).await;
+            return Ok(resp);
+        }
     };
     proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
     let deadline = started + proxy.config.timeout;
@@ -541,6 +545,24 @@ async fn handle(
         "request"
     );
     Ok(resp)
+}
+
+/// Reads and drops a refused request's body (up to 64 KiB, for at most a
+/// second), so the client's keep-alive connection stays usable.
+async fn drain(mut body: Incoming) {
+    if body.size_hint().lower() > 64 * 1024 {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            total += frame.data_ref().map_or(0, Bytes::len);
+            if total > 64 * 1024 {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 fn refuse(proxy: &Proxy, req: &Request<Incoming>, why: KeyCheck) -> Response<OutBody> {
@@ -596,12 +618,7 @@ async fn forward(
     let uri: Uri = format!("{}{pq}", proxy.upstream_prefix)
         .parse()
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    for c in carriers {
-        headers.remove(c);
-    }
+    let mut headers = forwarded_headers(parts.headers, carriers);
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -855,20 +872,57 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+/// The request's headers minus hop-by-hop ones, `Host` and the ones that
+/// carried the local key.
+fn forwarded_headers(headers: HeaderMap, carriers: &[HeaderName]) -> HeaderMap {
+    let listed = connection_listed(&headers);
+    rebuild(headers, |n| {
+        n == header::HOST
+            || HOP_BY_HOP.contains(&n.as_str())
+            || carriers.contains(n)
+            || listed.contains(n)
+    })
+}
+
+/// The response's headers minus hop-by-hop ones.
+fn response_headers(headers: HeaderMap) -> HeaderMap {
+    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(*h)) {
+        return headers;
+    }
+    let listed = connection_listed(&headers);
+    rebuild(headers, |n| {
+        HOP_BY_HOP.contains(&n.as_str()) || listed.contains(n)
+    })
+}
+
+/// `headers` without the names `drop` picks, in their original order
+/// (`HeaderMap::remove` would move the last header into the gap).
+fn rebuild(headers: HeaderMap, drop: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let mut name: Option<HeaderName> = None;
+    for (n, value) in headers {
+        if let Some(n) = n {
+            name = Some(n);
+        }
+        match &name {
+            Some(n) if !drop(n) => {
+                out.append(n.clone(), value);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The names a `Connection` header lists (hop-by-hop for this message).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
+        .collect()
 }
 
 /// Reads the request body up to `limit` so it can be sent twice; a larger
@@ -1018,7 +1072,7 @@ fn relay(
     snap: Arc<Snapshot>,
 ) -> Response<OutBody> {
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    parts.headers = response_headers(std::mem::take(&mut parts.headers));
     parts.version = Version::HTTP_11;
     Response::from_parts(
         parts,
@@ -1229,9 +1283,20 @@ mod tests {
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("x-kept", HeaderValue::from_static("2"));
-        strip_hop_by_hop(&mut h);
+        h.append("x-kept", HeaderValue::from_static("3"));
+        h.insert("x-last", HeaderValue::from_static("4"));
+        let h = response_headers(h);
+        let left: Vec<_> = h.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        assert_eq!(
+            left,
+            [("x-kept", &b"2"[..]), ("x-kept", b"3"), ("x-last", b"4")]
+        );
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("proxy"));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let h = forwarded_headers(h, &[HeaderName::from_static("x-api-key")]);
         assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
     }
 
     #[test]
