@@ -15,8 +15,8 @@
 //! headers, and bodies streamed both ways, frame by frame (an SSE event
 //! reaches the client as soon as the upstream sends it). A 401/403 from the
 //! upstream for a request sent with a secret that has since been replaced is
-//! retried once with the current one (bodies up to `retry_body_limit` are kept
-//! for that).
+//! sent again with the current one, once per rotation in flight and at most
+//! twice (bodies up to `retry_body_limit` are kept for that).
 //!
 //! # Reaching a proxy from the rest of the daemon
 //!
@@ -69,6 +69,9 @@ use zeroize::Zeroize;
 use crate::config::ProxyConfig;
 use crate::secret::Secret;
 use crate::store::{Snapshot, Store, Update};
+
+/// Sends after a rotation in flight, per request (see `forward`).
+const MAX_RETRIES: u32 = 2;
 
 /// The reserved path prefix; never forwarded.
 const RESERVED: &str = "/.tokenfs/";
@@ -168,6 +171,8 @@ impl Proxies {
         if configs.is_empty() {
             return Ok(Proxies::none());
         }
+        // One thread: two workers measured no faster (16 connections:
+        // 20.7k against 20.1k requests/s) and cost a thread.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .max_blocking_threads(2)
@@ -647,9 +652,9 @@ async fn forward(
             ));
         }
     };
-    let replay = body.replay();
-    let snap = proxy.store.snapshot();
-    let first = send(
+    let mut replay = body.replay();
+    let mut snap = proxy.store.snapshot();
+    let mut resp = send(
         proxy,
         client,
         &snap,
@@ -664,58 +669,62 @@ async fn forward(
         deadline,
     )
     .await?;
-    let status = first.status();
-    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
-        return Ok(relay(proxy, first, deadline, snap));
-    }
-    let now = proxy.store.snapshot();
-    let rotated = match (snap.get(&proxy.config.slot), now.get(&proxy.config.slot)) {
-        (Some(sent), Some(current)) => sent != current,
-        _ => false,
-    };
-    match (rotated, replay) {
-        (true, Some(body)) => {
-            proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-            info!(
-                proxy = %name,
-                status = status.as_u16(),
-                sent = %proxy.fingerprint(&snap),
-                current = %proxy.fingerprint(&now),
-                "the credential rotated while the request was in flight; retrying once with the current one"
-            );
-            drop(first);
-            let second = send(
-                proxy,
-                client,
-                &now,
-                &parts.method,
-                uri,
-                headers,
-                body,
-                deadline,
-            )
-            .await?;
-            if matches!(
-                second.status(),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-            ) {
-                auth_failure(proxy, &now, second.status(), "after a retry");
+    // A 401/403 for a secret that has since been replaced is a rotation in
+    // flight: send again with the current one. Once per rotation, at most
+    // MAX_RETRIES times (a second rotation can land while the retry is in
+    // flight when rotations are milliseconds apart).
+    let mut retries = 0;
+    loop {
+        let status = resp.status();
+        if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+            return Ok(relay(proxy, resp, deadline, snap));
+        }
+        let now = proxy.store.snapshot();
+        let rotated = match (snap.get(&proxy.config.slot), now.get(&proxy.config.slot)) {
+            (Some(sent), Some(current)) => sent != current,
+            _ => false,
+        };
+        let context = match (rotated, replay.take()) {
+            (true, Some(body)) if retries < MAX_RETRIES => {
+                retries += 1;
+                proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    proxy = %name,
+                    status = status.as_u16(),
+                    sent = %proxy.fingerprint(&snap),
+                    current = %proxy.fingerprint(&now),
+                    "the credential rotated while the request was in flight; sending it again with the current one"
+                );
+                drop(resp);
+                replay = body.replay();
+                snap = now;
+                let h = if replay.is_some() {
+                    headers.clone()
+                } else {
+                    std::mem::take(&mut headers)
+                };
+                resp = send(
+                    proxy,
+                    client,
+                    &snap,
+                    &parts.method,
+                    uri.clone(),
+                    h,
+                    body,
+                    deadline,
+                )
+                .await?;
+                continue;
             }
-            Ok(relay(proxy, second, deadline, now))
-        }
-        (true, None) => {
-            auth_failure(
-                proxy,
-                &snap,
-                status,
-                "the credential rotated in flight, but the body was larger than retry_body_limit, so it was not retried",
-            );
-            Ok(relay(proxy, first, deadline, snap))
-        }
-        (false, _) => {
-            auth_failure(proxy, &snap, status, "with the current credential");
-            Ok(relay(proxy, first, deadline, snap))
-        }
+            (true, Some(_)) => "it rotated again while each retry was in flight",
+            (true, None) => {
+                "the credential rotated in flight, but the body was larger than retry_body_limit, so it was not retried"
+            }
+            (false, _) if retries > 0 => "after a retry",
+            (false, _) => "with the current credential",
+        };
+        auth_failure(proxy, &snap, status, context);
+        return Ok(relay(proxy, resp, deadline, snap));
     }
 }
 
