@@ -42,6 +42,8 @@ pub struct State {
     pub valid: HashSet<String>,
     /// Every request (bodies only when `record_bodies`).
     pub seen: Vec<Seen>,
+    /// Keep `seen` at all (benchmarks turn it off).
+    pub record: bool,
     pub record_bodies: bool,
     pub accepted: u64,
     pub rejected: u64,
@@ -69,6 +71,7 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
+            record: true,
             record_bodies: true,
             ..State::default()
         }));
@@ -258,18 +261,18 @@ fn serve_conn(conn: TcpStream, state: &Mutex<State>, header: &(String, String)) 
             } else {
                 st.rejected += 1;
             }
-            let seen = Seen {
-                method: method.clone(),
-                target: target.clone(),
-                headers: head.headers.clone(),
-                body: if st.record_bodies {
-                    body.clone()
-                } else {
-                    Vec::new()
-                },
-                authorised: ok,
-            };
-            if st.record_bodies || st.seen.len() < 10_000 {
+            if st.record && st.seen.len() < 100_000 {
+                let seen = Seen {
+                    method: method.clone(),
+                    target: target.clone(),
+                    headers: head.headers.clone(),
+                    body: if st.record_bodies {
+                        body.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    authorised: ok,
+                };
                 st.seen.push(seen);
             }
             ok
