@@ -622,3 +622,197 @@ fn rotate(d: &common::Daemon, up: &Upstream, tokens: &mut Vec<String>) {
     }
     tokens.push(t);
 }
+
+/// A CA and a `localhost`/127.0.0.1 server certificate it signed, made by
+/// the openssl CLI in `dir`.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tokenfs test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// An HTTPS upstream that offers HTTP/2 (ALPN `h2`, then `http/1.1`) and
+/// answers `VERSION URI AUTHORISED` for `Authorization: Bearer TOKEN`.
+fn tls_h2_upstream(dir: &Path, token: &str) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("srv.pem"))
+        .expect("srv.pem")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(dir.join("srv.key")).expect("key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("cert");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let want = format!("Bearer {token}");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let (acc, want) = (acceptor.clone(), want.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acc.accept(s).await else { return };
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let ok = req.headers().get("authorization").map(|v| v.as_bytes())
+                                == Some(want.as_bytes());
+                            let text = format!("{:?} {} {ok}", req.version(), req.uri());
+                            async move {
+                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                    Bytes::from(text),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn an_https_upstream_is_verified_with_ca_file_and_spoken_to_over_http2() {
+    let s = common::Scratch::new();
+    let dir = s.path("tls");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    make_certs(&dir);
+    let token = common::token("tls", 40);
+    let addr = tls_h2_upstream(&dir, &token);
+    let toml = |extra: &str| {
+        format!(
+            "[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\nupstream = \"https://localhost:{}/base\"\ncredential = \"db\"\n{extra}",
+            addr.port()
+        )
+    };
+    let store = Arc::new(Store::new([("db", "push")]));
+    store.publish("db", Update::token(Secret::new(token.clone())));
+    let cfg = Config::parse(
+        Path::new("t.toml"),
+        &toml(&format!("ca_file = \"{}\"\n", dir.join("ca.pem").display())),
+    )
+    .expect("config");
+    let proxies = Proxies::start(&cfg.proxies, store.clone()).expect("start");
+    let p = proxies.get("tls").expect("proxy");
+    let key = p.local_key().expose_str().to_owned();
+    let mut conn = Conn::connect(p.local_addr());
+    for _ in 0..3 {
+        let r = conn.request(
+            "GET",
+            "/v1/models?x=1",
+            &[("x-api-key", key.as_bytes())],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            format!(
+                "HTTP/2.0 https://localhost:{}/base/v1/models?x=1 true",
+                addr.port()
+            )
+        );
+    }
+    // Without the CA the upstream is not trusted: 502, said in status.
+    let cfg = Config::parse(Path::new("t.toml"), &toml("")).expect("config");
+    let untrusted = Proxies::start(&cfg.proxies, store).expect("start");
+    let p = untrusted.get("tls").expect("proxy");
+    let key = p.local_key().expose_str().to_owned();
+    let r = Conn::connect(p.local_addr()).request(
+        "GET",
+        "/v1/models",
+        &[("x-api-key", key.as_bytes())],
+        b"",
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    let last = p.status().last_error.unwrap_or_default();
+    assert!(last.to_lowercase().contains("certificate"), "{last}");
+}
