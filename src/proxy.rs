@@ -44,7 +44,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -72,6 +72,10 @@ use crate::store::{Snapshot, Store, Update};
 
 /// Sends after a rotation in flight, per request (see `forward`).
 const MAX_RETRIES: u32 = 2;
+
+/// Request bodies kept for a retry, all requests of one proxy together;
+/// past it bodies stream (and are not retried) until memory is returned.
+const KEPT_BODIES_BUDGET: usize = 64 << 20;
 
 /// The reserved path prefix; never forwarded.
 const RESERVED: &str = "/.tokenfs/";
@@ -117,6 +121,12 @@ pub struct Proxy {
     auth_prefix: String,
     store: Arc<Store>,
     stats: Stats,
+    /// Bytes of request bodies currently kept for a retry.
+    kept: Arc<AtomicUsize>,
+    /// Refusals are logged at most once a second (any local process can
+    /// send them); the count in between goes into the next line.
+    refusals_unlogged: AtomicU64,
+    refusal_logged_at: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -205,6 +215,9 @@ impl Proxies {
                 key,
                 store: store.clone(),
                 stats: Stats::default(),
+                kept: Arc::new(AtomicUsize::new(0)),
+                refusals_unlogged: AtomicU64::new(0),
+                refusal_logged_at: Mutex::new(None),
             });
             store.publish(&format!("proxy.{name}"), Update::token(proxy.key.clone()));
             info!(
@@ -588,12 +601,27 @@ fn refuse(proxy: &Proxy, req: &Request<Incoming>, why: KeyCheck) -> Response<Out
     } else {
         "missing"
     };
-    warn!(
-        proxy = %proxy.config.name,
-        method = %req.method(),
-        path = req.uri().path(),
-        "refused a request: {what} local key"
-    );
+    let now = Instant::now();
+    let due = {
+        let mut at = proxy.refusal_logged_at.lock();
+        let due = at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            *at = Some(now);
+        }
+        due
+    };
+    if due {
+        let more = proxy.refusals_unlogged.swap(0, Ordering::Relaxed);
+        warn!(
+            proxy = %proxy.config.name,
+            method = %req.method(),
+            path = req.uri().path(),
+            unlogged_since_last = more,
+            "refused a request: {what} local key"
+        );
+    } else {
+        proxy.refusals_unlogged.fetch_add(1, Ordering::Relaxed);
+    }
     proxy.failed(format!("refused a request: {what} local key"));
     let mut resp = json_error(StatusCode::UNAUTHORIZED, "authentication_error", &message);
     resp.headers_mut().insert(
@@ -628,9 +656,13 @@ async fn forward(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut kept = Kept {
+        budget: proxy.kept.clone(),
+        bytes: 0,
+    };
     let body = match tokio::time::timeout_at(
         deadline.into(),
-        prepare_body(body, declared, proxy.config.retry_body_limit),
+        prepare_body(body, declared, proxy.config.retry_body_limit, &mut kept),
     )
     .await
     {
@@ -936,10 +968,37 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// Reads the request body up to `limit` so it can be sent twice; a larger
 /// (or larger-declared) body streams through as it arrives.
+/// Bytes a request holds of its proxy's `KEPT_BODIES_BUDGET`, returned
+/// when the request is done.
+struct Kept {
+    budget: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Kept {
+    /// Takes `n` more bytes of the budget, if there are.
+    fn take(&mut self, n: usize) -> bool {
+        let before = self.budget.fetch_add(n, Ordering::Relaxed);
+        if before + n > KEPT_BODIES_BUDGET {
+            self.budget.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 async fn prepare_body(
     mut body: Incoming,
     declared: Option<u64>,
     limit: usize,
+    kept: &mut Kept,
 ) -> Result<ReqBody, hyper::Error> {
     if body.is_end_stream() {
         return Ok(ReqBody::buffered(VecDeque::new(), None));
@@ -959,8 +1018,9 @@ async fn prepare_body(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     total += data.len();
+                    let fits = total <= limit && kept.take(data.len());
                     chunks.push_back(data);
-                    if total > limit {
+                    if !fits {
                         return Ok(ReqBody::Streaming {
                             prefix: chunks,
                             rest: body,
@@ -1306,6 +1366,26 @@ mod tests {
         h.insert("x-a", HeaderValue::from_static("1"));
         let h = forwarded_headers(h, &[HeaderName::from_static("x-api-key")]);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn kept_bodies_share_one_budget_returned_on_drop() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let mut a = Kept {
+            budget: budget.clone(),
+            bytes: 0,
+        };
+        assert!(a.take(KEPT_BODIES_BUDGET - 10));
+        let mut b = Kept {
+            budget: budget.clone(),
+            bytes: 0,
+        };
+        assert!(!b.take(11));
+        assert!(b.take(10));
+        drop(a);
+        assert_eq!(budget.load(Ordering::Relaxed), 10);
+        drop(b);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
     }
 
     #[test]
