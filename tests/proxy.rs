@@ -816,3 +816,79 @@ fn an_https_upstream_is_verified_with_ca_file_and_spoken_to_over_http2() {
     let last = p.status().last_error.unwrap_or_default();
     assert!(last.to_lowercase().contains("certificate"), "{last}");
 }
+
+#[test]
+fn timeouts_cut_a_silent_stream_and_answer_504_for_a_slow_upstream() {
+    let rig = Rig::start("idle_timeout = \"300ms\"\ntimeout = \"1500ms\"\n");
+    let key = rig.key();
+    let mut conn = rig.conn();
+    // No response head within `timeout`: 504.
+    let t = Instant::now();
+    let r = conn.request(
+        "GET",
+        "/slow?ms=2500",
+        &[("x-api-key", key.as_bytes())],
+        b"",
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_millis(2400),
+        "{:?}",
+        t.elapsed()
+    );
+    // A stream that goes silent for longer than idle_timeout is cut after
+    // the events that came.
+    let mut conn = rig.conn();
+    conn.send(
+        "GET",
+        "/sse?n=3&gap_ms=1000",
+        &[("x-api-key", key.as_bytes())],
+        b"",
+    );
+    assert_eq!(conn.read_head().first[1], "200");
+    let first = common::http::read_chunk(&mut conn.r).expect("first event");
+    assert!(String::from_utf8_lossy(&first).contains("\"i\":0"));
+    let t = Instant::now();
+    assert!(
+        common::http::read_chunk(&mut conn.r).is_none(),
+        "the stream went on"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let st = rig.proxy().status();
+    assert_eq!(st.upstream_errors, 2, "{st:?}");
+    assert!(
+        st.last_error
+            .unwrap_or_default()
+            .contains("sent nothing for 300ms")
+    );
+}
+
+#[test]
+fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let rig = Rig::start("max_connections = 2\n");
+    let key = rig.key();
+    let h: &[(&str, &[u8])] = &[("x-api-key", key.as_bytes())];
+    let mut a = rig.conn();
+    let mut b = rig.conn();
+    assert_eq!(a.request("GET", "/echo", h, b"").status, 200);
+    assert_eq!(b.request("GET", "/echo", h, b"").status, 200);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = rig.proxy().local_addr();
+    let k = key.clone();
+    std::thread::spawn(move || {
+        let mut c = Conn::connect(addr);
+        let r = c.request("GET", "/echo", &[("x-api-key", k.as_bytes())], b"third");
+        let _ = tx.send(r.status);
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(400)).is_err(),
+        "a third connection was served while two were open"
+    );
+    drop(a);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(200));
+    assert_eq!(b.request("GET", "/echo", h, b"").status, 200);
+}
