@@ -378,7 +378,8 @@ fn a_missing_or_wrong_local_key_is_refused_and_never_reaches_the_upstream() {
     let key = rig.key();
     let token = rig.token.lock().clone();
     let mut conn = rig.conn();
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+    type Headers = Vec<(&'static str, Vec<u8>)>;
+    let cases: Vec<(&str, Headers)> = vec![
         ("missing", vec![]),
         (
             "wrong",
