@@ -132,6 +132,15 @@ pub struct ProxyConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+impl ProxyConfig {
+    /// The base URL agents use instead of the upstream's, known before the
+    /// daemon starts when the port is fixed (`None` for port 0: the running
+    /// proxy's `Proxy::url` has the real one).
+    pub fn url(&self) -> Option<String> {
+        (self.listen.port() != 0).then(|| format!("http://{}", self.listen))
+    }
+}
+
 /// Where a proxy forwards to: `https://host[:port][/base/path]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
@@ -1170,6 +1179,7 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
         assert_eq!(p.header, AuthHeader::Bearer);
         assert_eq!(p.retry_body_limit, 4 << 20);
         assert!(c.mounts.is_empty(), "a proxy alone is something to serve");
+        assert_eq!(p.url().as_deref(), Some("http://127.0.0.1:4000"));
         let c = parse(&format!(
             "{PROXY}field = \"access_token\"\nheader = {{ name = \"X-Token\", prefix = \"Token \" }}\nretry_body_limit = \"512KiB\"\ntimeout = \"2m\"\n"
         ))
