@@ -893,3 +893,39 @@ fn connections_beyond_max_connections_wait_for_a_free_slot() {
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(200));
     assert_eq!(b.request("GET", "/echo", h, b"").status, 200);
 }
+
+#[test]
+fn a_port_in_use_fails_the_start_with_nothing_mounted() {
+    common::require_fuse();
+    let s = common::Scratch::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = s.path("home/.hermes");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("config.yaml"), common::hermes_yaml("k")).expect("write");
+    let cfg = s.write(
+        "t.toml",
+        &format!(
+            "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"llm\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"https://example.com\"\ncredential = \"db\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nbind = {{ \"model.api_key\" = \"db.token\" }}\n",
+            s.socket().display(),
+            dir.display()
+        ),
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["mount", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("proxy `llm`: cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!common::is_mounted(&dir));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("config.yaml")).expect("read"),
+        common::hermes_yaml("k"),
+        "the file is untouched"
+    );
+}
