@@ -1197,6 +1197,10 @@ fn proxy(r: &mut Report, secs: u64) {
     }
     let rot = rotations.load(Ordering::Relaxed);
     r.line(format!(
+        "connections the fake accepted  {} (direct clients and the proxy's pool)",
+        up.state.lock().connections
+    ));
+    r.line(format!(
         "rotations under load           {rot} rotations, {n} requests over 16 connections: {failed} failed, {} retried after a rotation in flight",
         p["retries"]
     ));

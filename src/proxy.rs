@@ -16,7 +16,7 @@
 //! reaches the client as soon as the upstream sends it). A 401/403 from the
 //! upstream for a request sent with a secret that has since been replaced is
 //! sent again with the current one, once per rotation in flight and at most
-//! twice (bodies up to `retry_body_limit` are kept for that).
+//! four times (bodies up to `retry_body_limit` are kept for that).
 //!
 //! # Reaching a proxy from the rest of the daemon
 //!
@@ -70,8 +70,10 @@ use crate::config::ProxyConfig;
 use crate::secret::Secret;
 use crate::store::{Snapshot, Store, Update};
 
-/// Sends after a rotation in flight, per request (see `forward`).
-const MAX_RETRIES: u32 = 2;
+/// Sends after a rotation in flight, per request (see `forward`). Each one
+/// needs a new rotation during the attempt before it, so this bounds only
+/// rotations milliseconds apart.
+const MAX_RETRIES: u32 = 4;
 
 /// Request bodies kept for a retry, all requests of one proxy together;
 /// past it bodies stream (and are not retried) until memory is returned.
