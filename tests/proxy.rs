@@ -929,3 +929,63 @@ fn a_port_in_use_fails_the_start_with_nothing_mounted() {
         "the file is untouched"
     );
 }
+
+/// A daemon with only a proxy (no mount) to an HTTPS upstream over HTTP/2,
+/// logging at trace level (hyper, h2, rustls included): requests pass, and
+/// the log holds neither the token nor the local key.
+#[test]
+fn a_proxy_only_daemon_over_tls_and_http2_logs_no_secret_at_trace_level() {
+    let s = common::Scratch::new();
+    let dir = s.path("tls");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    make_certs(&dir);
+    let token = common::token("h2trace", 40);
+    let addr = tls_h2_upstream(&dir, &token);
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"tls\"\nlisten = \"127.0.0.1:0\"\nupstream = \"https://localhost:{}/base\"\ncredential = \"db\"\nca_file = \"{}\"\n",
+        s.socket().display(),
+        addr.port(),
+        dir.join("ca.pem").display()
+    );
+    let d = common::Daemon::start_env(&s, &cfg, &[], &[("RUST_LOG", "trace")]);
+    d.set("db", &token);
+    let status = d.status();
+    let listen: std::net::SocketAddr = status["proxies"][0]["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("listen");
+    let key = tokenfs::control::call(
+        &d.socket,
+        &tokenfs::control::Request::Token {
+            name: "proxy.tls".into(),
+            field: None,
+        },
+    )
+    .expect("token")["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    let mut conn = Conn::connect(listen);
+    for _ in 0..3 {
+        let r = conn.request(
+            "POST",
+            "/v1/x",
+            &[("authorization", format!("Bearer {key}").as_bytes())],
+            b"{}",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.text().starts_with("HTTP/2.0 ") && r.text().ends_with(" true"),
+            "{}",
+            r.text()
+        );
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("h2::") && log.contains("hyper_util::"),
+        "trace logs of the HTTP/2 stack were on"
+    );
+    assert!(!log.contains(&token), "the log holds the token");
+    assert!(!log.contains(&key[5..]), "the log holds the local key");
+}
