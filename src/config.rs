@@ -116,7 +116,7 @@ pub struct ProxyConfig {
     /// The secret injected per request (`credential` [+ `field`], default `.token`).
     pub slot: SlotRef,
     pub header: AuthHeader,
-    /// TCP + TLS connect to the upstream.
+    /// TCP connect to the upstream (the TLS handshake counts against `timeout`).
     pub connect_timeout: Duration,
     /// Longest silence on a response body, and how long an unused upstream
     /// or client connection is kept open.
