@@ -1,13 +1,16 @@
 //! tokenfs benchmark: every row side by side in one run, reported as ratios.
 //! Driven by `scripts/bench.sh` (which installs bindfs and builds release).
 //!
-//!   bench [--json] [--idle SECS] [--storm SECS] [--only read,fsync,stat,...]
+//!   bench [--json] [--idle SECS] [--storm SECS] [--only read,fsync,stat,...,proxy]
 //!   bench --soak SECS    (rotation every 100 ms, 2 readers; RSS and fds at start and end)
 //!   bench reader read|stat PATH ITERS   (child mode: prints latencies in ns)
 
 #[path = "../tests/common/fake_databricks.rs"]
 #[allow(dead_code)]
 mod fake_databricks;
+#[path = "../tests/common/http.rs"]
+#[allow(dead_code)]
+mod http;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -46,31 +49,34 @@ fn main() {
     if args.iter().any(|a| a == "--soak") {
         return soak(flag("--soak", 3600));
     }
-    // --only read,stat,bulk,rotation,storm,footprint,databricks: a subset.
+    // --only read,stat,bulk,rotation,storm,footprint,databricks,proxy: a subset.
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(str::to_owned).collect());
     let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
-    let bench = Bench::setup();
+    // The file rows share one mount and bindfs; the others start their own.
+    let file_rows = ["read", "fsync", "stat", "bulk", "rotation", "storm"];
+    let bench = file_rows.iter().any(|r| run(r)).then(Bench::setup);
+    let bench = bench.as_ref();
     let mut report = Report::default();
-    if run("read") {
+    if let Some(bench) = bench.filter(|_| run("read")) {
         bench.config_read(&mut report);
     }
-    if run("fsync") {
+    if let Some(bench) = bench.filter(|_| run("fsync")) {
         bench.under_fsync(&mut report);
     }
-    if run("stat") {
+    if let Some(bench) = bench.filter(|_| run("stat")) {
         bench.stat(&mut report);
     }
-    if run("bulk") {
+    if let Some(bench) = bench.filter(|_| run("bulk")) {
         bench.bulk(&mut report);
     }
-    if run("rotation") {
+    if let Some(bench) = bench.filter(|_| run("rotation")) {
         bench.rotation(&mut report);
     }
-    if run("storm") {
+    if let Some(bench) = bench.filter(|_| run("storm")) {
         bench.storm(&mut report, flag("--storm", 10));
     }
     if run("footprint") {
@@ -78,6 +84,9 @@ fn main() {
     }
     if run("databricks") {
         databricks(&mut report);
+    }
+    if run("proxy") {
+        proxy(&mut report, flag("--proxy-secs", 3));
     }
     if json_out {
         println!(
@@ -973,6 +982,247 @@ fn soak(secs: u64) {
     println!(
         "soak {secs} s: {n} rotations, torn {}, RSS {rss0} → {rss1} KiB, fds {fd0} → {fd1}",
         torn.load(Ordering::Relaxed)
+    );
+    drop(d);
+    let _ = fs::remove_dir_all(&root);
+}
+
+/// Requests on one keep-alive connection for about `secs` (at most
+/// 1,000,000); returns each one's latency (ns) and the non-200 count.
+fn request_loop(
+    addr: std::net::SocketAddr,
+    auth: &[u8],
+    secs: f64,
+    stop: &AtomicBool,
+) -> (Vec<u64>, u64) {
+    let mut conn = http::Conn::connect(addr);
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < secs && !stop.load(Ordering::Relaxed) && lat.len() < 1_000_000
+    {
+        let s = Instant::now();
+        let r = conn.request(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("authorization", auth),
+                ("content-type", b"application/json"),
+            ],
+            body,
+        );
+        lat.push(s.elapsed().as_nanos() as u64);
+        if r.status != 200 {
+            failed += 1;
+        }
+    }
+    (lat, failed)
+}
+
+/// `conns` keep-alive connections for `secs`: requests/s and failures.
+fn throughput(addr: std::net::SocketAddr, auth: &[u8], conns: usize, secs: f64) -> (f64, u64) {
+    let stop = AtomicBool::new(false);
+    let t = Instant::now();
+    let results: Vec<(Vec<u64>, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..conns)
+            .map(|_| s.spawn(|| request_loop(addr, auth, secs, &stop)))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let n: usize = results.iter().map(|(l, _)| l.len()).sum();
+    let failed = results.iter().map(|(_, f)| f).sum();
+    (n as f64 / t.elapsed().as_secs_f64(), failed)
+}
+
+/// Time from sending a request to the first SSE event.
+fn first_event(addr: std::net::SocketAddr, auth: &[u8], iters: usize) -> Vec<u64> {
+    let mut conn = http::Conn::connect(addr);
+    (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            conn.send(
+                "GET",
+                "/v1/stream/sse?n=2&gap_ms=5",
+                &[("authorization", auth)],
+                b"",
+            );
+            let head = conn.read_head();
+            assert_eq!(head.first[1], "200");
+            http::read_chunk(&mut conn.r).expect("first event");
+            let first = t.elapsed().as_nanos() as u64;
+            while http::read_chunk(&mut conn.r).is_some() {}
+            first
+        })
+        .collect()
+}
+
+fn proxy(r: &mut Report, secs: u64) {
+    let secs = secs.max(1) as f64;
+    r.section(
+        "8. proxy: tokenfs mount's loopback proxy vs the fake upstream directly (keep-alive, µs)",
+    );
+    let up = http::Upstream::start();
+    up.state.lock().record = false;
+    let root = PathBuf::from(format!("/tmp/tokenfs-bench-px-{}", std::process::id()));
+    let dir = root.join("h");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("config.yaml"), yaml("boot")).expect("write");
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"llm\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\ncredential = \"db\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nbind = {{ \"model.api_key\" = \"proxy.llm.token\" }}\n",
+        root.join("px.sock").display(),
+        up.url("/serving-endpoints"),
+        dir.display()
+    );
+    let (d, _) = Daemon::start(&root, "px", &cfg, vec![dir.clone()]);
+    let mut seq = 0u64;
+    let mut current = String::new();
+    let mut rotate = |d: &Daemon| {
+        seq += 1;
+        let t = format!("dapiPX{seq:06}{}", "y".repeat(30));
+        up.mint(&t);
+        d.set("db", &t);
+        let old = std::mem::replace(&mut current, t.clone());
+        if !old.is_empty() {
+            up.revoke(&old);
+        }
+        t
+    };
+    let mut token = rotate(&d);
+    let status = control::call(&d.socket, &Request::Status).expect("status");
+    let via: std::net::SocketAddr = status["proxies"][0]["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("proxy address");
+    let key = control::call(
+        &d.socket,
+        &Request::Token {
+            name: "proxy.llm".into(),
+            field: None,
+        },
+    )
+    .expect("key")["secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let proxy_auth = format!("Bearer {key}").into_bytes();
+    let pid = d.child.id();
+    let (rss_idle, threads_idle, _, _) = proc_stat(pid);
+
+    // Latency: one connection each, interleaved rounds so drift hits both.
+    let never = AtomicBool::new(false);
+    let (mut direct, mut via_proxy) = (Vec::new(), Vec::new());
+    let direct_auth = format!("Bearer {token}").into_bytes();
+    for round in 0..6 {
+        let (d_lat, _) = request_loop(up.addr, &direct_auth, secs / 6.0, &never);
+        let (p_lat, _) = request_loop(via, &proxy_auth, secs / 6.0, &never);
+        if round > 0 {
+            direct.extend(d_lat);
+            via_proxy.extend(p_lat);
+        }
+    }
+    let (dm, dp) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99));
+    let (pm, pp) = (pct(&mut via_proxy, 0.5), pct(&mut via_proxy, 0.99));
+    r.line(format!(
+        "POST 60 B, 1 connection        direct median {:>7.1} p99 {:>7.1}   proxy median {:>7.1} p99 {:>7.1}   added median {:>6.1} p99 {:>6.1}",
+        us(dm), us(dp), us(pm), us(pp), us(pm.saturating_sub(dm)), us(pp.saturating_sub(dp))
+    ));
+
+    // Throughput at 1 and 16 connections.
+    let mut rps = Vec::new();
+    let mut load_sample = (0, 0);
+    for conns in [1usize, 16] {
+        let (direct_rps, df) = throughput(up.addr, &direct_auth, conns, secs);
+        let sampler = {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            let h = std::thread::spawn(move || {
+                let mut peak = (0, 0);
+                std::thread::sleep(Duration::from_millis(300));
+                while !s2.load(Ordering::Relaxed) {
+                    let (rss, th, _, _) = proc_stat(pid);
+                    peak = (peak.0.max(rss), peak.1.max(th));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                peak
+            });
+            (stop, h)
+        };
+        let (proxy_rps, pf) = throughput(via, &proxy_auth, conns, secs);
+        sampler.0.store(true, Ordering::Relaxed);
+        let peak = sampler.1.join().unwrap_or((0, 0));
+        load_sample = (load_sample.0.max(peak.0), load_sample.1.max(peak.1));
+        r.line(format!(
+            "requests/s, {conns:>2} connection(s)    direct {direct_rps:>8.0}   proxy {proxy_rps:>8.0}   ({:.2}× direct; failed {})",
+            proxy_rps / direct_rps,
+            df + pf
+        ));
+        rps.push(json!({"connections": conns, "direct": direct_rps, "proxy": proxy_rps, "ratio": proxy_rps / direct_rps, "failed": df + pf}));
+    }
+
+    // Time to the first SSE event.
+    let mut d_sse = first_event(up.addr, &direct_auth, 200);
+    let mut p_sse = first_event(via, &proxy_auth, 200);
+    let (dsm, psm) = (pct(&mut d_sse, 0.5), pct(&mut p_sse, 0.5));
+    let (dsp, psp) = (pct(&mut d_sse, 0.99), pct(&mut p_sse, 0.99));
+    r.line(format!(
+        "first SSE event                direct median {:>7.1} p99 {:>7.1}   proxy median {:>7.1} p99 {:>7.1}",
+        us(dsm), us(dsp), us(psm), us(psp)
+    ));
+
+    // Rotations under load: 16 clients with one stale local key, a
+    // revoke-at-once rotation every 10 ms.
+    let stop = AtomicBool::new(false);
+    let rotations = AtomicU64::new(0);
+    let t = Instant::now();
+    let results: Vec<(Vec<u64>, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..16)
+            .map(|_| s.spawn(|| request_loop(via, &proxy_auth, secs, &stop)))
+            .collect();
+        while t.elapsed().as_secs_f64() < secs {
+            token = rotate(&d);
+            rotations.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let _ = &token;
+    let n: usize = results.iter().map(|(l, _)| l.len()).sum();
+    let failed: u64 = results.iter().map(|(_, f)| f).sum();
+    let st = control::call(&d.socket, &Request::Status).expect("status");
+    let p = &st["proxies"][0];
+    if failed > 0 {
+        r.line(format!("  failures: {}", p));
+    }
+    let rot = rotations.load(Ordering::Relaxed);
+    r.line(format!(
+        "connections the fake accepted  {} (direct clients and the proxy's pool)",
+        up.state.lock().connections
+    ));
+    r.line(format!(
+        "rotations under load           {rot} rotations, {n} requests over 16 connections: {failed} failed, {} retried after a rotation in flight",
+        p["retries"]
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss_after, threads_after, _, _) = proc_stat(pid);
+    r.line(format!(
+        "daemon (one mount + the proxy)  RSS idle {:.1} MiB, {threads_idle} threads; under 16-connection load peak {:.1} MiB, {} threads; after {:.1} MiB, {threads_after} threads",
+        rss_idle as f64 / 1024.0,
+        load_sample.0 as f64 / 1024.0,
+        load_sample.1,
+        rss_after as f64 / 1024.0
+    ));
+    r.put(
+        "proxy",
+        json!({
+            "latency_us": {"direct_median": us(dm), "direct_p99": us(dp), "proxy_median": us(pm), "proxy_p99": us(pp), "added_median": us(pm.saturating_sub(dm)), "added_p99": us(pp.saturating_sub(dp))},
+            "rps": rps,
+            "first_sse_event_us": {"direct_median": us(dsm), "direct_p99": us(dsp), "proxy_median": us(psm), "proxy_p99": us(psp)},
+            "rotations": {"rotations": rot, "requests": n, "failed": failed, "retries": p["retries"]},
+            "rss_kib": {"idle": rss_idle, "load_peak": load_sample.0, "after": rss_after},
+            "threads": {"idle": threads_idle, "load_peak": load_sample.1, "after": threads_after},
+        }),
     );
     drop(d);
     let _ = fs::remove_dir_all(&root);

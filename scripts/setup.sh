@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v python3 >/dev/null || need+=(python3)
+command -v openssl >/dev/null || need+=(openssl)   # tests: certificates for the proxy's TLS upstream
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct Config {
     pub mounts: Vec<MountConfig>,
     /// Where the originals of converted files are backed up (0700).
     pub state_dir: PathBuf,
+    /// `[[proxy]]` tables: loopback auth proxies (see [`crate::proxy`]).
+    pub proxies: Vec<ProxyConfig>,
 }
 
 /// The largest managed file served unless `max_file_size` says otherwise.
@@ -115,6 +118,86 @@ pub struct ManagedConfig {
     pub max_size: u64,
 }
 
+/// `[[proxy]]`: a loopback HTTP proxy that injects one credential's current
+/// secret into every request it forwards to `upstream`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Unique; no '.' or spaces (the local key is published as `proxy.NAME`).
+    pub name: String,
+    /// Loopback unless `allow_remote = true`; port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    /// The secret injected per request (`credential` [+ `field`], default `.token`).
+    pub slot: SlotRef,
+    pub header: AuthHeader,
+    /// TCP connect to the upstream (the TLS handshake counts against `timeout`).
+    pub connect_timeout: Duration,
+    /// Longest silence on a response body, and how long an unused upstream
+    /// or client connection is kept open.
+    pub idle_timeout: Duration,
+    /// The whole exchange, from the request to the response's last byte.
+    pub timeout: Duration,
+    /// Request bodies up to this size are kept for the one retry after a
+    /// rotation in flight; larger ones stream and are not retried.
+    pub retry_body_limit: usize,
+    /// Concurrent client connections; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Extra PEM roots for the upstream's TLS, on top of the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ProxyConfig {
+    /// The base URL agents use instead of the upstream's, known before the
+    /// daemon starts when the port is fixed (`None` for port 0: the running
+    /// proxy's `Proxy::url` has the real one).
+    pub fn url(&self) -> Option<String> {
+        (self.listen.port() != 0).then(|| format!("http://{}", self.listen))
+    }
+}
+
+/// Where a proxy forwards to: `https://host[:port][/base/path]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub https: bool,
+    /// `host` or `host:port` as written (IPv6 in brackets).
+    pub authority: String,
+    /// The upstream's base path without a trailing `/` (may be empty):
+    /// a request for `/x` goes to `BASE/x`.
+    pub base_path: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.base_path)
+    }
+}
+
+/// How the upstream expects its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthHeader {
+    /// `Authorization: Bearer TOKEN` (Databricks, OpenAI-compatible gateways).
+    Bearer,
+    /// `x-api-key: TOKEN` (Anthropic).
+    XApiKey,
+    /// `x-goog-api-key: TOKEN` (Gemini).
+    XGoogApiKey,
+    /// `NAME: PREFIX TOKEN`; `name` is lowercase.
+    Custom { name: String, prefix: String },
+}
+
+impl AuthHeader {
+    /// The header's (lowercase) name and the text before the secret.
+    pub fn parts(&self) -> (&str, &str) {
+        match self {
+            AuthHeader::Bearer => ("authorization", "Bearer "),
+            AuthHeader::XApiKey => ("x-api-key", ""),
+            AuthHeader::XGoogApiKey => ("x-goog-api-key", ""),
+            AuthHeader::Custom { name, prefix } => (name, prefix),
+        }
+    }
+}
+
 /// A configuration error, displayed as `file:line:column: key: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -152,12 +235,48 @@ struct RawConfig {
     credentials: BTreeMap<Spanned<String>, Spanned<RawCredential>>,
     #[serde(default)]
     mount: Vec<Spanned<RawMount>>,
+    #[serde(default)]
+    proxy: Vec<Spanned<RawProxy>>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    #[serde(default)]
+    allow_remote: bool,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    allow_http: bool,
+    credential: Spanned<String>,
+    field: Option<Spanned<String>>,
+    header: Option<Spanned<RawHeader>>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    retry_body_limit: Option<Spanned<RawSize>>,
+    max_connections: Option<Spanned<i64>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+/// `"authorization_bearer"`, `"x-api-key"`, `"x-goog-api-key"` or `{ name, prefix }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawHeader {
+    Named(String),
+    Custom {
+        name: String,
+        #[serde(default)]
+        prefix: String,
+    },
+}
+
+/// A size in bytes: `1048576` or `"1MiB"`.
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum RawSize {
-    Bytes(u64),
+    Bytes(i64),
     Text(String),
 }
 
@@ -307,19 +426,50 @@ impl Config {
             credentials.insert(name.get_ref().clone(), source);
         }
         let max_size = match &raw.max_file_size {
-            Some(v) => parse_size(v.get_ref()).ok_or_else(|| {
-                at.error(
-                    v.span(),
-                    "max_file_size",
-                    "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
-                )
-            })?,
+            Some(v) => parse_size(v.get_ref())
+                .filter(|n| *n >= 1024)
+                .ok_or_else(|| {
+                    at.error(
+                        v.span(),
+                        "max_file_size",
+                        "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
+                    )
+                })? as u64,
             None => DEFAULT_MAX_FILE_SIZE,
         };
+        let mut proxies: Vec<ProxyConfig> = Vec::new();
+        for (i, proxy) in raw.proxy.iter().enumerate() {
+            let key = format!("proxy[{i}]");
+            let p = validate_proxy(proxy.get_ref(), &key, &credentials, at)?;
+            let raw = proxy.get_ref();
+            if proxies.iter().any(|o| o.name == p.name) {
+                return Err(at.error(
+                    raw.name.span(),
+                    &format!("{key}.name"),
+                    &format!("a proxy named `{}` is already defined", p.name),
+                ));
+            }
+            if p.listen.port() != 0 && proxies.iter().any(|o| o.listen == p.listen) {
+                return Err(at.error(
+                    raw.listen.span(),
+                    &format!("{key}.listen"),
+                    &format!("{} is already used by another proxy", p.listen),
+                ));
+            }
+            proxies.push(p);
+        }
+        // A managed file may also bind a proxy's local key: `proxy.NAME.token`.
+        let mut bindable = credentials.clone();
+        for p in &proxies {
+            bindable.insert(
+                format!("proxy.{}", p.name),
+                SourceConfig::Push { initial_env: None },
+            );
+        }
         let mut mounts: Vec<MountConfig> = Vec::new();
         for (i, mount) in raw.mount.iter().enumerate() {
             let key = format!("mount[{i}]");
-            for mut m in validate_mount(mount, &key, &credentials, at)? {
+            for mut m in validate_mount(mount, &key, &bindable, at)? {
                 for f in &mut m.files {
                     f.max_size = max_size;
                 }
@@ -336,8 +486,12 @@ impl Config {
                 mounts.push(m);
             }
         }
-        if mounts.is_empty() {
-            return Err(at.error(0..0, "mount", "no [[mount]] tables: nothing to serve"));
+        if mounts.is_empty() && proxies.is_empty() {
+            return Err(at.error(
+                0..0,
+                "mount",
+                "no [[mount]] or [[proxy]] tables: nothing to serve",
+            ));
         }
         Ok(Config {
             path: at.file.to_owned(),
@@ -359,32 +513,9 @@ impl Config {
                     .map(expand_home)
                     .unwrap_or_else(default_state_dir),
             },
+            proxies,
         })
     }
-}
-
-/// `1048576`, `"1MiB"`, `"512KiB"`, `"2MB"`: at least 1 KiB.
-fn parse_size(raw: &RawSize) -> Option<u64> {
-    let n = match raw {
-        RawSize::Bytes(n) => *n,
-        RawSize::Text(t) => {
-            let t = t.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 1,
-                "k" | "kb" => 1000,
-                "kib" => 1 << 10,
-                "m" | "mb" => 1_000_000,
-                "mib" => 1 << 20,
-                "g" | "gb" => 1_000_000_000,
-                "gib" => 1 << 30,
-                _ => return None,
-            };
-            num.parse::<u64>().ok()?.checked_mul(mult)?
-        }
-    };
-    (n >= 1024).then_some(n)
 }
 
 /// `$XDG_STATE_HOME/tokenfs`, else `~/.local/state/tokenfs`.
@@ -393,6 +524,244 @@ pub fn default_state_dir() -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("tokenfs"),
         _ => expand_home("~/.local/state").join("tokenfs"),
     }
+}
+
+fn validate_proxy(
+    raw: &RawProxy,
+    key: &str,
+    credentials: &BTreeMap<String, SourceConfig>,
+    at: &Locator<'_>,
+) -> Result<ProxyConfig, ConfigError> {
+    let name = raw.name.get_ref();
+    if name.is_empty() || name.contains(['.', ' ', '/']) {
+        return Err(at.error(
+            raw.name.span(),
+            &format!("{key}.name"),
+            "a proxy name may not be empty or contain '.', '/' or spaces",
+        ));
+    }
+    let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|_| {
+        at.error(
+            raw.listen.span(),
+            &format!("{key}.listen"),
+            "must be IP:PORT, e.g. \"127.0.0.1:4000\" (port 0 picks a free one)",
+        )
+    })?;
+    if !listen.ip().is_loopback() && !raw.allow_remote {
+        return Err(at.error(
+            raw.listen.span(),
+            &format!("{key}.listen"),
+            &format!(
+                "{} is not a loopback address: other machines could use the proxy; listen on 127.0.0.1 (or set allow_remote = true)",
+                listen.ip()
+            ),
+        ));
+    }
+    let upstream = parse_upstream(raw.upstream.get_ref())
+        .map_err(|e| at.error(raw.upstream.span(), &format!("{key}.upstream"), &e))?;
+    if !upstream.https && !raw.allow_http && !loopback_host(&upstream.authority) {
+        return Err(at.error(
+            raw.upstream.span(),
+            &format!("{key}.upstream"),
+            "plain http:// sends the token unencrypted: use https:// (http:// is allowed for loopback upstreams, or with allow_http = true)",
+        ));
+    }
+    let mut slot = SlotRef::parse(raw.credential.get_ref())
+        .map_err(|e| at.error(raw.credential.span(), &format!("{key}.credential"), &e))?;
+    if !credentials.contains_key(&slot.credential) {
+        return Err(at.error(
+            raw.credential.span(),
+            &format!("{key}.credential"),
+            &format!(
+                "unknown credential `{}` (define it in [credentials.{}])",
+                slot.credential, slot.credential
+            ),
+        ));
+    }
+    if let Some(f) = &raw.field {
+        slot.field = f
+            .get_ref()
+            .parse()
+            .map_err(|e: String| at.error(f.span(), &format!("{key}.field"), &e))?;
+    }
+    let header = match &raw.header {
+        None => AuthHeader::Bearer,
+        Some(h) => validate_header(h.get_ref())
+            .map_err(|e| at.error(h.span(), &format!("{key}.header"), &e))?,
+    };
+    let duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field {
+        Some(s) => match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(at.error(s.span(), &format!("{key}.{name}"), "must be above 0")),
+            Err(e) => Err(at.error(
+                s.span(),
+                &format!("{key}.{name}"),
+                &format!("{e} (write e.g. \"10s\" or \"5m\")"),
+            )),
+        },
+        None => Ok(default),
+    };
+    let retry_body_limit = match &raw.retry_body_limit {
+        None => 4 << 20,
+        Some(s) => parse_size(s.get_ref())
+            .filter(|n| *n <= 1 << 30)
+            .ok_or_else(|| {
+                at.error(
+                    s.span(),
+                    &format!("{key}.retry_body_limit"),
+                    "must be a size up to 1GiB: bytes, or e.g. \"512KiB\", \"4MiB\"",
+                )
+            })?,
+    };
+    let max_connections = match &raw.max_connections {
+        None => 512,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v @ 1..=65_536) => v,
+            _ => {
+                return Err(at.error(
+                    n.span(),
+                    &format!("{key}.max_connections"),
+                    "must be between 1 and 65536",
+                ));
+            }
+        },
+    };
+    let ca_file = match &raw.ca_file {
+        Some(p) if !upstream.https => {
+            return Err(at.error(
+                p.span(),
+                &format!("{key}.ca_file"),
+                "only applies to an https:// upstream",
+            ));
+        }
+        Some(p) => Some(expand_home(p.get_ref())),
+        None => None,
+    };
+    Ok(ProxyConfig {
+        name: name.clone(),
+        listen,
+        upstream,
+        slot,
+        header,
+        connect_timeout: duration(
+            &raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(10),
+        )?,
+        idle_timeout: duration(&raw.idle_timeout, "idle_timeout", Duration::from_secs(300))?,
+        timeout: duration(&raw.timeout, "timeout", Duration::from_secs(1800))?,
+        retry_body_limit,
+        max_connections,
+        ca_file,
+    })
+}
+
+fn validate_header(raw: &RawHeader) -> Result<AuthHeader, String> {
+    match raw {
+        RawHeader::Named(n) => match n.as_str() {
+            "authorization_bearer" => Ok(AuthHeader::Bearer),
+            "x-api-key" => Ok(AuthHeader::XApiKey),
+            "x-goog-api-key" => Ok(AuthHeader::XGoogApiKey),
+            other => Err(format!(
+                "unknown header style \"{other}\" (expected \"authorization_bearer\", \"x-api-key\", \"x-goog-api-key\" or {{ name = \"…\", prefix = \"…\" }})"
+            )),
+        },
+        RawHeader::Custom { name, prefix } => {
+            let lower = name.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                return Err(format!("`{name}` is not a valid header name"));
+            }
+            const RESERVED: [&str; 11] = [
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "keep-alive",
+                "te",
+                "trailer",
+                "upgrade",
+                "proxy-authorization",
+                "proxy-connection",
+                "content-type",
+            ];
+            if RESERVED.contains(&lower.as_str()) {
+                return Err(format!("`{name}` cannot carry a key"));
+            }
+            if http::HeaderValue::from_str(prefix).is_err() {
+                return Err("the prefix must be printable ASCII".into());
+            }
+            Ok(AuthHeader::Custom {
+                name: lower,
+                prefix: prefix.clone(),
+            })
+        }
+    }
+}
+
+/// `https://host[:port][/path]`: no user info, query or fragment.
+fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|e| format!("not a URL ({e}): write e.g. \"https://host/base/path\""))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err("must start with https:// (or http://)".into()),
+    };
+    let authority = uri.authority().ok_or_else(|| "names no host".to_string())?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "user info (user:password@) is not supported: the proxy injects the credential".into(),
+        );
+    }
+    if authority.host().is_empty() {
+        return Err("names no host".into());
+    }
+    if uri.query().is_some() || text.contains('#') {
+        return Err("may not have a query or fragment".into());
+    }
+    Ok(Upstream {
+        https,
+        authority: authority.as_str().to_owned(),
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+    })
+}
+
+/// `localhost`, `127.x.y.z`, `[::1]` (with or without a port).
+fn loopback_host(authority: &str) -> bool {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && !h.is_empty() => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Bytes from `1048576`, `"1048576"`, `"512KiB"`, `"4MiB"`, `"1GiB"` (also KB/MB/GB as powers of 1000).
+fn parse_size(raw: &RawSize) -> Option<usize> {
+    let (digits, unit) = match raw {
+        RawSize::Bytes(n) => return usize::try_from(*n).ok(),
+        RawSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            (&t[..split], t[split..].trim())
+        }
+    };
+    let n: usize = digits.parse().ok()?;
+    let mult: usize = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 fn validate_source(
@@ -887,6 +1256,122 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
         assert!(e.message.contains("`path` does not apply"), "{e}");
         let e = parse(&format!("{base}rotate_every = \"often\"\n{mount}")).unwrap_err();
         assert_eq!(e.line, 4, "{e}");
+    }
+
+    const PROXY: &str = "[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"db\"\nlisten = \"127.0.0.1:4000\"\nupstream = \"https://adb-1.example.net/serving-endpoints/\"\ncredential = \"db\"\n";
+
+    #[test]
+    fn proxy_tables_validate_with_defaults() {
+        let c = parse(PROXY).unwrap();
+        let p = &c.proxies[0];
+        assert_eq!(p.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(
+            p.upstream.to_string(),
+            "https://adb-1.example.net/serving-endpoints"
+        );
+        assert_eq!(p.slot.to_string(), "db.token");
+        assert_eq!(p.header, AuthHeader::Bearer);
+        assert_eq!(p.retry_body_limit, 4 << 20);
+        assert!(c.mounts.is_empty(), "a proxy alone is something to serve");
+        assert_eq!(p.url().as_deref(), Some("http://127.0.0.1:4000"));
+        let c = parse(&format!(
+            "{PROXY}field = \"access_token\"\nheader = {{ name = \"X-Token\", prefix = \"Token \" }}\nretry_body_limit = \"512KiB\"\ntimeout = \"2m\"\n"
+        ))
+        .unwrap();
+        let p = &c.proxies[0];
+        assert_eq!(p.slot.to_string(), "db.access_token");
+        assert_eq!(
+            p.header,
+            AuthHeader::Custom {
+                name: "x-token".into(),
+                prefix: "Token ".into()
+            }
+        );
+        assert_eq!(p.retry_body_limit, 512 << 10);
+        assert_eq!(p.timeout, Duration::from_secs(120));
+        let c = parse(&PROXY.replace(
+            "credential = \"db\"",
+            "credential = \"db\"\nheader = \"x-goog-api-key\"",
+        ))
+        .unwrap();
+        assert_eq!(c.proxies[0].header, AuthHeader::XGoogApiKey);
+    }
+
+    #[test]
+    fn a_proxy_listens_on_loopback_unless_allowed() {
+        let text = PROXY.replace("127.0.0.1:4000", "0.0.0.0:4000");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (5, 10, "proxy[0].listen"),
+            "{e}"
+        );
+        assert!(e.message.contains("not a loopback address"), "{e}");
+        let c = parse(&format!("{text}allow_remote = true\n")).unwrap();
+        assert_eq!(c.proxies[0].listen.port(), 4000);
+        let e = parse(&PROXY.replace("127.0.0.1:4000", "localhost:4000")).unwrap_err();
+        assert!(e.message.contains("IP:PORT"), "{e}");
+        assert!(parse(&PROXY.replace("127.0.0.1:4000", "[::1]:0")).is_ok());
+    }
+
+    #[test]
+    fn plain_http_upstreams_only_on_loopback_unless_allowed() {
+        let text = PROXY.replace("https://adb-1", "http://adb-1");
+        let e = parse(&text).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (6, "proxy[0].upstream"), "{e}");
+        assert!(parse(&format!("{text}allow_http = true\n")).is_ok());
+        for up in [
+            "http://127.0.0.1:9",
+            "http://localhost:9/x",
+            "http://[::1]:9",
+        ] {
+            let c = parse(&PROXY.replace("https://adb-1.example.net/serving-endpoints/", up))
+                .unwrap_or_else(|e| panic!("{up}: {e}"));
+            assert!(!c.proxies[0].upstream.https);
+        }
+        for bad in [
+            "ftp://x",
+            "https://u:p@x",
+            "https://x/?q=1",
+            "adb-1.example.net",
+        ] {
+            let e = parse(&PROXY.replace("https://adb-1.example.net/serving-endpoints/", bad))
+                .unwrap_err();
+            assert_eq!(e.key, "proxy[0].upstream", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn proxy_errors_name_the_key() {
+        let e = parse(&PROXY.replace("credential = \"db\"", "credential = \"nope\"")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "proxy[0].credential"), "{e}");
+        let e = parse(&format!("{PROXY}header = \"cookie-ish\"\n")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (8, "proxy[0].header"), "{e}");
+        let e = parse(&format!("{PROXY}header = {{ name = \"Host\" }}\n")).unwrap_err();
+        assert_eq!(e.key, "proxy[0].header", "{e}");
+        let e = parse(&format!("{PROXY}retry_body_limit = \"lots\"\n")).unwrap_err();
+        assert_eq!(e.key, "proxy[0].retry_body_limit", "{e}");
+        let e = parse(&format!("{PROXY}idle_timeout = \"0s\"\n")).unwrap_err();
+        assert_eq!(e.key, "proxy[0].idle_timeout", "{e}");
+        let e = parse(&format!("{PROXY}colour = 1\n")).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        let twice = format!("{PROXY}{}", &PROXY[PROXY.find("[[proxy]]").unwrap()..]);
+        let e = parse(&twice).unwrap_err();
+        assert_eq!(e.key, "proxy[1].name", "{e}");
+        let e = parse(&PROXY.replace("name = \"db\"", "name = \"a.b\"")).unwrap_err();
+        assert_eq!(e.key, "proxy[0].name", "{e}");
+    }
+
+    #[test]
+    fn a_managed_file_may_bind_a_proxys_local_key() {
+        let text = format!(
+            "{PROXY}[[mount]]\ndir = \"/tmp/x\"\n[[mount.file]]\npath = \"c.yaml\"\nbind = {{ \"k\" = \"proxy.db.token\" }}\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.mounts[0].files[0].bindings[0].slot, "proxy.db.token");
+        assert!(!c.credentials.contains_key("proxy.db"));
+        let e = parse(&text.replace("proxy.db.token", "proxy.other.token")).unwrap_err();
+        assert!(e.message.contains("unknown credential"), "{e}");
     }
 
     #[test]

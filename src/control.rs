@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::fs::MountInfo;
+use crate::proxy::{Proxy, ProxyStatus};
 use crate::secret::Secret;
 use crate::source::Sources;
 use crate::store::{Field, Store};
@@ -54,6 +55,7 @@ pub struct State {
     pub store: Arc<Store>,
     pub sources: Arc<Sources>,
     pub mounts: Vec<Arc<MountInfo>>,
+    pub proxies: Vec<Arc<Proxy>>,
     pub started: SystemTime,
 }
 
@@ -64,6 +66,8 @@ pub struct Status {
     pub uptime_secs: u64,
     pub credentials: Vec<CredentialStatus>,
     pub mounts: Vec<MountStatus>,
+    #[serde(default)]
+    pub proxies: Vec<ProxyStatus>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -177,6 +181,7 @@ impl State {
             uptime_secs: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             credentials,
             mounts,
+            proxies: self.proxies.iter().map(|p| p.status()).collect(),
         }
     }
 
@@ -481,6 +486,25 @@ pub fn render_status(s: &Status) -> String {
                     .map(|e| format!("last error: {e} ({})", ago(f.last_error_at)))
                     .unwrap_or_default()
             ));
+        }
+    }
+    for p in &s.proxies {
+        out.push_str(&format!(
+            "\nproxy {}  {} → {}  ({})\n  requests {}  refused {}  upstream errors {}  auth failures {}  retries {}  connections {} open / {} total\n",
+            p.name,
+            p.url,
+            p.upstream,
+            p.credential,
+            p.requests,
+            p.refused,
+            p.upstream_errors,
+            p.auth_failures,
+            p.retries,
+            p.active_connections,
+            p.connections
+        ));
+        if let Some(e) = &p.last_error {
+            out.push_str(&format!("  last error: {e} ({})\n", ago(p.last_error_at)));
         }
     }
     out

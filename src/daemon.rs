@@ -19,6 +19,7 @@ use crate::files;
 use crate::fs::MountInfo;
 use crate::fs::TokenFs;
 use crate::fs::managed::{Context, ManagedFile};
+use crate::proxy::Proxies;
 use crate::source::Sources;
 use crate::store::Store;
 
@@ -50,6 +51,9 @@ pub fn run(config: Config) -> Result<(), String> {
             .map(|(n, k)| (n.as_str(), k.kind())),
     ));
     let sources = Sources::start(&config, store.clone())?;
+    // Before mounting: a port in use fails the start with nothing mounted,
+    // and each proxy's local key is in the store before a file renders it.
+    let proxies = Proxies::start(&config.proxies, store.clone())?;
     let (tx, rx) = mpsc::channel();
     watch_signals(tx.clone())?;
     let (mounts, mounted) = match fuse.and_then(|()| serve_fuse(&config, &store, &sources, &tx)) {
@@ -72,12 +76,14 @@ pub fn run(config: Config) -> Result<(), String> {
         store,
         sources,
         mounts,
+        proxies: proxies.all().to_vec(),
         started: SystemTime::now(),
     });
     control::serve(&config.socket, state)?;
     info!(mounts = mounted.len(), "tokenfs is serving");
     wait(rx, &mounted);
     let _ = std::fs::remove_file(&config.socket);
+    drop(proxies);
     Ok(())
 }
 

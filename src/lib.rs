@@ -3,7 +3,8 @@
 //! Data flow (see `DESIGN.md`): [`source`]s publish into the [`store`];
 //! [`render`] turns a snapshot into file bytes; [`fs`] serves them over FUSE
 //! and passes every other file through; [`control`] answers `tokenfs status`,
-//! `set`, `rotate` and `token`; [`daemon`] wires them together.
+//! `set`, `rotate` and `token`; [`proxy`] forwards HTTP requests with the
+//! current secret; [`daemon`] wires them together.
 
 pub mod backup;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod files;
 pub mod fs;
 pub mod init;
 pub mod preset;
+pub mod proxy;
 pub mod render;
 pub mod secret;
 pub mod source;

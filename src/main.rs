@@ -168,10 +168,11 @@ fn run(cli: Cli) -> Result<(), String> {
             let c = Config::load(&config).map_err(|e| e.to_string())?;
             let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
             println!(
-                "{}: ok ({} credentials, {} mounts, {files} managed files)",
+                "{}: ok ({} credentials, {} mounts, {files} managed files, {} proxies)",
                 config.display(),
                 c.credentials.len(),
-                c.mounts.len()
+                c.mounts.len(),
+                c.proxies.len()
             );
             Ok(())
         }
