@@ -344,6 +344,8 @@ struct RawMount {
     oauth: bool,
     #[serde(default)]
     replace: bool,
+    /// A preset's agent talks to this `[[proxy]]` instead of its upstream.
+    via_proxy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -469,7 +471,7 @@ impl Config {
         let mut mounts: Vec<MountConfig> = Vec::new();
         for (i, mount) in raw.mount.iter().enumerate() {
             let key = format!("mount[{i}]");
-            for mut m in validate_mount(mount, &key, &bindable, at)? {
+            for mut m in validate_mount(mount, &key, &bindable, &proxies, at)? {
                 for f in &mut m.files {
                     f.max_size = max_size;
                 }
@@ -908,6 +910,7 @@ fn validate_mount(
     spanned: &Spanned<RawMount>,
     key: &str,
     credentials: &BTreeMap<String, SourceConfig>,
+    proxies: &[ProxyConfig],
     at: &Locator<'_>,
 ) -> Result<Vec<MountConfig>, ConfigError> {
     let raw = spanned.get_ref();
@@ -974,6 +977,25 @@ fn validate_mount(
         providers: raw.providers.clone(),
         oauth: raw.oauth,
         replace: raw.replace,
+        via_proxy: match &raw.via_proxy {
+            None => None,
+            Some(name) => {
+                let p = proxies
+                    .iter()
+                    .find(|p| &p.name == name.get_ref())
+                    .ok_or_else(|| {
+                        at.error(
+                            name.span(),
+                            &format!("{key}.via_proxy"),
+                            &format!("no [[proxy]] named `{}`", name.get_ref()),
+                        )
+                    })?;
+                Some(crate::preset::ViaProxy {
+                    name: p.name.clone(),
+                    upstream: p.upstream.to_string(),
+                })
+            }
+        },
     };
     let expanded = crate::preset::expand(preset.get_ref(), &opts)
         .map_err(|e| at.error(preset.span(), &format!("{key}.preset"), &e))?;

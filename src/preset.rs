@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::{ManagedConfig, expand_home};
-use crate::render::{Binding, Format, KeyPath};
+use crate::render::{Binding, Format, KeyPath, Kind};
 
 pub const NAMES: [&str; 7] = [
     "hermes",
@@ -42,6 +42,18 @@ pub struct Options {
     /// Let the credential replace differing values at mount (see
     /// `ManagedConfig::replace`).
     pub replace: bool,
+    /// The agent talks to this loopback proxy instead of its upstream.
+    pub via_proxy: Option<ViaProxy>,
+}
+
+/// `via_proxy = "NAME"`: the agent's base URL renders as the proxy's URL and
+/// its key as the proxy's local key, so it never holds the upstream token.
+#[derive(Debug, Clone, Default)]
+pub struct ViaProxy {
+    pub name: String,
+    /// The proxy's upstream (`https://host/base`), to keep a base URL's
+    /// path beyond it (`…/serving-endpoints/anthropic` → `PROXY/anthropic`).
+    pub upstream: String,
 }
 
 /// One directory a preset mounts.
@@ -54,6 +66,17 @@ pub struct Mount {
 }
 
 pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
+    let mounts = expand_direct(name, o)?;
+    Ok(match &o.via_proxy {
+        Some(via) => mounts
+            .into_iter()
+            .map(|m| through_proxy(m, o, via))
+            .collect(),
+        None => mounts,
+    })
+}
+
+fn expand_direct(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
     match name {
         "hermes" => Ok(vec![hermes(o)]),
         "claude" => Ok(vec![claude(o)]),
@@ -67,6 +90,75 @@ pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
             NAMES.join(", ")
         )),
     }
+}
+
+/// Where each agent keeps its base URL next to its key: the key's last
+/// segment → the URL's.
+const URL_BESIDE_KEY: [(&str, &str); 8] = [
+    ("api_key", "base_url"),                        // Hermes config.yaml
+    ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"), // Claude settings.json env
+    ("OPENAI_API_KEY", "OPENAI_BASE_URL"),          // Codex .env
+    ("GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL"),   // Gemini .env
+    ("apiKey", "baseURL"),                          // OpenCode provider options
+    ("token", "host"),                              // ~/.databrickscfg
+    ("DATABRICKS_TOKEN", "DATABRICKS_HOST"),
+    ("GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"),
+];
+
+/// Rewrites a mount for `via_proxy`: each key whose file also has (or may
+/// insert) the base URL beside it shows the proxy's local key, and the URL
+/// the proxy's URL (with the path beyond the upstream kept). A base URL
+/// that points elsewhere keeps its key and URL as they are (noted); keys
+/// with no URL beside them (OTEL headers) keep the real token.
+fn through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
+    let token_slot = format!("{}.token", o.credential);
+    let key_slot = format!("proxy.{}.token", via.name);
+    let url_slot = format!("proxy.{}.url", via.name);
+    let url_ph = crate::render::placeholder(&url_slot);
+    let upstream = via.upstream.trim_end_matches('/');
+    for f in &mut m.files {
+        let text = read(&m.dir, &f.path.to_string_lossy()).unwrap_or_default();
+        let mut urls = Vec::new();
+        for b in f
+            .bindings
+            .iter_mut()
+            .filter(|b| b.slot == token_slot && b.prefix.is_empty())
+        {
+            let Some((last, parents)) = b.key.segments().split_last() else {
+                continue;
+            };
+            let Some((_, url_key)) = URL_BESIDE_KEY.iter().find(|(k, _)| k == last) else {
+                continue;
+            };
+            let mut segs: Vec<String> = parents.to_vec();
+            segs.push((*url_key).to_owned());
+            let url_path = KeyPath::from_segments(segs);
+            let suffix = match crate::render::lookup(f.format, &text, &url_path) {
+                None => String::new(),
+                Some(v) => match v.strip_prefix(&url_ph).or_else(|| v.strip_prefix(upstream)) {
+                    Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
+                    _ => {
+                        m.notes.push(format!(
+                            "via_proxy: {} {} points elsewhere than the proxy's upstream; that key keeps the real token",
+                            f.path.display(),
+                            url_path
+                        ));
+                        continue;
+                    }
+                },
+            };
+            b.slot = key_slot.clone();
+            b.kind = Kind::Value;
+            urls.push(Binding {
+                suffix,
+                kind: Kind::Value,
+                insert: b.insert,
+                ..Binding::new(url_path, url_slot.clone())
+            });
+        }
+        f.bindings.extend(urls);
+    }
+    m
 }
 
 fn dir_of(o: &Options, env: Option<&str>, default: &str) -> PathBuf {

@@ -68,7 +68,7 @@ use zeroize::Zeroize;
 
 use crate::config::ProxyConfig;
 use crate::secret::Secret;
-use crate::store::{Snapshot, Store, Update};
+use crate::store::{Field, Snapshot, Store, Update};
 
 /// Sends after a rotation in flight, per request (see `forward`). Each one
 /// needs a new rotation during the attempt before it, so this bounds only
@@ -221,8 +221,15 @@ impl Proxies {
                 refusals_unlogged: AtomicU64::new(0),
                 refusal_logged_at: Mutex::new(None),
             });
+            let published = Update {
+                fields: vec![
+                    (Field::Token, proxy.key.clone()),
+                    (Field::Url, Secret::new(proxy.url())),
+                ],
+                expires_at: None,
+            };
             store
-                .publish(&format!("proxy.{name}"), Update::token(proxy.key.clone()))
+                .publish(&format!("proxy.{name}"), published)
                 .map_err(|e| format!("proxy `{name}`: its local key cannot be published: {e}"))?;
             info!(
                 proxy = %name,

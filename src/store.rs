@@ -29,14 +29,17 @@ pub enum Field {
     AccessToken,
     RefreshToken,
     IdToken,
+    /// A daemon-owned value, not a secret: a proxy's base URL.
+    Url,
 }
 
 impl Field {
-    pub const ALL: [Field; 4] = [
+    pub const ALL: [Field; 5] = [
         Field::Token,
         Field::AccessToken,
         Field::RefreshToken,
         Field::IdToken,
+        Field::Url,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Field {
             Field::AccessToken => "access_token",
             Field::RefreshToken => "refresh_token",
             Field::IdToken => "id_token",
+            Field::Url => "url",
         }
     }
 }
@@ -63,7 +67,7 @@ impl FromStr for Field {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown field `{s}` (expected token, access_token, refresh_token or id_token)"
+                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token or url)"
                 )
             })
     }

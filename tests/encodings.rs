@@ -61,6 +61,9 @@ fn corpus() -> Vec<String> {
         "a\tb",
         "a\nb",
         "sk-ant-api03-AbC_dEf-123==",
+        "http://127.0.0.1:4000/x",
+        "a:b",
+        "a:",
     ]
     .into_iter()
     .map(str::to_owned)

@@ -989,3 +989,87 @@ fn a_proxy_only_daemon_over_tls_and_http2_logs_no_secret_at_trace_level() {
     assert!(!log.contains(&token), "the log holds the token");
     assert!(!log.contains(&key[5..]), "the log holds the local key");
 }
+
+/// `via_proxy`: presets render the agent's base URL as the proxy's (keeping
+/// the path beyond the upstream) and its key as the local key, so the
+/// agents' files never hold the upstream token, and requests to the URL
+/// the file names reach the upstream with the current token.
+#[test]
+fn via_proxy_presets_render_the_proxy_url_and_local_key() {
+    let s = common::Scratch::new();
+    let up = Upstream::start();
+    let home = s.path("home");
+    let upstream = up.url("/serving-endpoints");
+    let old = common::token("viaold", 40);
+    s.write(
+        "home/.hermes/config.yaml",
+        &format!("model:\n  provider: custom\n  base_url: {upstream}\n  api_key: {old}\n  reasoning_effort: none\n"),
+    );
+    s.write(
+        "home/.claude/settings.json",
+        &format!("{{\"env\": {{\"ANTHROPIC_BASE_URL\": \"{upstream}/anthropic\", \"ANTHROPIC_AUTH_TOKEN\": \"{old}\"}}}}\n"),
+    );
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[proxy]]\nname = \"gw\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\ncredential = \"databricks\"\n[[mount]]\npreset = \"hermes\"\nvia_proxy = \"gw\"\n[[mount]]\npreset = \"claude\"\nvia_proxy = \"gw\"\n",
+        s.socket().display()
+    );
+    let home_s = home.display().to_string();
+    let (hermes, claude) = (home.join(".hermes"), home.join(".claude"));
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("HERMES_HOME", ""),
+        ("CLAUDE_CONFIG_DIR", ""),
+    ];
+    let d = common::Daemon::start_env(&s, &cfg, &[&hermes, &claude], &env);
+    let mut tokens = Vec::new();
+    rotate(&d, &up, &mut tokens);
+    let status = d.status();
+    let url = status["proxies"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let key = tokenfs::control::call(
+        &d.socket,
+        &tokenfs::control::Request::Token {
+            name: "proxy.gw".into(),
+            field: None,
+        },
+    )
+    .expect("token")["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    let h = std::fs::read_to_string(hermes.join("config.yaml")).expect("read");
+    assert_eq!(
+        h,
+        format!(
+            "model:\n  provider: custom\n  base_url: {url}\n  api_key: {key}\n  reasoning_effort: none\n"
+        )
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(claude.join("settings.json")).expect("read"))
+            .expect("json");
+    assert_eq!(c["env"]["ANTHROPIC_BASE_URL"], format!("{url}/anthropic"));
+    assert_eq!(c["env"]["ANTHROPIC_AUTH_TOKEN"], key.as_str());
+    // What an agent does with them: its base URL + path, its key.
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("addr");
+    let mut conn = Conn::connect(addr);
+    let auth = format!("Bearer {key}").into_bytes();
+    for _ in 0..5 {
+        rotate(&d, &up, &mut tokens);
+        let r = conn.request(
+            "POST",
+            "/anthropic/v1/messages",
+            &[("authorization", &auth)],
+            b"{}",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let h = std::fs::read_to_string(hermes.join("config.yaml")).expect("read");
+        assert!(!tokens.iter().any(|t| h.contains(t)), "{h}");
+    }
+    assert!(
+        up.seen()
+            .iter()
+            .all(|s| s.target == "/serving-endpoints/anthropic/v1/messages" && s.authorised)
+    );
+}

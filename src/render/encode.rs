@@ -85,15 +85,18 @@ fn json(value: &str) -> String {
 
 /// A plain YAML scalar that both YAML 1.1 (PyYAML) and 1.2 read as this
 /// very string, in block and flow context: a letter first (no number, no
-/// indicator), a conservative character set, single inner spaces, and none
-/// of the words YAML 1.1 resolves to booleans or null.
+/// indicator), a conservative character set, single inner spaces, a `:`
+/// only before a non-space (URLs), and none of the words YAML 1.1 resolves
+/// to booleans or null.
 fn yaml_plain_safe(v: &str) -> bool {
     const WORDS: [&str; 9] = ["y", "n", "yes", "no", "on", "off", "true", "false", "null"];
     v.starts_with(|c: char| c.is_ascii_alphabetic())
         && !v.ends_with(' ')
         && !v.contains("  ")
+        && !v.contains(": ")
+        && !v.ends_with(':')
         && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_./+=~-@ ".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "_./+=~-@ :".contains(c))
         && !WORDS.contains(&v.to_ascii_lowercase().as_str())
 }
 
