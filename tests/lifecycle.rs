@@ -830,3 +830,30 @@ fn completions_and_man_page_are_generated_from_the_cli() {
         "{text}"
     );
 }
+
+/// `scripts/demo.sh` waits for its own mount and socket: another tokenfs
+/// mounted on the machine neither confuses it nor is touched by it.
+#[test]
+fn the_demo_succeeds_while_an_unrelated_tokenfs_is_mounted() {
+    let (_s, dir, d) = start();
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh"))
+        .env("TOKENFS_BIN", BIN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        err.contains("demo: this demo builds tokenfs, mounts it"),
+        "{err}"
+    );
+    assert!(
+        text.contains(&format!("api_key: dapi{:032}", 4444)),
+        "the third rotation was not seen: {text}"
+    );
+    assert!(text.contains("__tokenfs:databricks.token__"), "{text}");
+    // The unrelated daemon still serves.
+    assert!(is_mounted(&dir));
+    assert_eq!(d.status()["pid"].as_i64(), Some(d.pid() as i64));
+}
