@@ -109,9 +109,16 @@ pub fn acquire(path: &Path, label: &str) -> Result<Lock, Refused> {
     })
 }
 
-/// The pid holding the lock at `path`, if anyone does.
+/// The pid holding the lock at `path`, if anyone does. Reads `/proc/locks`
+/// without locking anything, so asking never makes a starting daemon lose
+/// its lock; only where `/proc/locks` cannot be read does it probe with a
+/// shared lock.
 pub fn holder(path: &Path) -> Option<u32> {
     let file = File::open(path).ok()?;
+    let md = file.metadata().ok()?;
+    if let Ok(text) = std::fs::read_to_string("/proc/locks") {
+        return locks_holder(&text, md.dev(), md.ino());
+    }
     // SAFETY: a valid fd owned by `file`; a shared probe, released at once.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
         // SAFETY: as above.
@@ -145,6 +152,10 @@ fn holder_of(file: &File) -> Option<u32> {
 
 fn proc_locks_holder(dev: u64, ino: u64) -> Option<u32> {
     let text = std::fs::read_to_string("/proc/locks").ok()?;
+    locks_holder(&text, dev, ino)
+}
+
+fn locks_holder(text: &str, dev: u64, ino: u64) -> Option<u32> {
     let (major, minor) = (dev_major(dev), dev_minor(dev));
     text.lines().find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
