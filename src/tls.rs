@@ -13,3 +13,19 @@ pub fn install_provider() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    /// reqwest has no provider of its own: without ring installed, building
+    /// an HTTPS client panics.
+    #[test]
+    fn an_https_client_builds_with_ring() {
+        super::install_provider();
+        super::install_provider();
+        let client = reqwest::blocking::Client::builder()
+            .https_only(true)
+            .build();
+        assert!(client.is_ok(), "{:?}", client.err());
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
+}
