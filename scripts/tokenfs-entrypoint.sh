@@ -82,8 +82,9 @@ while :; do
     say "tokenfs exited (status $st) before its mounts were live${TOKENFS_LOG:+ (log: $TOKENFS_LOG)}"
     exit 70
   fi
-  # stdout: the answering daemon's pid; stderr: why it is not ready.
-  if out=$("$bin" status --ready --config "$config" 2>&1); then
+  # stdout: the answering daemon's pid; stderr: why it is not ready (its
+  # logs are off: a RUST_LOG meant for the daemon must not mix in).
+  if out=$(RUST_LOG=off "$bin" status --ready --config "$config" 2>&1); then
     [ "$out" = "$daemon" ] && break
     why="another tokenfs (pid $out) answers on this config's socket"
   else
@@ -123,7 +124,7 @@ while [ -z "$status" ]; do
     daemon=""
     say "tokenfs exited (status $st) while the command ran; its files are gone: stopping the command"
     forward TERM
-    wait "$child"
+    while kill -0 "$child" 2>/dev/null; do wait "$child"; done
     exit 70
   fi
   # Otherwise a trapped signal interrupted the wait: wait again.
