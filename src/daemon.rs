@@ -318,8 +318,9 @@ fn mount(
     views.set_notifier(session.notifier());
     // The mount just made is the topmost tokenfs at `dir` (the directory's
     // lock keeps other daemons away): its id tells `status` whether it is
-    // still there.
-    match mounts::tokenfs_at(&m.dir) {
+    // still there. (`m.dir` is canonical, and nothing under it may be
+    // touched before the session runs.)
+    match mounts::tokenfs_at_exact(&m.dir) {
         Some(e) => life.id.store(e.id, Ordering::Release),
         None => warn!(mount = %m.dir.display(), "mounted, but not found in /proc/self/mountinfo"),
     }

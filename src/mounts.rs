@@ -63,10 +63,16 @@ pub fn unescape(s: &str) -> Vec<u8> {
 /// The topmost tokenfs mount at `dir` (compared canonically).
 pub fn tokenfs_at(dir: &Path) -> Option<Entry> {
     let want = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    tokenfs_at_exact(&want).or_else(|| tokenfs_at_exact(dir))
+}
+
+/// The topmost tokenfs mount at exactly `dir` (already canonical): touches
+/// nothing under `dir`, so it never waits on the mount's daemon.
+pub fn tokenfs_at_exact(dir: &Path) -> Option<Entry> {
     entries()
         .into_iter()
         .rev()
-        .find(|e| e.fstype == "fuse.tokenfs" && (e.mount_point == want || e.mount_point == dir))
+        .find(|e| e.fstype == "fuse.tokenfs" && e.mount_point == dir)
 }
 
 /// What became of a mount this daemon made.
