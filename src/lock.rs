@@ -3,7 +3,8 @@
 //! dies, so a crash never leaves a stale lock).
 //!
 //! A mount dir's lock file is keyed by the directory's canonical path and
-//! lives in one place per user (`/run/tokenfs/locks` for root, else
+//! lives in one place per user (`/run/tokenfs/locks` for root where /run
+//! is writable, else
 //! `$XDG_RUNTIME_DIR/tokenfs/locks` or `~/.local/state/tokenfs/locks`;
 //! `$TOKENFS_LOCK_DIR` overrides), so two configs naming the same directory
 //! through different paths meet on the same lock. A socket's lock file sits
@@ -39,7 +40,10 @@ pub fn lock_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TOKENFS_LOCK_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    if nix::unistd::geteuid().is_root() {
+    // Root uses /run where it can write there (a container may not let it).
+    if nix::unistd::geteuid().is_root()
+        && nix::unistd::access("/run", nix::unistd::AccessFlags::W_OK).is_ok()
+    {
         return PathBuf::from("/run/tokenfs/locks");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {

@@ -615,6 +615,16 @@ fn rss_kib_and_threads(pid: i32) -> (u64, u64) {
 fn a_flood_on_the_control_socket_leaves_the_daemon_small_and_answering() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    // 2,000 connections need more than a common soft limit of 1,024 fds.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(8192).max(lim.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
     let (_s, _dir, d) = start();
     let pid = d.pid();
     // A 10 MB line without a newline: refused after 64 KiB, told why.
