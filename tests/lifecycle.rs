@@ -773,6 +773,20 @@ fn logs_have_no_colour_off_a_terminal_and_a_log_file_is_private() {
         .current_dir(&dir)
         .spawn()
         .unwrap();
+    // doctor names it before anything is mounted.
+    let cfg = s.write("tokenfs.toml", &hermes_config(&s, &dir));
+    let out = Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && text.contains(&format!("FIX  no process works inside {}", dir.display()))
+            && text.contains(&format!("pid {} (sleep, cwd)", inside.id())),
+        "{text}"
+    );
     let d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
     let log = d.log_text();
     assert!(
