@@ -350,11 +350,15 @@ impl Refusals {
 /// Tells a client why it is being turned away (best effort, never blocks),
 /// then closes it.
 fn refuse(stream: &UnixStream, why: &str, log: &mut Refusals) {
+    tell(stream, why);
+    log.note(why);
+}
+
+fn tell(stream: &UnixStream, why: &str) {
     let _ = stream.set_nonblocking(true);
     let mut out = serde_json::json!({ "ok": false, "error": why }).to_string();
     out.push('\n');
     let _ = (&*stream).write_all(out.as_bytes());
-    log.note(why);
 }
 
 /// One thread reads every connection's request line with `poll`: idle and
@@ -490,13 +494,12 @@ fn accept_some(
                     pid = c.pid(),
                     "refused a control connection from another user"
                 );
-                refuse(
+                tell(
                     &stream,
                     &format!(
-                        "refused: this tokenfs serves uid {me} (and root) only; you are uid {}",
+                        "not allowed: this tokenfs serves uid {me} (and root) only; you are uid {}",
                         c.uid()
                     ),
-                    refusals,
                 );
                 continue;
             }
@@ -629,6 +632,16 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
     if let Err(e) = sent {
         return Err(match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => not_answering(),
+            // A daemon that turns a client away says why, then closes:
+            // the reason may be waiting even though the write failed.
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                let soon = Instant::now() + Duration::from_millis(500);
+                read_reply(&stream, socket, soon)
+                    .ok()
+                    .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                    .unwrap_or_else(|| format!("control socket {}: {e}", socket.display()))
+            }
             _ => format!("control socket {}: {e}", socket.display()),
         });
     }

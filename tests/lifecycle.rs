@@ -881,3 +881,37 @@ fn the_demo_succeeds_while_an_unrelated_tokenfs_is_mounted() {
     assert!(is_mounted(&dir));
     assert_eq!(d.status()["pid"].as_i64(), Some(d.pid() as i64));
 }
+
+/// A peer of another uid is turned away with the reason, not a bare
+/// `Broken pipe` (the socket is opened up here only to let it connect).
+#[test]
+fn a_peer_of_another_uid_is_told_why_it_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (s, _dir, d) = start();
+    let open = |p: &std::path::Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(s.root.path(), 0o755);
+    open(&d.socket, 0o666);
+    // A copy of the binary that uid 65534 can run wherever the repo is.
+    let bin = s.path("tokenfs-copy");
+    fs::copy(BIN, &bin).unwrap();
+    open(&bin, 0o755);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not allowed: this tokenfs serves uid 0 (and root) only; you are uid 65534"),
+        "{err}"
+    );
+    assert!(
+        d.log_text()
+            .contains("refused a control connection from another user")
+    );
+}
