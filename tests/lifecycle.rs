@@ -915,3 +915,61 @@ fn a_peer_of_another_uid_is_told_why_it_is_refused() {
             .contains("refused a control connection from another user")
     );
 }
+
+/// A mount whose FUSE connection was aborted stays in the mount table with
+/// its session gone: `status` says `dead` (readers get ENOTCONN), the other
+/// mount stays `live`, and SIGTERM still detaches both.
+#[test]
+fn status_shows_a_mount_whose_connection_was_aborted_as_dead() {
+    use std::os::unix::fs::MetadataExt;
+    let conns = std::path::Path::new("/sys/fs/fuse/connections");
+    let fusectl = || {
+        tokenfs::mounts::entries()
+            .iter()
+            .any(|e| e.fstype == "fusectl")
+    };
+    if !fusectl() {
+        // Not mounted here: mount it (tests run as root).
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(conns)
+            .status();
+        assert!(fusectl(), "cannot mount fusectl at {}", conns.display());
+    }
+    let s = Scratch::new();
+    let a = s.path("home/.hermes");
+    let b = s.path("home/b");
+    s.write("home/.hermes/config.yaml", &hermes_yaml(&token("dead", 32)));
+    fs::create_dir_all(&b).unwrap();
+    let cfg = format!(
+        "{}\n[[mount]]\ndir = \"{}\"\n",
+        hermes_config(&s, &a),
+        b.display()
+    );
+    let mut d = Daemon::start(&s, &cfg, &[&a, &b]);
+    let dev = fs::metadata(&b).unwrap().dev();
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    fs::write(conns.join(minor.to_string()).join("abort"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let states = loop {
+        let v = d.status();
+        let st: Vec<String> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["state"].as_str().unwrap().to_string())
+            .collect();
+        if st[1] == "dead" || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(states, ["live", "dead"]);
+    assert_eq!(
+        fs::read_dir(&b).unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+    assert!(!is_mounted(&a) && !is_mounted(&b));
+}
