@@ -160,6 +160,7 @@ impl State {
                     Some(l) => crate::mounts::state_in(
                         &table,
                         l.id.load(Ordering::Acquire),
+                        &m.dir,
                         l.running.load(Ordering::Acquire),
                     )
                     .as_str(),

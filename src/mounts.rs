@@ -98,13 +98,18 @@ impl State {
 }
 
 /// The state of the mount with id `id` at `dir`, given whether its session
-/// still runs.
-pub fn state_of(id: u64, session_running: bool) -> State {
-    state_in(&entries(), id, session_running)
+/// still runs. Mount ids are reused once a mount is gone, so the id must
+/// be found at the same place with the same type (the dir's lock keeps
+/// other tokenfs daemons from mounting there meanwhile).
+pub fn state_of(id: u64, dir: &Path, session_running: bool) -> State {
+    state_in(&entries(), id, dir, session_running)
 }
 
-pub fn state_in(entries: &[Entry], id: u64, session_running: bool) -> State {
-    match (entries.iter().any(|e| e.id == id), session_running) {
+pub fn state_in(entries: &[Entry], id: u64, dir: &Path, session_running: bool) -> State {
+    let present = entries
+        .iter()
+        .any(|e| e.id == id && e.mount_point == dir && e.fstype == "fuse.tokenfs");
+    match (present, session_running) {
         (false, _) => State::Detached,
         (true, true) => State::Live,
         (true, false) => State::Dead,
@@ -217,9 +222,13 @@ mod tests {
         assert_eq!(e[0].mount_point, PathBuf::from("/tmp/a b\\c"));
         assert_eq!(e[0].fstype, "fuse.tokenfs");
         assert_eq!(e[1].fstype, "ext4");
-        assert_eq!(state_in(&e, 36, true), State::Live);
-        assert_eq!(state_in(&e, 36, false), State::Dead);
-        assert_eq!(state_in(&e, 99, true), State::Detached);
+        let here = Path::new("/tmp/a b\\c");
+        assert_eq!(state_in(&e, 36, here, true), State::Live);
+        assert_eq!(state_in(&e, 36, here, false), State::Dead);
+        assert_eq!(state_in(&e, 99, here, true), State::Detached);
+        // The id, reused by another mount elsewhere, is not ours.
+        assert_eq!(state_in(&e, 37, here, true), State::Detached);
+        assert_eq!(state_in(&e, 36, Path::new("/x"), true), State::Detached);
     }
 
     #[test]
