@@ -21,4 +21,9 @@ if [ ! -e /dev/fuse ]; then
   echo "setup: /dev/fuse is missing: run the container with --device /dev/fuse --cap-add SYS_ADMIN" >&2
   exit 1
 fi
-cargo build --release --quiet
+if [ -x target/release/tokenfs ]; then
+  echo "setup: building tokenfs (release; already built, so only what changed)" >&2
+else
+  echo "setup: building tokenfs (release; the first build takes a few minutes: about 2 min on an idle 2-core machine)" >&2
+fi
+cargo build --release

@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# Real clients the tests drive (not needed to run tokenfs itself).
-# The real-client test uses the Databricks SDK for Python.
-if ! python3 -c 'import databricks.sdk' 2>/dev/null; then
-  echo "setup: installing databricks-sdk (PyPI)" >&2
-  python3 -m pip install -q --disable-pip-version-check databricks-sdk 2>/dev/null ||
-    python3 -m pip install -q --disable-pip-version-check --break-system-packages databricks-sdk
+# Real clients the tests drive (not needed to run tokenfs itself); every
+# one goes under target/clients, never into the system Python.
+# The Databricks SDK for Python, in its own virtualenv.
+if ! target/clients/py-venv/bin/python3 -c 'import databricks.sdk' 2>/dev/null; then
+  echo "setup: installing databricks-sdk (PyPI) in target/clients/py-venv" >&2
+  mkdir -p target/clients
+  { python3 -m venv target/clients/py-venv &&
+    target/clients/py-venv/bin/pip install -q --disable-pip-version-check databricks-sdk; } >/dev/null 2>&1 ||
+    echo "setup: could not install databricks-sdk; its test will fail" >&2
 fi
 # A real agent CLI for the end-to-end test: Claude Code, from the npm registry.
 if [ ! -x target/clients/node_modules/.bin/claude ]; then
@@ -46,12 +49,14 @@ if [ ! -f target/clients/node_modules/dotenv/package.json ]; then
   mkdir -p target/clients
   npm install --prefix target/clients --no-audit --no-fund --loglevel=error dotenv@16 >/dev/null
 fi
-cargo test --release --quiet -- --test-threads=4 2>&1 | tee /tmp/tokenfs-test.log
+log=target/test.log
+echo "test: running the suite; the log is $log" >&2
+cargo test --release --quiet -- --test-threads=4 2>&1 | tee "$log"
 # Again without kernel passthrough, as a daemon without CAP_SYS_ADMIN runs:
 # every plain file's reads and writes then go through the daemon.
 TOKENFS_KERNEL_PASSTHROUGH=off cargo test --release --quiet --test passthrough --test managed --test views \
-  -- --test-threads=4 2>&1 | tee -a /tmp/tokenfs-test.log
-TOKENFS_KERNEL_PASSTHROUGH=off cargo test --release --quiet --test faults setuid 2>&1 | tee -a /tmp/tokenfs-test.log
+  -- --test-threads=4 2>&1 | tee -a "$log"
+TOKENFS_KERNEL_PASSTHROUGH=off cargo test --release --quiet --test faults setuid 2>&1 | tee -a "$log"
 # One closing line for CI: totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "tokenfs: %d passed, %d failed\n", p, f; exit (f > 0) }' /tmp/tokenfs-test.log
+     END { printf "tokenfs: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

@@ -283,7 +283,7 @@ enum RawSize {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
-    socket: Option<String>,
+    socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -469,22 +469,22 @@ impl Config {
             );
         }
         let mut mounts: Vec<MountConfig> = Vec::new();
+        let mut origins: Vec<(Range<usize>, String, String)> = Vec::new();
         for (i, mount) in raw.mount.iter().enumerate() {
             let key = format!("mount[{i}]");
             for mut m in validate_mount(mount, &key, &bindable, &proxies, at)? {
                 for f in &mut m.files {
                     f.max_size = max_size;
                 }
-                if let Some(other) = mounts.iter().find(|o| o.dir == m.dir) {
-                    return Err(at.error(
-                        mount.span(),
-                        &format!("{key}.dir"),
-                        &format!(
-                            "{} is already mounted by an earlier [[mount]]",
-                            other.dir.display()
-                        ),
-                    ));
-                }
+                let span = mount
+                    .get_ref()
+                    .dir
+                    .as_ref()
+                    .map_or(mount.span(), |d| d.span());
+                let written = m.dir.display().to_string();
+                m.dir = placement(&m.dir, &mounts, &origins)
+                    .map_err(|e| at.error(span.clone(), &format!("{key}.dir"), &e))?;
+                origins.push((span, key.clone(), written));
                 mounts.push(m);
             }
         }
@@ -495,15 +495,25 @@ impl Config {
                 "no [[mount]] or [[proxy]] tables: nothing to serve",
             ));
         }
+        let socket = match &raw.control.socket {
+            Some(s) => {
+                let p = expand_home(s.get_ref());
+                if !p.is_absolute() {
+                    let why = if s.get_ref().starts_with('~') {
+                        "HOME is not set, so `~` cannot be expanded: write an absolute path, e.g. socket = \"/run/tokenfs/control.sock\""
+                    } else {
+                        "must be an absolute path (or start with ~/), e.g. socket = \"/run/tokenfs/control.sock\": a relative one would depend on the directory each command runs in"
+                    };
+                    return Err(at.error(s.span(), "control.socket", why));
+                }
+                p
+            }
+            None => default_socket(),
+        };
         Ok(Config {
             path: at.file.to_owned(),
             mode: raw.mode.unwrap_or(Mode::Fuse),
-            socket: raw
-                .control
-                .socket
-                .as_deref()
-                .map(expand_home)
-                .unwrap_or_else(default_socket),
+            socket,
             credentials,
             min_length,
             mounts,
@@ -918,11 +928,18 @@ fn validate_mount(
         Some(d) => {
             let dir = expand_home(d.get_ref());
             if !dir.is_absolute() {
-                return Err(at.error(
-                    d.span(),
-                    &format!("{key}.dir"),
-                    "must be an absolute path (or start with ~/)",
-                ));
+                let why = if d.get_ref().starts_with('~') {
+                    format!(
+                        "HOME is not set, so `{}` cannot be expanded: write the absolute path (or set HOME)",
+                        d.get_ref()
+                    )
+                } else {
+                    format!(
+                        "must be an absolute path (or start with ~/): write dir = \"~/{}\" or the full path",
+                        d.get_ref().trim_start_matches("./")
+                    )
+                };
+                return Err(at.error(d.span(), &format!("{key}.dir"), &why));
             }
             Some(dir)
         }
@@ -1025,8 +1042,15 @@ fn validate_file(
     credentials: &BTreeMap<String, SourceConfig>,
     at: &Locator<'_>,
 ) -> Result<ManagedConfig, ConfigError> {
-    let path = PathBuf::from(raw.path.get_ref());
-    let normal = path.components().all(|c| matches!(c, Component::Normal(_)));
+    let written = PathBuf::from(raw.path.get_ref());
+    // `./a.yaml` is `a.yaml`.
+    let normal = written
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let path: PathBuf = written
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
     if !normal || path.as_os_str().is_empty() {
         return Err(at.error(
             raw.path.span(),
@@ -1100,6 +1124,135 @@ fn validate_file(
         replace: raw.replace.unwrap_or(mount_replace),
         max_size: DEFAULT_MAX_FILE_SIZE,
     })
+}
+
+/// Directories tokenfs never mounts over (anything under `/proc`, `/sys`
+/// and `/dev` is refused too).
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/var/tmp",
+    "/var/lib",
+    "/var/log",
+    "/usr/local",
+];
+
+/// Resolves a mount dir to its canonical path (symlinks and `..` resolved;
+/// the part that does not exist yet is taken as written) and refuses
+/// places a mount cannot go: `/`, system directories, `$HOME` itself, a
+/// directory already listed (through another path), and one mount inside
+/// another. Each message says what to write instead.
+fn placement(
+    dir: &Path,
+    earlier: &[MountConfig],
+    origins: &[(Range<usize>, String, String)],
+) -> Result<PathBuf, String> {
+    if !dir.is_absolute() {
+        return Err(format!(
+            "HOME is not set, so `{}` cannot be expanded: write the absolute path (or set HOME)",
+            dir.display()
+        ));
+    }
+    let canon = canonical(dir);
+    let shown = if canon == dir {
+        format!("{}", dir.display())
+    } else {
+        format!("{} (that is {})", dir.display(), canon.display())
+    };
+    if canon == Path::new("/") {
+        return Err(format!(
+            "{shown}: tokenfs never mounts over `/`; name the directory that holds the agent's files, e.g. dir = \"~/.hermes\""
+        ));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| canonical(Path::new(&h)));
+    if home.as_deref() == Some(canon.as_path()) {
+        return Err(format!(
+            "{shown} is your home directory: every other file in it would go through tokenfs; mount the agent's own directory instead, e.g. dir = \"~/.hermes\" (for ~/.databrickscfg use preset = \"databricks\")"
+        ));
+    }
+    let system = SYSTEM_DIRS.iter().any(|s| canon == Path::new(s))
+        || ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|s| canon.starts_with(s));
+    if system {
+        return Err(format!(
+            "{shown} is a system directory: mount the directory that holds the agent's config files instead (e.g. dir = \"~/.hermes\")"
+        ));
+    }
+    for (other, (_, key, written)) in earlier.iter().zip(origins) {
+        if other.dir == canon {
+            return Err(format!(
+                "{shown} is the same directory as {key}.dir (\"{written}\"): list it once"
+            ));
+        }
+        let (outer, inner, outer_key) = if canon.starts_with(&other.dir) {
+            (&other.dir, &canon, key.as_str())
+        } else if other.dir.starts_with(&canon) {
+            (&canon, &other.dir, "this mount")
+        } else {
+            continue;
+        };
+        let rel = inner.strip_prefix(outer).unwrap_or(inner);
+        return Err(format!(
+            "{shown} and {key}.dir (\"{written}\") are nested: {} is inside {}; mounts cannot be nested, so mount only {} ({outer_key}) and list the files below it by relative path, e.g. path = \"{}/config.yaml\"",
+            inner.display(),
+            outer.display(),
+            outer.display(),
+            rel.display()
+        ));
+    }
+    Ok(canon)
+}
+
+/// The canonical form of `p`: its longest existing ancestor resolved by
+/// the filesystem, the rest normalised as written (`.` dropped, `..` pops).
+pub fn canonical(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    let mut base = p.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    while !base.exists() {
+        match (base.file_name(), base.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_owned());
+                base = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(&base).unwrap_or(base);
+    for part in rest.iter().rev() {
+        match part.to_str() {
+            Some("..") => {
+                out.pop();
+            }
+            Some(".") => {}
+            _ => out.push(part),
+        }
+    }
+    out
 }
 
 /// The format implied by a file name, for configs that leave `format` out.
@@ -1248,7 +1401,7 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
     #[test]
     fn databricks_sources_validate_their_timings() {
         let base = "[credentials.db]\nsource = \"databricks\"\nhost = \"https://x.example.com/\"\n";
-        let mount = "[[mount]]\ndir = \"/tmp\"\n";
+        let mount = "[[mount]]\ndir = \"/tmp/x\"\n";
         let c = parse(&format!(
             "{base}rotate_every = \"1m\"\nlifetime = \"3m\"\n{mount}"
         ))

@@ -6,13 +6,14 @@
 //! uid is checked with `SO_PEERCRED`: only the daemon's own uid and root.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -56,7 +57,17 @@ pub struct State {
     pub sources: Arc<Sources>,
     pub mounts: Vec<Arc<MountInfo>>,
     pub proxies: Vec<Arc<Proxy>>,
+    /// Per mount (same order; empty in files mode): what the kernel shows.
+    pub lives: Vec<Arc<MountLife>>,
     pub started: SystemTime,
+}
+
+/// What the daemon knows of one of its mounts: the kernel's mount id (from
+/// mountinfo, right after mounting) and whether its session still runs.
+#[derive(Debug, Default)]
+pub struct MountLife {
+    pub id: AtomicU64,
+    pub running: AtomicBool,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -88,6 +99,10 @@ pub struct CredentialStatus {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct MountStatus {
     pub dir: PathBuf,
+    /// `live`, `detached` (gone from the mount table), `dead` (in it, but
+    /// its session ended) or `files` (files mode: no mount).
+    #[serde(default)]
+    pub state: String,
     #[serde(default)]
     pub notes: Vec<String>,
     pub kernel_passthrough: bool,
@@ -146,12 +161,25 @@ impl State {
                 }
             })
             .collect();
+        let table = crate::mounts::entries();
         let mounts = self
             .mounts
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let last_error = m.last_error.lock().clone();
+                let state = match self.lives.get(i) {
+                    Some(l) => crate::mounts::state_in(
+                        &table,
+                        l.id.load(Ordering::Acquire),
+                        &m.dir,
+                        l.running.load(Ordering::Acquire),
+                    )
+                    .as_str(),
+                    None => "files",
+                };
                 MountStatus {
+                    state: state.to_owned(),
                     dir: m.dir.clone(),
                     notes: m.notes.clone(),
                     kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
@@ -206,6 +234,14 @@ impl State {
                 .rotate(&name)
                 .map(|g| serde_json::json!({ "generation": g })),
             Request::Token { name, field: f } => field(f).and_then(|f| {
+                let known = self.store.health();
+                if !known.contains_key(&name) {
+                    let names: Vec<&str> = known.keys().map(String::as_str).collect();
+                    return Err(format!(
+                        "no such credential `{name}` (this daemon serves: {})",
+                        names.join(", ")
+                    ));
+                }
                 let snap = self.store.snapshot();
                 snap.credentials
                     .get(&name)
@@ -289,18 +325,29 @@ impl State {
     }
 }
 
-/// Binds the socket (refusing if another daemon answers on it) and serves it
-/// on a background thread.
+/// The longest request line taken; a longer one is refused.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Connections waiting for their request line; when more arrive, the one
+/// that has waited longest is closed (a flood never takes a thread each).
+const MAX_PENDING: usize = 64;
+/// A client must send its whole request line within this time.
+const LINE_DEADLINE: Duration = Duration::from_secs(5);
+/// Threads that handle complete requests (a rotation may wait on the
+/// network; `status` must not wait behind it), and requests queued for them.
+const WORKERS: usize = 4;
+const QUEUE: usize = 16;
+/// A reply must be taken within this time.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the socket and serves it on background threads. The caller holds
+/// the socket's lock (see [`crate::lock`]), so a socket file found here is
+/// a dead daemon's and is replaced.
 pub fn serve(path: &Path, state: Arc<State>) -> Result<(), String> {
     let shown = path.display();
     // A directory we create is owner-only; an existing one is the user's
     // and keeps its mode (the socket itself is 0600 and checks peers).
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if let Some(dir) = path.parent() {
+        crate::lock::make_private_dir(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -315,25 +362,203 @@ pub fn serve(path: &Path, state: Arc<State>) -> Result<(), String> {
         UnixListener::bind(path).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict {shown}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(UnixStream, Vec<u8>)>(QUEUE);
+    let rx = Arc::new(parking_lot::Mutex::new(rx));
+    for i in 0..WORKERS {
+        let rx = rx.clone();
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name(format!("control-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().recv();
+                    let Ok((stream, line)) = job else { return };
+                    answer(stream, line, &state);
+                }
+            })
+            .map_err(|e| format!("cannot start a control thread: {e}"))?;
+    }
     info!(socket = %shown, "control socket ready");
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || accept_loop(listener, state))
+        .spawn(move || accept_loop(listener, tx))
         .map_err(|e| format!("cannot start the control thread: {e}"))?;
     Ok(())
 }
 
-fn accept_loop(listener: UnixListener, state: Arc<State>) {
+/// A connection whose request line is still arriving.
+struct Pending {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    since: Instant,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // A partial line may hold a secret.
+        zeroize::Zeroize::zeroize(&mut self.buf);
+    }
+}
+
+/// Logs refusals without flooding the log: the first, then a count at most
+/// every 10 s.
+struct Refusals {
+    count: u64,
+    logged: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, why: &str) {
+        self.count += 1;
+        let due = self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            warn!(refused = self.count, "control connection refused: {why}");
+            self.logged = Some(Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+/// Tells a client why it is being turned away (best effort, never blocks),
+/// then closes it.
+fn refuse(stream: &UnixStream, why: &str, log: &mut Refusals) {
+    tell(stream, why);
+    log.note(why);
+}
+
+fn tell(stream: &UnixStream, why: &str) {
+    let _ = stream.set_nonblocking(true);
+    let mut out = serde_json::json!({ "ok": false, "error": why }).to_string();
+    out.push('\n');
+    let _ = (&*stream).write_all(out.as_bytes());
+}
+
+/// One thread reads every connection's request line with `poll`: idle and
+/// slow clients cost a slot, never a thread. Complete lines go to the
+/// workers.
+fn accept_loop(listener: UnixListener, tx: std::sync::mpsc::SyncSender<(UnixStream, Vec<u8>)>) {
     let me = nix::unistd::geteuid().as_raw();
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(stream) => stream,
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut refusals = Refusals {
+        count: 0,
+        logged: None,
+    };
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let now = Instant::now();
+        let timeout = pending
+            .iter()
+            .map(|p| (p.since + LINE_DEADLINE).saturating_duration_since(now))
+            .min()
+            .map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(pending.iter().map(|p| p.stream.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!("control socket: poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        // Requests that arrived (or clients that left), newest index first
+        // so removals keep the other indices valid.
+        let ready: Vec<usize> = fds
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, f)| f.revents != 0)
+            .map(|(i, _)| i - 1)
+            .collect();
+        for i in ready.into_iter().rev() {
+            let Some(p) = pending.get_mut(i) else {
+                continue;
+            };
+            match read_some(p, &mut chunk) {
+                Progress::More => {}
+                Progress::Closed => {
+                    pending.swap_remove(i);
+                }
+                Progress::TooLong => {
+                    let p = pending.swap_remove(i);
+                    refuse(
+                        &p.stream,
+                        &format!("request line over {} KiB", MAX_LINE / 1024),
+                        &mut refusals,
+                    );
+                }
+                Progress::Line(line) => {
+                    let p = pending.swap_remove(i);
+                    let stream = match p.stream.try_clone() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!("control socket: {e}");
+                            continue;
+                        }
+                    };
+                    drop(p);
+                    if let Err(e) = tx.try_send((stream, line)) {
+                        let (stream, mut line) = match e {
+                            std::sync::mpsc::TrySendError::Full(j)
+                            | std::sync::mpsc::TrySendError::Disconnected(j) => j,
+                        };
+                        zeroize::Zeroize::zeroize(&mut line);
+                        refuse(
+                            &stream,
+                            "the daemon is busy with other control requests; try again",
+                            &mut refusals,
+                        );
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        pending.retain(|p| {
+            let late = now.duration_since(p.since) >= LINE_DEADLINE;
+            if late {
+                refuse(
+                    &p.stream,
+                    "no complete request line within 5 s",
+                    &mut refusals,
+                );
+            }
+            !late
+        });
+        if fds.first().is_some_and(|f| f.revents != 0) {
+            accept_some(&listener, me, &mut pending, &mut refusals);
+        }
+    }
+}
+
+fn accept_some(
+    listener: &UnixListener,
+    me: u32,
+    pending: &mut Vec<Pending>,
+    refusals: &mut Refusals,
+) {
+    for _ in 0..MAX_PENDING {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 // EMFILE leaves the connection queued: retrying at once
                 // would spin. Wait a little, then take it.
                 warn!("cannot accept a control connection: {e}");
                 std::thread::sleep(Duration::from_millis(100));
-                continue;
+                return;
             }
         };
         let peer =
@@ -346,29 +571,82 @@ fn accept_loop(listener: UnixListener, state: Arc<State>) {
                     pid = c.pid(),
                     "refused a control connection from another user"
                 );
+                tell(
+                    &stream,
+                    &format!(
+                        "not allowed: this tokenfs serves uid {me} (and root) only; you are uid {}",
+                        c.uid()
+                    ),
+                );
                 continue;
             }
             Err(e) => {
-                warn!("refused a control connection: cannot read its credentials: {e}");
+                refuse(
+                    &stream,
+                    &format!("refused: cannot read your credentials: {e}"),
+                    refusals,
+                );
                 continue;
             }
         }
-        let state = state.clone();
-        // A rotation may take a while (network); status must not wait for it.
-        let _ = std::thread::Builder::new()
-            .name("control-conn".into())
-            .spawn(move || serve_one(stream, &state));
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!("control socket: {e}");
+            continue;
+        }
+        if pending.len() >= MAX_PENDING {
+            // The oldest waiter is the likeliest to be idle.
+            if let Some((oldest, _)) = pending.iter().enumerate().min_by_key(|(_, p)| p.since) {
+                let p = pending.swap_remove(oldest);
+                refuse(
+                    &p.stream,
+                    "too many control connections waiting; closed the oldest",
+                    refusals,
+                );
+            }
+        }
+        pending.push(Pending {
+            stream,
+            buf: Vec::new(),
+            since: Instant::now(),
+        });
     }
 }
 
-fn serve_one(stream: UnixStream, state: &State) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
+enum Progress {
+    More,
+    Closed,
+    TooLong,
+    Line(Vec<u8>),
+}
+
+fn read_some(p: &mut Pending, chunk: &mut [u8]) -> Progress {
+    loop {
+        match (&p.stream).read(chunk) {
+            Ok(0) => return Progress::Closed,
+            Ok(n) => {
+                let got = chunk.get(..n).unwrap_or_default();
+                let end = got.iter().position(|b| *b == b'\n');
+                p.buf.extend_from_slice(&got[..end.unwrap_or(n)]);
+                zeroize::Zeroize::zeroize(&mut chunk[..n]);
+                if p.buf.len() > MAX_LINE {
+                    return Progress::TooLong;
+                }
+                if end.is_some() {
+                    return Progress::Line(std::mem::take(&mut p.buf));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Progress::More,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Progress::Closed,
+        }
     }
-    let reply = match serde_json::from_str::<Request>(&line) {
+}
+
+/// Handles one complete request on a worker thread.
+fn answer(stream: UnixStream, mut line: Vec<u8>, state: &State) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let reply = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => state.handle(req),
         // The line may hold a secret: never echo it.
         Err(e) => {
@@ -378,27 +656,77 @@ fn serve_one(stream: UnixStream, state: &State) {
     zeroize::Zeroize::zeroize(&mut line);
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
-    let _ = (&stream).write_all(&out);
+    if let Err(e) = (&stream).write_all(&out) {
+        warn!("control socket: the client did not take its reply: {e}");
+    }
+    zeroize::Zeroize::zeroize(&mut out);
+}
+
+/// How long a client waits for the daemon: `rotate` may wait on the
+/// network; everything else is answered from memory.
+fn patience(req: &Request) -> Duration {
+    match req {
+        Request::Rotate { .. } => Duration::from_secs(60),
+        _ => Duration::from_secs(4),
+    }
 }
 
 /// Sends one request and returns the reply (`Err` with the daemon's message
-/// when it says `ok: false`).
+/// when it says `ok: false`). Gives up after a few seconds (sooner when
+/// the daemon is stopped) and says which process is not answering.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
-        format!("cannot reach the tokenfs daemon at {}: {e} (is `tokenfs mount` running? pass --config or --socket)", socket.display())
+    let deadline = Instant::now() + patience(req);
+    let not_answering = || {
+        let pid = crate::lock::holder(&crate::lock::socket_lock_path(socket));
+        let who = match pid {
+            Some(pid) => match crate::mounts::process_state(pid) {
+                Some(st) => format!("pid {pid}, state {st}{}", state_words(st)),
+                None => format!("pid {pid}, gone"),
+            },
+            None => "no daemon holds its lock".to_string(),
+        };
+        format!(
+            "the daemon at {} is not answering ({who})",
+            socket.display()
+        )
+    };
+    let stream = connect(socket, deadline).map_err(|e| match e {
+        Connect::Refused(e) => format!(
+            "cannot reach the tokenfs daemon at {}: {e} (is `tokenfs mount` running? pass --config or --socket)",
+            socket.display()
+        ),
+        Connect::Timeout => not_answering(),
     })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| format!("control socket: {e}"))?;
+    let _ = stream.set_write_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+    ));
+    let sent = (&stream).write_all(&line);
     zeroize::Zeroize::zeroize(&mut line);
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("control socket: {e}"))?;
-    let v: serde_json::Value = serde_json::from_str(&reply)
+    if let Err(e) = sent {
+        return Err(match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => not_answering(),
+            // A daemon that turns a client away says why, then closes:
+            // the reason may be waiting even though the write failed.
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                let soon = Instant::now() + Duration::from_millis(500);
+                read_reply(&stream, socket, soon)
+                    .ok()
+                    .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                    .unwrap_or_else(|| format!("control socket {}: {e}", socket.display()))
+            }
+            _ => format!("control socket {}: {e}", socket.display()),
+        });
+    }
+    let reply = read_reply(&stream, socket, deadline).map_err(|e| match e {
+        None => not_answering(),
+        Some(e) => e,
+    })?;
+    let v: serde_json::Value = serde_json::from_slice(&reply)
         .map_err(|_| "the daemon sent a malformed reply".to_string())?;
     if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
         Ok(v)
@@ -408,6 +736,105 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
             .and_then(|e| e.as_str())
             .unwrap_or("unknown error")
             .to_string())
+    }
+}
+
+fn state_words(st: char) -> &'static str {
+    match st {
+        'T' | 't' => " (stopped)",
+        'Z' => " (zombie)",
+        'D' => " (waiting on the disk)",
+        _ => "",
+    }
+}
+
+enum Connect {
+    Refused(std::io::Error),
+    Timeout,
+}
+
+/// Connects without blocking on a full backlog (a stopped daemon never
+/// accepts), retrying until `deadline`.
+fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, Connect> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(socket).map_err(|e| Connect::Refused(e.into()))?;
+    loop {
+        let fd = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| Connect::Refused(e.into()))?;
+        match nix::sys::socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream.set_nonblocking(false).map_err(Connect::Refused)?;
+                return Ok(stream);
+            }
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(nix::errno::Errno::EAGAIN) => return Err(Connect::Timeout),
+            Err(e) => return Err(Connect::Refused(e.into())),
+        }
+    }
+}
+
+/// Reads the reply line; `Err(None)` when the deadline passes or the daemon
+/// is found stopped (checked every 250 ms after the first second).
+fn read_reply(
+    stream: &UnixStream,
+    socket: &Path,
+    deadline: Instant,
+) -> Result<Vec<u8>, Option<String>> {
+    let started = Instant::now();
+    let lock = crate::lock::socket_lock_path(socket);
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(None);
+        }
+        let _ = stream.set_read_timeout(Some(left.min(Duration::from_millis(250))));
+        match (&*stream).read(&mut chunk) {
+            Ok(0) if reply.is_empty() => {
+                return Err(Some(format!(
+                    "the daemon at {} closed the connection without a reply",
+                    socket.display()
+                )));
+            }
+            Ok(0) => return Ok(reply),
+            Ok(n) => {
+                let got = chunk.get(..n).unwrap_or_default();
+                if let Some(end) = got.iter().position(|b| *b == b'\n') {
+                    reply.extend_from_slice(&got[..end]);
+                    return Ok(reply);
+                }
+                reply.extend_from_slice(got);
+                if reply.len() > 16 * MAX_LINE {
+                    return Err(Some("the daemon's reply is too long".into()));
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if started.elapsed() >= Duration::from_secs(1) {
+                    let stopped = crate::lock::holder(&lock)
+                        .and_then(crate::mounts::process_state)
+                        .is_some_and(|s| matches!(s, 'T' | 't' | 'Z'));
+                    if stopped {
+                        return Err(None);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Some(format!("control socket {}: {e}", socket.display()))),
+        }
     }
 }
 
@@ -464,8 +891,13 @@ pub fn render_status(s: &Status) -> String {
         } else {
             "forwarded"
         };
+        let state = if m.state.is_empty() {
+            "?"
+        } else {
+            m.state.as_str()
+        };
         out.push_str(&format!(
-            "\nmount {}  (other files: {mode})\n",
+            "\nmount {}  {state}  (other files: {mode})\n",
             m.dir.display()
         ));
         for n in &m.notes {

@@ -6,6 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,11 +15,13 @@ use tracing::{error, info, warn};
 
 use crate::backup::Backups;
 use crate::config::{Config, Mode, MountConfig};
-use crate::control;
+use crate::control::{self, MountLife};
 use crate::files;
 use crate::fs::MountInfo;
 use crate::fs::TokenFs;
 use crate::fs::managed::{Context, ManagedFile};
+use crate::lock::{self, Refused};
+use crate::mounts;
 use crate::proxy::Proxies;
 use crate::source::Sources;
 use crate::store::Store;
@@ -30,10 +33,14 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 enum Event {
     Signal(i32),
-    Ended(PathBuf, std::io::Result<()>),
+    /// A session ended: its index in the config's mounts, and how.
+    Ended(usize, PathBuf, std::io::Result<()>),
 }
 
 pub fn run(config: Config) -> Result<(), String> {
+    // Before anything changes: a second daemon on a socket or directory
+    // must leave everything as it found it.
+    let _locks = take_locks(&config)?;
     let fuse = match config.mode {
         Mode::Files => Err("mode = \"files\"".to_string()),
         Mode::Fuse | Mode::Auto => preflight(&config),
@@ -56,36 +63,88 @@ pub fn run(config: Config) -> Result<(), String> {
     let proxies = Proxies::start(&config.proxies, store.clone())?;
     let (tx, rx) = mpsc::channel();
     watch_signals(tx.clone())?;
-    let (mounts, mounted) = match fuse.and_then(|()| serve_fuse(&config, &store, &sources, &tx)) {
-        Ok(served) => served,
-        Err(e) if config.mode == Mode::Fuse => {
-            // The files were converted to placeholders before mounting:
-            // put working tokens back before giving up.
-            files::restore(&config, &store);
-            return Err(e);
-        }
-        Err(e) => {
-            warn!("FUSE unavailable ({e}): falling back to files mode");
-            (
-                files::start(&config, store.clone(), sources.clone())?,
-                Vec::new(),
-            )
-        }
-    };
+    let (mounts, mounted, lives) =
+        match fuse.and_then(|()| serve_fuse(&config, &store, &sources, &tx)) {
+            Ok(served) => served,
+            Err(e) if config.mode == Mode::Fuse => {
+                // The files were converted to placeholders before mounting:
+                // put working tokens back before giving up.
+                files::restore(&config, &store);
+                return Err(e);
+            }
+            Err(e) => {
+                warn!("FUSE unavailable ({e}): falling back to files mode");
+                (
+                    files::start(&config, store.clone(), sources.clone())?,
+                    Vec::new(),
+                    Vec::new(),
+                )
+            }
+        };
     let state = Arc::new(control::State {
         store,
         sources,
         mounts,
         proxies: proxies.all().to_vec(),
+        lives: lives.clone(),
         started: SystemTime::now(),
     });
     control::serve(&config.socket, state)?;
     info!(mounts = mounted.len(), "tokenfs is serving");
-    wait(rx, &mounted);
+    wait(rx, &mounted, &lives);
     let _ = std::fs::remove_file(&config.socket);
     drop(proxies);
     Ok(())
 }
+
+/// Takes the control socket's lock and every mount dir's: a daemon that
+/// loses either changes nothing and names the one that holds it.
+fn take_locks(config: &Config) -> Result<Vec<lock::Lock>, String> {
+    let mut locks = Vec::new();
+    let socket = &config.socket;
+    match lock::acquire(
+        &lock::socket_lock_path(socket),
+        &socket.display().to_string(),
+    ) {
+        Ok(l) => locks.push(l),
+        Err(Refused::Held(pid)) => {
+            return Err(format!(
+                "another tokenfs ({}) serves the control socket {}: stop it first, or give this config its own [control] socket",
+                pid_text(pid),
+                socket.display()
+            ));
+        }
+        Err(Refused::Error(e)) => return Err(e),
+    }
+    for m in &config.mounts {
+        let dir = std::fs::canonicalize(&m.dir).unwrap_or_else(|_| m.dir.clone());
+        match lock::acquire(&lock::dir_lock_path(&dir), &dir.display().to_string()) {
+            Ok(l) => locks.push(l),
+            Err(Refused::Held(pid)) => {
+                return Err(format!(
+                    "{} is already served by another tokenfs ({}): stop it first (kill -TERM it, or fusermount3 -u {})",
+                    dir.display(),
+                    pid_text(pid),
+                    dir.display()
+                ));
+            }
+            Err(Refused::Error(e)) => {
+                return Err(format!(
+                    "{e} (set TOKENFS_LOCK_DIR to a writable directory)"
+                ));
+            }
+        }
+    }
+    Ok(locks)
+}
+
+fn pid_text(pid: Option<u32>) -> String {
+    pid.map_or("pid unknown".into(), |p| format!("pid {p}"))
+}
+
+/// What serving FUSE gives back: each mount's shared info, the mounted
+/// dirs, and each mount's life (for `status`).
+type Served = (Vec<Arc<MountInfo>>, Vec<PathBuf>, Vec<Arc<MountLife>>);
 
 /// Builds and mounts every directory; on any failure detaches the ones
 /// already mounted.
@@ -94,7 +153,7 @@ fn serve_fuse(
     store: &Arc<Store>,
     sources: &Arc<Sources>,
     tx: &mpsc::Sender<Event>,
-) -> Result<(Vec<Arc<MountInfo>>, Vec<PathBuf>), String> {
+) -> Result<Served, String> {
     let ctx = Arc::new(Context::new(
         store.clone(),
         sources.clone(),
@@ -111,14 +170,28 @@ fn serve_fuse(
     }
     let infos = filesystems.iter().map(|f| f.info.clone()).collect();
     let mut mounted: Vec<PathBuf> = Vec::new();
-    for (fs, m) in filesystems.into_iter().zip(&config.mounts) {
-        if let Err(e) = mount(fs, m, tx.clone()) {
+    let mut lives = Vec::new();
+    let dirs: Vec<PathBuf> = config.mounts.iter().map(|m| m.dir.clone()).collect();
+    for (m, users) in config.mounts.iter().zip(mounts::users_inside_each(&dirs)) {
+        if !users.is_empty() {
+            warn!(
+                mount = %m.dir.display(),
+                "{} process(es) use files inside this directory and will keep seeing the hidden originals (placeholders) until they reopen them or cd into it again: {}",
+                users.len(),
+                mounts::describe(&users)
+            );
+        }
+    }
+    for (i, (fs, m)) in filesystems.into_iter().zip(&config.mounts).enumerate() {
+        let life = Arc::new(MountLife::default());
+        if let Err(e) = mount(fs, m, i, tx.clone(), life.clone()) {
             detach_all(&mounted);
             return Err(e);
         }
         mounted.push(m.dir.clone());
+        lives.push(life);
     }
-    Ok((infos, mounted))
+    Ok((infos, mounted, lives))
 }
 
 /// Refuses, before any file is converted, a config whose files hold a
@@ -155,7 +228,7 @@ fn precheck(
 }
 
 /// Serves until every mount is gone (files mode: until a signal).
-fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf]) {
+fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf], lives: &[Arc<MountLife>]) {
     if mounted.is_empty() {
         while let Ok(e) = rx.recv() {
             if let Event::Signal(sig) = e {
@@ -189,8 +262,11 @@ fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf]) {
                 detach_all(mounted);
                 deadline.get_or_insert(Instant::now() + EXIT_GRACE);
             }
-            Event::Ended(dir, res) => {
+            Event::Ended(i, dir, res) => {
                 live -= 1;
+                if let Some(l) = lives.get(i) {
+                    l.running.store(false, Ordering::Release);
+                }
                 match res {
                     Ok(()) => info!(mount = %dir.display(), "unmounted"),
                     Err(e) => error!(mount = %dir.display(), "session ended with an error: {e}"),
@@ -251,7 +327,13 @@ fn watch_signals(tx: mpsc::Sender<Event>) -> Result<(), String> {
 }
 
 /// Mounts one directory and runs its session on its own threads.
-fn mount(fs: TokenFs, m: &MountConfig, tx: mpsc::Sender<Event>) -> Result<(), String> {
+fn mount(
+    fs: TokenFs,
+    m: &MountConfig,
+    index: usize,
+    tx: mpsc::Sender<Event>,
+    life: Arc<MountLife>,
+) -> Result<(), String> {
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         MountOption::FSName("tokenfs".into()),
@@ -277,12 +359,22 @@ fn mount(fs: TokenFs, m: &MountConfig, tx: mpsc::Sender<Event>) -> Result<(), St
     let views = fs.views.clone();
     let session = Session::new(fs, &m.dir, &cfg).map_err(|e| mount_error(&m.dir, &e))?;
     views.set_notifier(session.notifier());
+    // The mount just made is the topmost tokenfs at `dir` (the directory's
+    // lock keeps other daemons away): its id tells `status` whether it is
+    // still there. (`m.dir` is canonical, and nothing under it may be
+    // touched before the session runs.)
+    match mounts::tokenfs_at_exact(&m.dir) {
+        Some(e) => life.id.store(e.id, Ordering::Release),
+        None => warn!(mount = %m.dir.display(), "mounted, but not found in /proc/self/mountinfo"),
+    }
+    life.running.store(true, Ordering::Release);
     let dir = m.dir.clone();
     std::thread::Builder::new()
         .name("session".into())
         .spawn(move || {
             let res = session.run();
-            let _ = tx.send(Event::Ended(dir, res));
+            life.running.store(false, Ordering::Release);
+            let _ = tx.send(Event::Ended(index, dir, res));
         })
         .map_err(|e| format!("cannot start the session thread: {e}"))?;
     Ok(())
@@ -430,41 +522,7 @@ fn clear_stale_mount(dir: &Path) -> Result<(), String> {
 
 /// Whether `dir` is a tokenfs mount now (per the kernel's mount table).
 pub fn is_tokenfs_mount(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-    info.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
-            return false;
-        };
-        let mount_point = fields.get(4).map(|p| unescape(p));
-        let fstype = fields.get(dash + 1).copied().unwrap_or("");
-        fstype == "fuse.tokenfs" && mount_point.as_deref() == Some(want.as_os_str().as_bytes())
-    })
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
+    mounts::tokenfs_at(dir).is_some()
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {

@@ -69,10 +69,56 @@ pub fn run(config: Option<&Config>) -> Vec<Check> {
             format!("fusermount3 -u -z {dir}"),
         ));
     }
+    let socket = config.map_or_else(crate::config::default_socket, |c| c.socket.clone());
+    daemon_check(&socket, &mut out);
     if let Some(c) = config {
         config_checks(c, &mut out);
     }
     out
+}
+
+/// Whether a daemon holds the socket's lock, its pid, and whether it answers.
+fn daemon_check(socket: &Path, out: &mut Vec<Check>) {
+    let shown = socket.display();
+    let Some(pid) = crate::lock::holder(&crate::lock::socket_lock_path(socket)) else {
+        out.push(check(
+            true,
+            format!("no tokenfs daemon is running on {shown} (start one with `tokenfs mount`)"),
+            "",
+        ));
+        return;
+    };
+    match crate::control::call(socket, &crate::control::Request::Status) {
+        Ok(v) => {
+            let states: Vec<String> = v["mounts"]
+                .as_array()
+                .map(|ms| {
+                    ms.iter()
+                        .map(|m| {
+                            format!(
+                                "{} {}",
+                                m["dir"].as_str().unwrap_or("?"),
+                                m["state"].as_str().unwrap_or("?")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(check(
+                true,
+                format!(
+                    "tokenfs daemon pid {pid} is running and answers on {shown} ({})",
+                    states.join(", ")
+                ),
+                "",
+            ));
+        }
+        Err(e) => out.push(check(
+            false,
+            format!("tokenfs daemon pid {pid} is running but not answering: {e}"),
+            format!("if it is stopped: kill -CONT {pid}; else kill -TERM {pid} (then kill -KILL {pid}) and mount again"),
+        )),
+    }
 }
 
 fn config_checks(c: &Config, out: &mut Vec<Check>) {
@@ -83,6 +129,35 @@ fn config_checks(c: &Config, out: &mut Vec<Check>) {
             d.is_dir(),
             format!("mount dir {} exists", d.display()),
             format!("mkdir -p {}", d.display()),
+        ));
+    }
+    // Processes inside a directory that is not mounted yet would keep
+    // seeing its hidden originals once it is.
+    let unmounted: Vec<std::path::PathBuf> = c
+        .mounts
+        .iter()
+        .filter(|m| m.dir.is_dir() && crate::mounts::tokenfs_at(&m.dir).is_none())
+        .map(|m| m.dir.clone())
+        .collect();
+    for (dir, users) in unmounted
+        .iter()
+        .zip(crate::mounts::users_inside_each(&unmounted))
+    {
+        out.push(check(
+            users.is_empty(),
+            format!(
+                "no process works inside {} (it would keep seeing the originals once mounted over){}",
+                dir.display(),
+                if users.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", crate::mounts::describe(&users))
+                }
+            ),
+            format!(
+                "after mounting, restart those processes or have them cd into {} again",
+                dir.display()
+            ),
         ));
     }
     if let Some(dir) = c.socket.parent().filter(|d| d.exists()) {
@@ -138,11 +213,11 @@ fn kernel_version() -> (u32, u32) {
 /// tokenfs mounts whose daemon is gone. Listing the directory asks the
 /// daemon (`stat` may answer from the kernel's attribute cache).
 fn stale_mounts() -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter(|l| l.contains(" fuse.tokenfs "))
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|d| crate::daemon::is_dead_mount(Path::new(d)))
+    crate::mounts::entries()
+        .into_iter()
+        .filter(|e| e.fstype == "fuse.tokenfs")
+        .filter(|e| crate::daemon::is_dead_mount(&e.mount_point))
+        .map(|e| e.mount_point.display().to_string())
         .collect()
 }
 

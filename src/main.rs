@@ -1,10 +1,11 @@
 //! The `tokenfs` command line: parses arguments and dispatches.
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokenfs::config::{self, Config};
 use tokenfs::control::{self, Request};
 
@@ -17,6 +18,9 @@ use tokenfs::control::{self, Request};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Append logs to this file (created 0600) instead of standard error.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 /// Where the control socket is: `--socket`, else the one a config names,
@@ -72,6 +76,9 @@ enum Command {
         target: Target,
         #[arg(long)]
         json: bool,
+        /// For scripts: print the daemon's pid and exit 0 only if every mount is live (else a one-line reason and exit 1).
+        #[arg(long, conflicts_with = "json")]
+        ready: bool,
     },
     /// Publish a new value for a credential, read from standard input.
     Set {
@@ -106,15 +113,44 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print a shell completion script (e.g. `tokenfs completions bash > /etc/bash_completion.d/tokenfs`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `tokenfs man > tokenfs.1`.
+    Man,
 }
 
-fn init_logging() {
+/// Logs go to standard error (coloured only on a terminal) or, with
+/// `--log-file`, are appended to a 0600 file without colour.
+fn init_logging(log_file: Option<&Path>) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            // An existing file keeps its mode on open: tighten it.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot make {} owner-only: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn socket_of(target: &Target) -> Result<PathBuf, String> {
@@ -166,18 +202,47 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Check { config } => {
             let c = Config::load(&config).map_err(|e| e.to_string())?;
+            // What `mount` would refuse first.
+            if let Some(m) = c.mounts.iter().find(|m| !m.dir.is_dir()) {
+                return Err(format!(
+                    "mount dir {} does not exist: mkdir -p {}",
+                    m.dir.display(),
+                    m.dir.display()
+                ));
+            }
             let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
             println!(
-                "{}: ok ({} credentials, {} mounts, {files} managed files, {} proxies)",
+                "{}: ok ({}, {}, {}, {})",
                 config.display(),
-                c.credentials.len(),
-                c.mounts.len(),
-                c.proxies.len()
+                plural(c.credentials.len(), "credential", "credentials"),
+                plural(c.mounts.len(), "mount", "mounts"),
+                plural(files, "managed file", "managed files"),
+                plural(c.proxies.len(), "proxy", "proxies"),
             );
             Ok(())
         }
-        Command::Status { target, json } => {
+        Command::Status {
+            target,
+            json,
+            ready,
+        } => {
             let v = control::call(&socket_of(&target)?, &Request::Status)?;
+            if ready {
+                let s: control::Status = serde_json::from_value(v)
+                    .map_err(|e| format!("unexpected status reply: {e}"))?;
+                println!("{}", s.pid);
+                if s.mounts.is_empty() {
+                    return Err("the daemon serves no mounts".into());
+                }
+                if let Some(m) = s
+                    .mounts
+                    .iter()
+                    .find(|m| m.state != "live" && m.state != "files")
+                {
+                    return Err(format!("mount {} is {}", m.dir.display(), m.state));
+                }
+                return Ok(());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
@@ -244,6 +309,14 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", v["secret"].as_str().unwrap_or_default());
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "tokenfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| format!("writing the man page: {e}")),
     }
 }
 
@@ -283,10 +356,17 @@ fn unmount(dirs: Vec<PathBuf>, restore: bool, target: &Target) -> Result<(), Str
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let log_file = cli.log_file.clone();
+    if let Err(e) = init_logging(log_file.as_deref()) {
+        eprintln!("tokenfs: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if log_file.is_some() {
+                tracing::error!("{e}");
+            }
             eprintln!("tokenfs: {e}");
             ExitCode::FAILURE
         }

@@ -381,7 +381,7 @@ fn upstream_client(cfg: &ProxyConfig) -> Result<UpstreamClient, String> {
 }
 
 fn tls_config(cfg: &ProxyConfig) -> Result<rustls::ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     if cfg.upstream.https {
         let native = rustls_native_certs::load_native_certs();

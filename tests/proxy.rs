@@ -710,7 +710,7 @@ fn tls_h2_upstream(dir: &Path, token: &str) -> std::net::SocketAddr {
         .expect("certs");
     let key = PrivateKeyDer::from_pem_file(dir.join("srv.key")).expect("key");
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
+        rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("versions")

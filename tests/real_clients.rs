@@ -12,15 +12,27 @@ use common::*;
 
 /// The Databricks SDK for Python reads the mounted `~/.databrickscfg` and,
 /// after a rotation, sends the new token from the same process.
+/// The Python that has the Databricks SDK: scripts/test.sh installs it in
+/// a virtualenv under target/ (never into the system Python).
+fn sdk_python() -> std::path::PathBuf {
+    let venv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/py-venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
 #[test]
 fn databricks_sdk_for_python_sends_the_current_token_after_a_rotation() {
-    let probe = Command::new("python3")
+    let probe = Command::new(sdk_python())
         .args(["-c", "import databricks.sdk"])
         .status()
         .expect("python3");
     assert!(
         probe.success(),
-        "databricks-sdk is missing: pip install databricks-sdk (scripts/setup.sh does)"
+        "databricks-sdk is missing: scripts/test.sh installs it in target/clients/py-venv"
     );
     let s = Scratch::new();
     let fake = Fake::start();
@@ -43,7 +55,7 @@ fn databricks_sdk_for_python_sends_the_current_token_after_a_rotation() {
     );
 
     let script = "import sys\nfrom databricks.sdk import WorkspaceClient\nfor line in sys.stdin:\n    w = WorkspaceClient(profile='DEFAULT')\n    print(w.current_user.me().user_name, flush=True)\n";
-    let mut py = Command::new("python3")
+    let mut py = Command::new(sdk_python())
         .args(["-c", script])
         .env("HOME", &home)
         .env_remove("DATABRICKS_HOST")

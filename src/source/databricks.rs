@@ -121,6 +121,7 @@ impl Handle {
 
 /// Starts the source thread; it bootstraps from `initial_env` if set.
 pub fn start(name: &str, cfg: &DatabricksConfig, store: Arc<Store>) -> Result<Handle, String> {
+    crate::tls::install_provider();
     let client = Client::builder()
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)

@@ -116,13 +116,10 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// Whether a tokenfs mount is at `dir` (compared canonically, mountinfo's
+/// escapes such as `\040` for a space undone).
 pub fn is_mounted(dir: &Path) -> bool {
-    let want = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.get(4).map(|p| Path::new(p) == want).unwrap_or(false) && l.contains("fuse.tokenfs")
-    })
+    tokenfs::mounts::tokenfs_at(dir).is_some()
 }
 
 impl Daemon {
