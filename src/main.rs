@@ -212,12 +212,15 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
             println!(
-                "{}: ok ({}, {}, {}, {})",
+                "{}: ok ({}, {}, {}{})",
                 config.display(),
                 plural(c.credentials.len(), "credential", "credentials"),
                 plural(c.mounts.len(), "mount", "mounts"),
                 plural(files, "managed file", "managed files"),
-                plural(c.proxies.len(), "proxy", "proxies"),
+                match c.proxies.len() {
+                    0 => String::new(),
+                    n => format!(", {}", plural(n, "proxy", "proxies")),
+                },
             );
             Ok(())
         }
