@@ -235,14 +235,15 @@ impl State {
                 .map(|g| serde_json::json!({ "generation": g })),
             Request::Token { name, field: f } => field(f).and_then(|f| {
                 let known = self.store.health();
-                if !known.contains_key(&name) {
+                let snap = self.store.snapshot();
+                // Proxies publish their local keys as `proxy.NAME`.
+                if !known.contains_key(&name) && !snap.credentials.contains_key(&name) {
                     let names: Vec<&str> = known.keys().map(String::as_str).collect();
                     return Err(format!(
                         "no such credential `{name}` (this daemon serves: {})",
                         names.join(", ")
                     ));
                 }
-                let snap = self.store.snapshot();
                 snap.credentials
                     .get(&name)
                     .and_then(|c| c.fields.get(&f))
