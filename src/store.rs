@@ -29,14 +29,17 @@ pub enum Field {
     AccessToken,
     RefreshToken,
     IdToken,
+    /// The account an OAuth session belongs to (Codex's `tokens.account_id`).
+    AccountId,
 }
 
 impl Field {
-    pub const ALL: [Field; 4] = [
+    pub const ALL: [Field; 5] = [
         Field::Token,
         Field::AccessToken,
         Field::RefreshToken,
         Field::IdToken,
+        Field::AccountId,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Field {
             Field::AccessToken => "access_token",
             Field::RefreshToken => "refresh_token",
             Field::IdToken => "id_token",
+            Field::AccountId => "account_id",
         }
     }
 }
@@ -63,7 +67,7 @@ impl FromStr for Field {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown field `{s}` (expected token, access_token, refresh_token or id_token)"
+                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token or account_id)"
                 )
             })
     }
@@ -426,6 +430,13 @@ mod tests {
             "a.b"
         );
         assert!(SlotRef::parse("db.password").is_err());
+        for f in Field::ALL {
+            assert_eq!(f.as_str().parse::<Field>(), Ok(f));
+        }
+        assert_eq!(
+            SlotRef::parse("o.account_id").unwrap().field,
+            Field::AccountId
+        );
         assert!(SlotRef::parse(".token").is_err());
     }
 
