@@ -27,6 +27,11 @@ pub trait Adopt: Send + Sync {
     /// Whether `value` could be a token of `slot`'s credential at all (see
     /// [`plausible`]); `offer` asks this first.
     fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String>;
+
+    /// A program's write left `slot`'s bound key empty or removed it (a
+    /// consumer wiping its session after its own refresh failed). Must not
+    /// block. The key shows the credential again either way.
+    fn blanked(&self, _slot: &SlotRef, _origin: &str) {}
 }
 
 /// Every configured credential's source.
@@ -217,6 +222,18 @@ impl Sources {
 }
 
 impl Adopt for Sources {
+    fn blanked(&self, slot: &SlotRef, origin: &str) {
+        if let Some(h) = self.oauth.get(&slot.credential)
+            && matches!(
+                slot.field,
+                Field::AccessToken | Field::RefreshToken | Field::Token
+            )
+        {
+            info!(credential = %slot.credential, "{origin} was written with {} empty or removed", slot.field);
+            h.nudge(origin);
+        }
+    }
+
     fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String> {
         let min_length = self
             .min_length
