@@ -1,0 +1,762 @@
+//! The OAuth source against a fake provider, through real mounts: one
+//! session shared by a Claude-style and a Hermes-style file, single-use
+//! rotating refresh tokens, early refresh, adoption only after validation,
+//! transient failures versus relogin, single-flight, and restarts.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::fake_oauth::{Fake, Fault, Reuse};
+use common::*;
+use tokenfs::control::{self, Request};
+
+const CLAUDE: &str = r#"{
+  "claudeAiOauth": {
+    "accessToken": "none",
+    "refreshToken": "none",
+    "expiresAt": 0,
+    "scopes": ["user:inference", "user:profile"],
+    "subscriptionType": "max"
+  }
+}
+"#;
+
+const HERMES: &str = r#"{
+  "version": 1,
+  "active_provider": "openai-codex",
+  "providers": {
+    "openai-codex": {
+      "tokens": {"access_token": "none", "refresh_token": "none"},
+      "auth_mode": "chatgpt"
+    }
+  }
+}
+"#;
+
+struct Rig {
+    s: Scratch,
+    fake: Fake,
+    d: Option<Daemon>,
+    claude: PathBuf,
+    hermes: PathBuf,
+    cfg: String,
+    dirs: Vec<PathBuf>,
+}
+
+/// Two mounts (`home/.claude`, `home/.hermes`) whose files are bound to
+/// credential `sess`; `extra` adds config keys to the credential.
+fn rig(lifetime: Duration, extra: &str) -> Rig {
+    let s = Scratch::new();
+    let fake = Fake::start(lifetime);
+    s.write("home/.claude/.credentials.json", CLAUDE);
+    s.write("home/.hermes/auth.json", HERMES);
+    let (a, b) = (s.path("home/.claude"), s.path("home/.hermes"));
+    let cfg = format!(
+        r#"[control]
+socket = "{sock}"
+
+[credentials.sess]
+source = "oauth"
+provider = "anthropic"
+token_url = "{url}"
+probe_url = "{api}"
+timeout = "2s"
+min_refresh_interval = "1s"
+{extra}
+
+[[mount]]
+dir = "{a}"
+[[mount.file]]
+path = ".credentials.json"
+format = "json"
+bind = {{ "claudeAiOauth.accessToken" = "sess.access_token", "claudeAiOauth.refreshToken" = "sess.refresh_token" }}
+
+[[mount]]
+dir = "{b}"
+[[mount.file]]
+path = "auth.json"
+format = "json"
+bind = {{ "providers.openai-codex.tokens.access_token" = "sess.access_token", "providers.openai-codex.tokens.refresh_token" = "sess.refresh_token" }}
+"#,
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        api = format!("{}/api", fake.url),
+        a = a.display(),
+        b = b.display(),
+    );
+    let d = Daemon::start(&s, &cfg, &[&a, &b]);
+    Rig {
+        claude: a.join(".credentials.json"),
+        hermes: b.join("auth.json"),
+        fake,
+        d: Some(d),
+        cfg,
+        dirs: vec![a, b],
+        s,
+    }
+}
+
+impl Rig {
+    fn d(&self) -> &Daemon {
+        self.d.as_ref().expect("daemon")
+    }
+
+    /// A login's session written as Claude's file outside the mounts, then
+    /// `tokenfs import sess --from claude FILE`.
+    fn import_login(&self) -> (String, String) {
+        let (at, rt) = self.fake.login();
+        let file = self.s.write(
+            "login/.credentials.json",
+            &serde_json::json!({"claudeAiOauth": {"accessToken": at, "refreshToken": rt, "expiresAt": 0}})
+                .to_string(),
+        );
+        let out = Command::new(BIN)
+            .args(["import", "sess", "--from", "claude"])
+            .arg(&file)
+            .arg("--socket")
+            .arg(self.s.socket())
+            .output()
+            .expect("run tokenfs import");
+        assert!(
+            out.status.success(),
+            "import failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.d().log_text()
+        );
+        (at, rt)
+    }
+
+    fn oauth(&self) -> serde_json::Value {
+        self.d().status()["credentials"][0]["oauth"].clone()
+    }
+
+    fn state(&self) -> String {
+        self.d().status()["credentials"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn refreshes(&self) -> u64 {
+        self.oauth()["refresh_count"].as_u64().unwrap_or(0)
+    }
+
+    fn restart(&mut self) {
+        if let Some(d) = self.d.take() {
+            let (status, _) = d.stop();
+            assert!(status.success());
+        }
+        let refs: Vec<&Path> = self.dirs.iter().map(PathBuf::as_path).collect();
+        self.d = Some(Daemon::start(&self.s, &self.cfg, &refs));
+    }
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    let text = fs::read_to_string(path).expect("read");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+fn claude_tokens(path: &Path) -> (String, String) {
+    let v = json(path);
+    let o = &v["claudeAiOauth"];
+    (
+        o["accessToken"].as_str().unwrap_or("").to_string(),
+        o["refreshToken"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn hermes_tokens(path: &Path) -> (String, String) {
+    let v = json(path);
+    let o = &v["providers"]["openai-codex"]["tokens"];
+    (
+        o["access_token"].as_str().unwrap_or("").to_string(),
+        o["refresh_token"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "not reached within {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `text` over `path` the way the CLIs save: temp file + rename.
+fn save_like_a_cli(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp.cli");
+    fs::write(&tmp, text).expect("write temp");
+    fs::rename(&tmp, path).expect("rename over");
+}
+
+/// Reads in a loop. Returns (reads, reads whose access token was not valid
+/// at any moment of the read, reads whose refresh token was not usable: with
+/// `real`, already spent; with a decoy, anything but a decoy).
+fn reader(
+    fake: Fake,
+    path: PathBuf,
+    read: fn(&Path) -> (String, String),
+    real: bool,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut reads, mut bad, mut stale) = (0, 0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let (at, rt) = read(&path);
+            let end = Instant::now();
+            reads += 1;
+            if !fake.access_valid_during(&at, started, end) {
+                bad += 1;
+                eprintln!("{}: an access token that was not valid", path.display());
+            }
+            let ok_refresh = if real {
+                fake.refresh_live_during(&rt, started, end)
+            } else {
+                rt.starts_with("tokenfs-decoy-") && !fake.is_issued_refresh(&rt)
+            };
+            if !ok_refresh {
+                stale += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (reads, bad, stale)
+    })
+}
+
+fn two_consumers_across_refreshes(consumer_refresh_token: &str) {
+    let r = rig(
+        Duration::from_secs(2),
+        &format!("refresh_before = \"1s\"\nconsumer_refresh_token = \"{consumer_refresh_token}\""),
+    );
+    r.import_login();
+    let real = consumer_refresh_token == "real";
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = [
+        reader(
+            r.fake.clone(),
+            r.claude.clone(),
+            claude_tokens,
+            real,
+            stop.clone(),
+        ),
+        reader(
+            r.fake.clone(),
+            r.hermes.clone(),
+            hermes_tokens,
+            real,
+            stop.clone(),
+        ),
+    ];
+    let start = r.fake.calls();
+    wait_until(Duration::from_secs(60), "20 refreshes", || {
+        r.fake.calls() >= start + 20
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (mut total, mut stale_total) = (0, 0);
+    for rd in readers {
+        let (reads, bad, stale) = rd.join().expect("reader");
+        assert_eq!(bad, 0, "a read served an access token that was not valid");
+        assert!(reads > 100, "only {reads} reads");
+        if !real {
+            assert_eq!(stale, 0, "a read showed something else than a decoy");
+        }
+        total += reads;
+        stale_total += stale;
+    }
+    let refreshes = r.refreshes();
+    // With real refresh tokens, a read between the server's rotation and
+    // tokenfs's publish shows a refresh token already spent: measured here.
+    eprintln!(
+        "{consumer_refresh_token}: {total} reads, {stale_total} with a spent refresh token, {refreshes} refreshes, {} token calls, reuses {}",
+        r.fake.calls(),
+        r.fake.reuses()
+    );
+    assert!(refreshes >= 21, "{refreshes} refreshes");
+    assert_eq!(r.fake.reuses(), 0, "the server saw a reused refresh token");
+    assert_eq!(
+        r.fake.unknown(),
+        0,
+        "a decoy or unknown token reached the server"
+    );
+    assert_eq!(r.state(), "ok");
+    // The other keys of the consumers' files are kept.
+    assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+    assert_eq!(json(&r.hermes)["active_provider"], "openai-codex");
+    // The state file is private and holds the newest refresh token.
+    let state = r.s.path("state/sess.oauth.json");
+    assert_eq!(
+        fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&state).unwrap()).unwrap();
+    let saved_rt = saved["refresh_token"].as_str().unwrap_or("");
+    assert!(
+        r.fake
+            .refresh_live_during(saved_rt, Instant::now(), Instant::now())
+    );
+    // Nothing secret in the log.
+    let log = r.d().log_text();
+    assert!(!log.contains(saved_rt), "a refresh token is in the log");
+}
+
+#[test]
+fn two_consumers_read_only_valid_sessions_across_20_refreshes_real() {
+    two_consumers_across_refreshes("real");
+}
+
+#[test]
+fn two_consumers_read_only_valid_sessions_across_20_refreshes_decoy() {
+    two_consumers_across_refreshes("decoy");
+}
+
+#[test]
+fn a_consumers_own_refresh_is_adopted_and_a_blanked_or_garbage_one_is_not() {
+    let r = rig(
+        Duration::from_secs(600),
+        "consumer_refresh_token = \"real\"",
+    );
+    r.import_login();
+    wait_until(Duration::from_secs(5), "the session is served", || {
+        r.fake.access_valid(&claude_tokens(&r.claude).0)
+    });
+    // Claude refreshes on its own (say after an API 401) and saves.
+    let (_, rt) = claude_tokens(&r.claude);
+    let (at2, rt2) = r.fake.consumer_refresh(&rt).expect("consumer refresh");
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["accessToken"] = at2.clone().into();
+    v["claudeAiOauth"]["refreshToken"] = rt2.clone().into();
+    let before = r.refreshes();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    // tokenfs validates it by refreshing with it and serves the newer session.
+    wait_until(Duration::from_secs(5), "adoption", || {
+        r.refreshes() > before
+    });
+    let (at3, rt3) = claude_tokens(&r.claude);
+    assert!(r.fake.access_valid(&at3));
+    assert!(
+        r.fake
+            .refresh_live_during(&rt3, Instant::now(), Instant::now())
+    );
+    assert_ne!(rt3, rt2, "tokenfs now holds the newest session");
+    assert_eq!(
+        hermes_tokens(&r.hermes),
+        (at3.clone(), rt3.clone()),
+        "every view at once"
+    );
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.state(), "ok");
+    assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+
+    // Claude's wipe after a failed refresh: blanked, not adopted.
+    let calls = r.fake.calls();
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["accessToken"] = "".into();
+    v["claudeAiOauth"]["refreshToken"] = "".into();
+    v["claudeAiOauth"]["expiresAt"] = 0.into();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let (at4, _) = claude_tokens(&r.claude);
+    assert!(
+        r.fake.access_valid(&at4),
+        "the good session is still served"
+    );
+    assert_eq!(r.state(), "ok");
+    assert!(
+        r.d().log_text().contains("empty or removed"),
+        "the wipe is noticed"
+    );
+    // The blanked write is taken as the consumer's failed refresh: at most
+    // one refresh for it (min_refresh_interval), never a reuse.
+    assert!(r.fake.calls() <= calls + 1);
+
+    // Garbage that looks like a token: refused by the server, not adopted,
+    // and no relogin.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (good_at, good_rt) = claude_tokens(&r.claude);
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["refreshToken"] = "garbage-garbage-garbage-garbage".into();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    wait_until(Duration::from_secs(5), "the garbage is refused", || {
+        r.d().status()["credentials"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalid_grant"))
+    });
+    assert_eq!(claude_tokens(&r.claude), (good_at, good_rt));
+    assert_eq!(r.state(), "ok");
+    assert_eq!(r.oauth()["relogin_required"], false);
+    assert_eq!(r.fake.reuses(), 0);
+}
+
+#[test]
+fn transient_failures_keep_the_session_and_never_mark_relogin() {
+    let r = rig(Duration::from_secs(4), "refresh_before = \"2s\"");
+    r.import_login();
+    let (at, _) = claude_tokens(&r.claude);
+    for fault in [
+        Fault::Status(503),
+        Fault::TooMany(1),
+        Fault::Garbage,
+        Fault::Down,
+    ] {
+        r.fake.set_fault(fault);
+        let calls = r.fake.calls();
+        let out = control::call(
+            &r.d().socket,
+            &Request::Rotate {
+                name: "sess".into(),
+            },
+        );
+        assert!(out.is_err(), "{fault:?}: rotate should fail");
+        wait_until(Duration::from_secs(5), "an attempt", || {
+            r.fake.calls() > calls
+        });
+        assert_eq!(r.state(), "degraded", "{fault:?}");
+        assert_eq!(r.oauth()["relogin_required"], false, "{fault:?}");
+        assert_eq!(
+            claude_tokens(&r.claude).0,
+            at,
+            "{fault:?}: the current token stays"
+        );
+    }
+    // 429's Retry-After is honoured: no call within it.
+    r.fake.set_fault(Fault::TooMany(2));
+    let _ = control::call(
+        &r.d().socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    );
+    let after = r.fake.calls();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(r.fake.calls(), after, "retried before Retry-After");
+    r.fake.set_fault(Fault::None);
+    // The backoff may by now be long; a requested refresh goes at once.
+    control::call(
+        &r.d().socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    )
+    .expect("recovered");
+    assert_eq!(r.state(), "ok");
+    assert_ne!(claude_tokens(&r.claude).0, at);
+    assert_eq!(r.fake.reuses(), 0);
+    let log = r.d().log_text();
+    assert!(
+        log.contains("HTTP 503") && log.contains("HTTP 429"),
+        "{log}"
+    );
+}
+
+#[test]
+fn invalid_grant_marks_relogin_and_an_import_clears_it() {
+    let r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    r.fake.revoke_all();
+    let out = control::call(
+        &r.d().socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    );
+    let e = out.expect_err("refresh after revocation");
+    assert!(e.contains("invalid_grant"), "{e}");
+    assert_eq!(r.state(), "relogin_required");
+    assert_eq!(r.oauth()["relogin_required"], true);
+    assert!(r.d().log_text().contains("ERROR"), "an error! log");
+    // No more attempts on a dead grant.
+    let calls = r.fake.calls();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(r.fake.calls(), calls);
+    r.import_login();
+    assert_eq!(r.state(), "ok");
+    assert_eq!(r.oauth()["relogin_required"], false);
+    assert!(r.fake.access_valid(&claude_tokens(&r.claude).0));
+}
+
+#[test]
+fn openai_style_refresh_token_reuse_marks_relogin() {
+    let r = rig(Duration::from_secs(600), "");
+    r.fake.state.lock().reuse = Reuse::Reused401;
+    r.import_login();
+    let (_, current) = claude_tokens(&r.claude);
+    assert!(current.starts_with("tokenfs-decoy-"), "decoy by default");
+    let secret = control::call(
+        &r.d().socket,
+        &Request::Token {
+            name: "sess".into(),
+            field: Some("refresh_token".into()),
+        },
+    )
+    .unwrap();
+    assert!(
+        secret["secret"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("tokenfs-decoy-")
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(r.s.path("state/sess.oauth.json")).unwrap())
+            .unwrap();
+    let real = saved["refresh_token"].as_str().unwrap_or("").to_string();
+    // Someone else spends tokenfs's current refresh token.
+    r.fake.consumer_refresh(&real).expect("spent elsewhere");
+    let e = control::call(
+        &r.d().socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    )
+    .expect_err("reuse");
+    assert!(e.contains("refresh_token_reused"), "{e}");
+    assert_eq!(r.state(), "relogin_required");
+}
+
+#[test]
+fn concurrent_rotates_make_one_call_to_the_server() {
+    let r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    r.fake.set_fault(Fault::Slow(Duration::from_millis(400)));
+    let calls = r.fake.calls();
+    let socket = r.d().socket.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                control::call(
+                    &socket,
+                    &Request::Rotate {
+                        name: "sess".into(),
+                    },
+                )
+                .map(|v| v["generation"].as_u64())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let gens: std::collections::BTreeSet<_> = results.iter().map(|r| r.clone().ok()).collect();
+    assert_eq!(gens.len(), 1, "every caller got the same refresh: {gens:?}");
+    assert_eq!(r.fake.calls(), calls + 1, "one call to the token endpoint");
+    assert_eq!(r.fake.reuses(), 0);
+}
+
+#[test]
+fn a_restart_resumes_without_a_refresh_and_never_reuses() {
+    let mut r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    let rotate = |r: &Rig| {
+        control::call(
+            &r.d().socket,
+            &Request::Rotate {
+                name: "sess".into(),
+            },
+        )
+        .expect("rotate")
+    };
+    for _ in 0..3 {
+        rotate(&r);
+        let calls = r.fake.calls();
+        r.restart();
+        // Served at once from the state file, without a refresh.
+        let (at, _) = claude_tokens(&r.claude);
+        assert!(r.fake.access_valid(&at), "resumed session served");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(r.fake.calls(), calls, "a refresh at restart");
+        assert_eq!(r.state(), "ok");
+    }
+    // SIGKILL between refreshes, then restart.
+    rotate(&r);
+    if let Some(mut d) = r.d.take() {
+        d.signal(libc::SIGKILL);
+        let _ = d.wait_exit(Duration::from_secs(5));
+        for dir in &r.dirs {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(dir)
+                .status();
+        }
+    }
+    r.restart();
+    rotate(&r);
+    assert!(r.fake.access_valid(&claude_tokens(&r.claude).0));
+    assert!(r.refreshes() >= 5);
+    assert_eq!(r.fake.reuses(), 0, "a spent refresh token was sent again");
+}
+
+#[test]
+fn decoy_consumers_cannot_spend_the_chain_and_their_wipe_triggers_a_refresh() {
+    let r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    let (at, decoy) = claude_tokens(&r.claude);
+    assert!(decoy.starts_with("tokenfs-decoy-"));
+    // The consumer's own refresh attempt fails harmlessly at the server.
+    assert_eq!(r.fake.consumer_refresh(&decoy), Err(400));
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    // ...and it blanks its file, as Claude Code does on invalid_grant.
+    let before = r.refreshes();
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["accessToken"] = "".into();
+    v["claudeAiOauth"]["refreshToken"] = "".into();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    wait_until(Duration::from_secs(5), "a refresh for the consumer", || {
+        r.refreshes() > before
+    });
+    let (at2, decoy2) = claude_tokens(&r.claude);
+    assert_ne!(at, at2);
+    assert!(r.fake.access_valid(&at2));
+    assert!(decoy2.starts_with("tokenfs-decoy-") && decoy2 != decoy);
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.state(), "ok");
+}
+
+#[test]
+fn openai_expiry_comes_from_the_jwt_and_the_account_from_the_id_token() {
+    let s = Scratch::new();
+    let fake = Fake::start(Duration::from_secs(4));
+    {
+        let mut st = fake.state.lock();
+        st.jwt = true;
+        st.omit_expires_in = true;
+    }
+    s.write("home/.codex/auth.json", r#"{"auth_mode":"chatgpt","OPENAI_API_KEY":null,"tokens":{"id_token":"none","access_token":"none","refresh_token":"none","account_id":"none"},"last_refresh":"2026-01-01T00:00:00Z"}"#);
+    let dir = s.path("home/.codex");
+    let cfg = format!(
+        r#"[control]
+socket = "{sock}"
+[credentials.codex]
+source = "oauth"
+provider = "openai"
+token_url = "{url}"
+refresh_before = "1s"
+body = "form"
+[[mount]]
+dir = "{dir}"
+[[mount.file]]
+path = "auth.json"
+bind = {{ "tokens.access_token" = "codex.access_token", "tokens.refresh_token" = "codex.refresh_token", "tokens.id_token" = "codex.id_token", "tokens.account_id" = "codex.account_id" }}
+"#,
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        dir = dir.display()
+    );
+    let d = Daemon::start(&s, &cfg, &[&dir]);
+    let (at, rt) = fake.login();
+    let login = s.write(
+        "login/auth.json",
+        &serde_json::json!({"tokens": {"access_token": at, "refresh_token": rt, "id_token": "x.y.z", "account_id": "acct-old"}}).to_string(),
+    );
+    let out = Command::new(BIN)
+        .args(["import", "codex", "--from", "codex"])
+        .arg(&login)
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&dir.join("auth.json"));
+    assert_eq!(v["tokens"]["account_id"], "acct-fake-0001");
+    assert!(fake.access_valid(v["tokens"]["access_token"].as_str().unwrap()));
+    // Expiry from the JWT: refreshed at half of 4 s.
+    let st = d.status();
+    let exp = st["credentials"][0]["expires_at"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        exp > now + 1.0 && exp < now + 6.0,
+        "expiry {exp} vs now {now}"
+    );
+    let calls = fake.calls();
+    wait_until(
+        Duration::from_secs(10),
+        "refreshes by the JWT's exp",
+        || fake.calls() >= calls + 3,
+    );
+    let st = fake.state.lock();
+    assert_eq!(st.reuses, 0);
+    assert!(
+        st.content_types
+            .iter()
+            .all(|c| c.starts_with("application/x-www-form-urlencoded"))
+    );
+    assert!(
+        st.client_ids
+            .iter()
+            .all(|c| c == "app_EMoamEEZ73f0CkXaXp7hrann")
+    );
+}
+
+#[test]
+fn client_credentials_fetch_and_renew_a_token() {
+    let s = Scratch::new();
+    let fake = Fake::start(Duration::from_secs(2));
+    fake.state.lock().client = Some(("sp-client".into(), "sp-secret-value".into()));
+    s.write(
+        "home/.databrickscfg",
+        "[DEFAULT]\nhost = https://w.example.com\ntoken = none\n",
+    );
+    let dir = s.path("home");
+    let cfg = format!(
+        r#"[control]
+socket = "{sock}"
+[credentials.sp]
+source = "oauth"
+grant = "client_credentials"
+token_url = "{url}"
+client_id = "sp-client"
+client_secret_env = "SP_SECRET"
+scope = "all-apis"
+refresh_before = "1s"
+[[mount]]
+dir = "{dir}"
+[[mount.file]]
+path = ".databrickscfg"
+format = "ini"
+bind = {{ "DEFAULT.token" = "sp.access_token" }}
+"#,
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        dir = dir.display()
+    );
+    let d = Daemon::start_env(&s, &cfg, &[&dir], &[("SP_SECRET", "sp-secret-value")]);
+    let token = |p: &Path| {
+        fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("token = ").map(String::from))
+            .unwrap_or_default()
+    };
+    let path = dir.join(".databrickscfg");
+    wait_until(Duration::from_secs(5), "a token", || {
+        fake.access_valid(&token(&path))
+    });
+    let first = token(&path);
+    wait_until(Duration::from_secs(5), "renewed", || {
+        let t = token(&path);
+        t != first && fake.access_valid(&t)
+    });
+    assert!(!d.log_text().contains("sp-secret-value"));
+    assert_eq!(
+        d.status()["credentials"][0]["oauth"]["grant"],
+        "client_credentials"
+    );
+}
