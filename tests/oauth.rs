@@ -760,3 +760,68 @@ bind = {{ "DEFAULT.token" = "sp.access_token" }}
         "client_credentials"
     );
 }
+
+/// Case g: the API answers 401 to an access token far from expiry (revoked
+/// server-side). Both consumers try to refresh on their own — with decoys,
+/// harmlessly — and wipe their sessions (Claude blanks its file, Hermes
+/// deletes its tokens). tokenfs refreshes once, and both are authorised
+/// again without a human; the server sees no reuse.
+#[test]
+fn case_g_an_api_401_far_from_expiry_ends_with_every_consumer_authorised() {
+    let r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    let (at, claude_decoy) = claude_tokens(&r.claude);
+    let (_, hermes_decoy) = hermes_tokens(&r.hermes);
+    r.fake.revoke_access(&at);
+    assert!(!r.fake.access_valid(&at), "the API refuses it now");
+    let before = r.refreshes();
+    let calls = r.fake.calls();
+    // Each consumer's own refresh fails at the server (an unknown token).
+    assert_eq!(r.fake.consumer_refresh(&claude_decoy), Err(400));
+    assert_eq!(r.fake.consumer_refresh(&hermes_decoy), Err(400));
+    // ...and each wipes its copy, at the same moment, several times over.
+    let claude = r.claude.clone();
+    let hermes = r.hermes.clone();
+    let wipers = [
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                let mut v = json(&claude);
+                v["claudeAiOauth"]["accessToken"] = "".into();
+                v["claudeAiOauth"]["refreshToken"] = "".into();
+                v["claudeAiOauth"]["expiresAt"] = 0.into();
+                save_like_a_cli(&claude, &serde_json::to_string_pretty(&v).unwrap());
+            }
+        }),
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                let mut v = json(&hermes);
+                v["providers"]["openai-codex"]["tokens"] = serde_json::json!({});
+                save_like_a_cli(&hermes, &serde_json::to_string_pretty(&v).unwrap());
+            }
+        }),
+    ];
+    for w in wipers {
+        w.join().unwrap();
+    }
+    let wiped = Instant::now();
+    wait_until(Duration::from_secs(5), "everyone authorised again", || {
+        r.fake.access_valid(&claude_tokens(&r.claude).0)
+            && r.fake.access_valid(&hermes_tokens(&r.hermes).0)
+    });
+    let recovered = wiped.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let refreshes = r.refreshes() - before;
+    eprintln!(
+        "case g: authorised again {recovered:?} after the wipes; {refreshes} refresh(es) by tokenfs for 6 wipes, {} token calls from tokenfs, reuses {}",
+        r.fake.calls() - calls,
+        r.fake.reuses()
+    );
+    assert_eq!(
+        refreshes, 1,
+        "one refresh for every wipe (min_refresh_interval)"
+    );
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.state(), "ok");
+    assert_eq!(claude_tokens(&r.claude), hermes_tokens(&r.hermes));
+}
