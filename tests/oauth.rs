@@ -825,3 +825,187 @@ fn case_g_an_api_401_far_from_expiry_ends_with_every_consumer_authorised() {
     assert_eq!(r.state(), "ok");
     assert_eq!(claude_tokens(&r.claude), hermes_tokens(&r.hermes));
 }
+
+/// The real Codex CLI (npm; `scripts/test.sh` installs it) in ChatGPT mode
+/// reading `auth.json` through the mount, run repeatedly across tokenfs's
+/// refreshes: authorised every time, never refreshing on its own. Then
+/// case g, the API refusing its access token: Codex's own refresh with the
+/// decoy fails harmlessly, but Codex does not write its file, so only
+/// tokenfs's next refresh brings it back (measured and asserted as such).
+/// Codex 0.171.0 refreshes at start when its access token expires within
+/// about 5 minutes (`TOKENFS_TEST_CODEX_LIFETIME=280`: 4 attempts a run;
+/// 330: none), so the lifetime here is 15 min and refreshes are rotations.
+#[test]
+fn codex_cli_across_refreshes_and_after_an_api_401() {
+    let codex =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/codex");
+    assert!(
+        codex.exists(),
+        "Codex CLI is missing: scripts/test.sh installs it from npm"
+    );
+    // TOKENFS_TEST_CODEX_MODE=real measures the other design.
+    let mode = std::env::var("TOKENFS_TEST_CODEX_MODE").unwrap_or_else(|_| "decoy".into());
+    let s = Scratch::new();
+    let life: u64 = std::env::var("TOKENFS_TEST_CODEX_LIFETIME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(900);
+    let fake = Fake::start(Duration::from_secs(life));
+    fake.state.lock().jwt = true;
+    let home = s.path("home");
+    let dir = s.path("home/.codex");
+    s.write(
+        "home/.codex/config.toml",
+        &format!(
+            "model = \"test-model\"\nmodel_provider = \"fake\"\nchatgpt_base_url = \"{url}/backend-api/\"\n\n[model_providers.fake]\nname = \"fake\"\nbase_url = \"{url}/v1\"\nwire_api = \"responses\"\nrequires_openai_auth = true\n",
+            url = fake.url
+        ),
+    );
+    s.write(
+        "home/.codex/auth.json",
+        &format!(
+            r#"{{"auth_mode":"chatgpt","OPENAI_API_KEY":null,"tokens":{{"id_token":"none","access_token":"none","refresh_token":"none","account_id":"none"}},"last_refresh":"{}"}}"#,
+            std::env::var("TOKENFS_TEST_CODEX_LAST_REFRESH").unwrap_or_else(|_| "2026-12-01T00:00:00Z".into())
+        ),
+    );
+    let cfg = format!(
+        r#"[control]
+socket = "{sock}"
+[credentials.codex]
+source = "oauth"
+provider = "openai"
+token_url = "{url}"
+refresh_before = "{before}s"
+consumer_refresh_token = "{mode}"
+min_refresh_interval = "1s"
+[[mount]]
+dir = "{dir}"
+[[mount.file]]
+path = "auth.json"
+bind = {{ "tokens.access_token" = "codex.access_token", "tokens.refresh_token" = "codex.refresh_token", "tokens.id_token" = "codex.id_token", "tokens.account_id" = "codex.account_id" }}
+"#,
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        dir = dir.display(),
+        before = life / 3,
+        mode = mode,
+    );
+    let d = Daemon::start(&s, &cfg, &[&dir]);
+    let (at, rt) = fake.login();
+    let login = s.write(
+        "login/auth.json",
+        &serde_json::json!({"tokens": {"access_token": at, "refresh_token": rt}}).to_string(),
+    );
+    let out = Command::new(BIN)
+        .args(["import", "codex", "--from", "codex"])
+        .arg(&login)
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = || {
+        let started = Instant::now();
+        let out = Command::new(&codex)
+            .args(["exec", "--skip-git-repo-check", "say hi"])
+            .env("HOME", &home)
+            .env("CODEX_HOME", &dir)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fake.token_url())
+            .env_remove("OPENAI_API_KEY")
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("codex");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+            started.elapsed(),
+        )
+    };
+    let (mut ok_runs, runs) = (0, 8);
+    for i in 0..runs {
+        let (ok, text, took) = run();
+        if !ok {
+            eprintln!("codex run {i} failed after {took:?}:\n{text}");
+        }
+        ok_runs += ok as usize;
+        control::call(
+            &d.socket,
+            &Request::Rotate {
+                name: "codex".into(),
+            },
+        )
+        .expect("rotate");
+    }
+    let tokenfs_refreshes = d.status()["credentials"][0]["oauth"]["refresh_count"]
+        .as_u64()
+        .unwrap_or(0);
+    let (unauthorised, api) = {
+        let st = fake.state.lock();
+        (
+            st.api_calls.iter().filter(|c| !c.1).count(),
+            st.api_calls.len(),
+        )
+    };
+    eprintln!(
+        "codex: {ok_runs} of {runs} runs authorised across {tokenfs_refreshes} tokenfs refreshes; API calls {api}, refused {unauthorised}; decoys sent to the server {}; reuses {}",
+        fake.unknown(),
+        fake.reuses()
+    );
+    assert_eq!(ok_runs, runs);
+    assert_eq!(unauthorised, 0);
+    assert_eq!(fake.unknown(), 0, "Codex refreshed on its own");
+    assert_eq!(fake.reuses(), 0);
+
+    // Case g: the API refuses the current access token far from expiry.
+    let current = json(&dir.join("auth.json"))["tokens"]["access_token"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    fake.revoke_access(&current);
+    let before = fake.unknown();
+    let (ok, text, took) = run();
+    let tried = fake.unknown() - before;
+    eprintln!(
+        "codex after a revoked access token: ok {ok} in {took:?}; decoy refreshes tried {tried}\n{}",
+        text.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    if mode == "real" {
+        // Codex refreshed with the real token and saved by rename: adopted.
+        std::thread::sleep(Duration::from_millis(500));
+        let (ok2, _, _) = run();
+        eprintln!(
+            "real: first run ok {ok}, next ok {ok2}, tokenfs refreshes {}, reuses {}",
+            d.status()["credentials"][0]["oauth"]["refresh_count"],
+            fake.reuses()
+        );
+        assert_eq!(fake.reuses(), 0);
+        return;
+    }
+    assert!(!ok && tried >= 1);
+    let (ok2, _, _) = run();
+    assert!(
+        !ok2,
+        "Codex does not write its file, so nothing tells tokenfs"
+    );
+    // tokenfs's next refresh (here: now) authorises it again.
+    control::call(
+        &d.socket,
+        &Request::Rotate {
+            name: "codex".into(),
+        },
+    )
+    .expect("rotate");
+    let (ok3, text3, _) = run();
+    assert!(ok3, "{text3}");
+    assert_eq!(fake.reuses(), 0);
+}

@@ -69,6 +69,8 @@ pub struct State {
     pub content_types: Vec<String>,
     /// client_id values seen in bodies.
     pub client_ids: Vec<String>,
+    /// (when, authorised) of every call to a client API.
+    pub api_calls: Vec<(Instant, bool)>,
     n: u64,
 }
 
@@ -135,7 +137,8 @@ impl State {
             .map(|d| d.as_secs_f64().ceil() as u64)
             .unwrap_or(0);
         let access = if self.jwt {
-            let claims = serde_json::json!({"exp": exp_secs, "n": self.n, "x": nonce(self.n)});
+            let claims = serde_json::json!({"exp": exp_secs, "n": self.n, "x": nonce(self.n),
+                "https://api.openai.com/auth": {"chatgpt_account_id": "acct-fake-0001", "chatgpt_plan_type": "plus", "chatgpt_user_id": "user-fake"}});
             format!(
                 "{}.{}.sig",
                 b64url(br#"{"alg":"none","typ":"JWT"}"#),
@@ -167,8 +170,8 @@ impl State {
                 },
             );
             body["refresh_token"] = refresh.into();
-            let claims = serde_json::json!({"exp": exp_secs,
-                "https://api.openai.com/auth": {"chatgpt_account_id": "acct-fake-0001"}});
+            let claims = serde_json::json!({"exp": exp_secs, "email": "someone@example.com",
+                "https://api.openai.com/auth": {"chatgpt_account_id": "acct-fake-0001", "chatgpt_plan_type": "plus", "chatgpt_user_id": "user-fake"}});
             body["id_token"] = format!(
                 "{}.{}.sig",
                 b64url(br#"{"alg":"none"}"#),
@@ -233,6 +236,7 @@ impl Fake {
             client: None,
             content_types: Vec::new(),
             client_ids: Vec::new(),
+            api_calls: Vec::new(),
             n: 0,
         }));
         let s = state.clone();
@@ -412,6 +416,28 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
         form_decode(&text)
     };
 
+    let bearer = auth.strip_prefix("Bearer ").unwrap_or("").to_string();
+    if path.ends_with("/responses") || path.contains("/wham/") {
+        // The APIs a real client calls (Codex: the Responses API, its
+        // account check): only a currently valid access token is served.
+        let ok = state.lock().access_valid(&bearer);
+        state.lock().api_calls.push((Instant::now(), ok));
+        let (status, ctype, text) = match (ok, path.ends_with("/responses")) {
+            (false, _) => (
+                401,
+                "application/json",
+                r#"{"error":{"code":"invalid_token","message":"expired"}}"#.to_string(),
+            ),
+            (true, false) => (200, "application/json", "{}".to_string()),
+            (true, true) => (200, "text/event-stream", responses_sse()),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
+        return;
+    }
     let (status, reply, extra) = match (method.as_str(), path.as_str()) {
         ("GET", "/api") => {
             let bearer = auth.strip_prefix("Bearer ").unwrap_or("");
@@ -499,4 +525,26 @@ fn token(
         }
         _ => (400, serde_json::json!({"error": "unsupported_grant_type"})),
     }
+}
+
+/// A short streamed Responses API reply (what Codex speaks).
+fn responses_sse() -> String {
+    let ev = |e: &str, d: serde_json::Value| format!("event: {e}\ndata: {d}\n\n");
+    let item = serde_json::json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+        "content": [{"type": "output_text", "text": "hi from the fake", "annotations": []}]});
+    let response = serde_json::json!({"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+        "model": "test-model", "output": [item],
+        "usage": {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 3,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 4}});
+    let mut started = response.clone();
+    started["status"] = "in_progress".into();
+    started["output"] = serde_json::json!([]);
+    [
+        ev("response.created", serde_json::json!({"type": "response.created", "response": started})),
+        ev("response.output_item.added", serde_json::json!({"type": "response.output_item.added", "output_index": 0, "item": item})),
+        ev("response.output_text.delta", serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "hi from the fake"})),
+        ev("response.output_item.done", serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item})),
+        ev("response.completed", serde_json::json!({"type": "response.completed", "response": response})),
+    ]
+    .concat()
 }
