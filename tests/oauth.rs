@@ -1009,3 +1009,93 @@ bind = {{ "tokens.access_token" = "codex.access_token", "tokens.refresh_token" =
     assert!(ok3, "{text3}");
     assert_eq!(fake.reuses(), 0);
 }
+
+/// The real Claude Code (npm) logged in with OAuth: `.credentials.json`
+/// through the mount, the API on the loopback fake (`ANTHROPIC_BASE_URL`),
+/// run repeatedly across tokenfs's refreshes. Its token endpoint has no
+/// override, and it never needs one here: with `expiresAt` far ahead it
+/// does not refresh on its own.
+#[test]
+fn claude_code_across_refreshes() {
+    let claude =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/claude");
+    assert!(
+        claude.exists(),
+        "Claude Code is missing: scripts/test.sh installs it from npm"
+    );
+    let r = rig(Duration::from_secs(900), "");
+    let expires_ms = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    r.s.write(
+        "home/.claude/settings.json",
+        &format!(
+            "{{\"env\": {{\"ANTHROPIC_BASE_URL\": \"{}\"}}}}\n",
+            r.fake.url
+        ),
+    );
+    // expiresAt is the user's bytes here (rendering it is the presets' job).
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["expiresAt"] = (expires_ms as u64).into();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    r.import_login();
+    let home = r.s.path("home");
+    let run = || {
+        let out = Command::new(&claude)
+            .args(["-p", "say hi"])
+            .env("HOME", &home)
+            .env("DISABLE_TELEMETRY", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_AUTH_TOKEN")
+            .env_remove("ANTHROPIC_BASE_URL")
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("claude");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+        )
+    };
+    let (mut ok_runs, runs) = (0, 6);
+    for i in 0..runs {
+        let (ok, text) = run();
+        if !ok {
+            eprintln!("claude run {i} failed:\n{text}");
+        }
+        ok_runs += ok as usize;
+        control::call(
+            &r.d().socket,
+            &Request::Rotate {
+                name: "sess".into(),
+            },
+        )
+        .expect("rotate");
+    }
+    let (unauthorised, api) = {
+        let st = r.fake.state.lock();
+        (
+            st.api_calls.iter().filter(|c| !c.1).count(),
+            st.api_calls.len(),
+        )
+    };
+    eprintln!(
+        "claude: {ok_runs} of {runs} runs authorised across {} tokenfs refreshes; API calls {api}, refused {unauthorised}; reuses {}",
+        r.refreshes(),
+        r.fake.reuses()
+    );
+    assert_eq!(ok_runs, runs);
+    assert_eq!(unauthorised, 0);
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.fake.unknown(), 0);
+    // Claude's other keys survive its runs and tokenfs's refreshes.
+    assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+}

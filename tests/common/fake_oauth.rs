@@ -417,6 +417,26 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
     };
 
     let bearer = auth.strip_prefix("Bearer ").unwrap_or("").to_string();
+    if path.contains("/v1/messages") && method == "POST" {
+        // The Anthropic Messages API (what Claude Code speaks).
+        let ok = {
+            let mut st = state.lock();
+            let ok = st.access_valid(&bearer);
+            st.api_calls.push((Instant::now(), ok));
+            ok
+        };
+        let (status, ctype, text) = if ok {
+            (200, "text/event-stream", messages_sse())
+        } else {
+            (401, "application/json", r#"{"type":"error","error":{"type":"authentication_error","message":"OAuth token has expired."}}"#.to_string())
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
+        return;
+    }
     if path.ends_with("/responses") || path.contains("/wham/") {
         // The APIs a real client calls (Codex: the Responses API, its
         // account check): only a currently valid access token is served.
@@ -545,6 +565,20 @@ fn responses_sse() -> String {
         ev("response.output_text.delta", serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "hi from the fake"})),
         ev("response.output_item.done", serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item})),
         ev("response.completed", serde_json::json!({"type": "response.completed", "response": response})),
+    ]
+    .concat()
+}
+
+/// A short streamed Messages API reply.
+fn messages_sse() -> String {
+    let ev = |e: &str, d: &str| format!("event: {e}\ndata: {d}\n\n");
+    [
+        ev("message_start", r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}}"#),
+        ev("content_block_start", r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
+        ev("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi from the fake"}}"#),
+        ev("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
+        ev("message_delta", r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":3}}"#),
+        ev("message_stop", r#"{"type":"message_stop"}"#),
     ]
     .concat()
 }
