@@ -1099,3 +1099,190 @@ fn claude_code_across_refreshes() {
     // Claude's other keys survive its runs and tokenfs's refreshes.
     assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
 }
+
+/// TLS in front of the fake for a client whose token endpoint cannot be
+/// overridden: a throw-away CA and a certificate for `host` (openssl), and
+/// a forwarder on `ip:443` (Python's ssl module). Killed on drop.
+struct TlsFront {
+    child: std::process::Child,
+    ca: PathBuf,
+    hosts: PathBuf,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_front(s: &Scratch, host: &str, ip: &str, to: &str) -> TlsFront {
+    let dir = s.path("tls");
+    fs::create_dir_all(&dir).unwrap();
+    let sh = |script: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .output()
+            .expect("sh");
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=tokenfs-test-ca",
+    );
+    sh(&format!(
+        "openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj /CN={host} && \
+         printf 'subjectAltName=DNS:{host}' > ext && \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext"
+    ));
+    let script = r#"
+import socket, ssl, sys, threading
+ip, target = sys.argv[1], sys.argv[2].split(':')
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain('leaf.pem', 'leaf.key')
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((ip, 443)); srv.listen(16)
+print('ready', flush=True)
+def pipe(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d: break
+            b.sendall(d)
+    except Exception: pass
+    finally:
+        for x in (a, b):
+            try: x.shutdown(socket.SHUT_RDWR)
+            except Exception: pass
+def handle(c):
+    try: t = ctx.wrap_socket(c, server_side=True)
+    except Exception: return
+    u = socket.create_connection((target[0], int(target[1])))
+    threading.Thread(target=pipe, args=(t, u), daemon=True).start()
+    pipe(u, t)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(ip)
+        .arg(to.trim_start_matches("http://"))
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let hosts = dir.join("hosts");
+    fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {host}\n")).unwrap();
+    TlsFront {
+        child,
+        ca: dir.join("ca.pem"),
+        hosts,
+    }
+}
+
+/// Case g with the real Claude Code and a decoy: the API refuses its access
+/// token far from expiry; Claude refreshes on its own (at
+/// platform.claude.com, mapped to the fake inside `unshare -m`) with the
+/// decoy, is refused, wipes its session, and tokenfs takes the wipe as the
+/// signal to refresh: the next run is authorised, the server saw no reuse.
+#[test]
+fn claude_code_case_g_with_a_decoy() {
+    let claude =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/claude");
+    assert!(
+        claude.exists(),
+        "Claude Code is missing: scripts/test.sh installs it from npm"
+    );
+    let r = rig(Duration::from_secs(900), "");
+    let front = tls_front(&r.s, "platform.claude.com", "127.0.0.2", &r.fake.url);
+    let expires_ms = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    r.s.write(
+        "home/.claude/settings.json",
+        &format!(
+            "{{\"env\": {{\"ANTHROPIC_BASE_URL\": \"{}\"}}}}\n",
+            r.fake.url
+        ),
+    );
+    let mut v = json(&r.claude);
+    v["claudeAiOauth"]["expiresAt"] = (expires_ms as u64).into();
+    save_like_a_cli(&r.claude, &serde_json::to_string_pretty(&v).unwrap());
+    r.import_login();
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    let home = r.s.path("home");
+    let run = || {
+        let out = Command::new("unshare")
+            .arg("-m")
+            .arg("sh")
+            .arg("-c")
+            .arg("mount --bind \"$1\" /etc/hosts && shift && exec \"$@\"")
+            .arg("sh")
+            .arg(&front.hosts)
+            .arg(&claude)
+            .args(["-p", "say hi"])
+            .env("HOME", &home)
+            .env("NODE_EXTRA_CA_CERTS", &front.ca)
+            .env("DISABLE_TELEMETRY", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_AUTH_TOKEN")
+            .env_remove("ANTHROPIC_BASE_URL")
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("claude");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+        )
+    };
+    let (ok, text) = run();
+    assert!(ok, "{text}");
+    let (at, _) = claude_tokens(&r.claude);
+    r.fake.revoke_access(&at);
+    let before = r.refreshes();
+    let unknown = r.fake.unknown();
+    let (ok1, text1) = run();
+    let wiped = r.d().log_text().contains("empty or removed");
+    eprintln!(
+        "claude after a revoked access token: ok {ok1}; its refreshes with the decoy {}; wipe seen {wiped}; tokenfs refreshes {}\n{}",
+        r.fake.unknown() - unknown,
+        r.refreshes() - before,
+        text1.lines().rev().take(4).collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        wiped,
+        "Claude Code wiped its session after its refresh failed"
+    );
+    wait_until(Duration::from_secs(5), "tokenfs refreshed", || {
+        r.refreshes() > before
+    });
+    let (ok2, text2) = run();
+    assert!(r.refreshes() - before <= 2, "bounded refreshes");
+    assert!(ok2, "the next run: {text2}");
+    assert_eq!(r.fake.reuses(), 0);
+    assert!(r.fake.access_valid(&claude_tokens(&r.claude).0));
+    assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+}
