@@ -66,7 +66,7 @@ socket = "{sock}"
 source = "oauth"
 provider = "anthropic"
 token_url = "{url}"
-probe_url = "{api}"
+probe_url = "{url_base}/api"
 timeout = "2s"
 min_refresh_interval = "1s"
 {extra}
@@ -87,7 +87,7 @@ bind = {{ "providers.openai-codex.tokens.access_token" = "sess.access_token", "p
 "#,
         sock = s.socket().display(),
         url = fake.token_url(),
-        api = format!("{}/api", fake.url),
+        url_base = fake.url,
         a = a.display(),
         b = b.display(),
     );
@@ -1285,4 +1285,52 @@ fn claude_code_case_g_with_a_decoy() {
     assert_eq!(r.fake.reuses(), 0);
     assert!(r.fake.access_valid(&claude_tokens(&r.claude).0));
     assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+}
+
+/// A daemon that died while a refresh token was being sent (the state
+/// file still marks it in flight) does not send it again after a restart:
+/// the server may have spent it. It serves the access token and asks for a
+/// new login, which an import gives.
+#[test]
+fn a_refresh_token_in_flight_at_a_crash_is_never_resent() {
+    use sha2::Digest;
+    let mut r = rig(Duration::from_secs(600), "");
+    r.import_login();
+    let (at, _) = claude_tokens(&r.claude);
+    if let Some(d) = r.d.take() {
+        let (status, _) = d.stop();
+        assert!(status.success());
+    }
+    let path = r.s.path("state/sess.oauth.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let rt = state["refresh_token"].as_str().unwrap().to_string();
+    let hash: String = sha2::Sha256::digest(rt.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state["in_flight"] = hash.into();
+    fs::write(&path, state.to_string()).unwrap();
+    let calls = r.fake.calls();
+    let refs: Vec<&Path> = r.dirs.iter().map(PathBuf::as_path).collect();
+    r.d = Some(Daemon::start(&r.s, &r.cfg, &refs));
+    assert_eq!(r.state(), "relogin_required");
+    assert_eq!(
+        claude_tokens(&r.claude).0,
+        at,
+        "the access token is still served"
+    );
+    let e = control::call(
+        &r.d().socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    )
+    .expect_err("no refresh with a token that may be spent");
+    assert!(e.contains("login"), "{e}");
+    assert_eq!(r.fake.calls(), calls, "the in-flight token was sent again");
+    r.import_login();
+    assert_eq!(r.state(), "ok");
+    assert_eq!(r.fake.reuses(), 0);
 }
