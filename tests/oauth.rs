@@ -53,9 +53,13 @@ struct Rig {
 /// Two mounts (`home/.claude`, `home/.hermes`) whose files are bound to
 /// credential `sess`; `extra` adds config keys to the credential.
 fn rig(lifetime: Duration, extra: &str) -> Rig {
+    rig_with(Fake::start(lifetime), extra, CLAUDE)
+}
+
+/// `rig` with this fake and this `.credentials.json`.
+fn rig_with(fake: Fake, extra: &str, claude: &str) -> Rig {
     let s = Scratch::new();
-    let fake = Fake::start(lifetime);
-    s.write("home/.claude/.credentials.json", CLAUDE);
+    s.write("home/.claude/.credentials.json", claude);
     s.write("home/.hermes/auth.json", HERMES);
     let (a, b) = (s.path("home/.claude"), s.path("home/.hermes"));
     let cfg = format!(
@@ -1331,6 +1335,35 @@ fn a_refresh_token_in_flight_at_a_crash_is_never_resent() {
     assert!(e.contains("login"), "{e}");
     assert_eq!(r.fake.calls(), calls, "the in-flight token was sent again");
     r.import_login();
+    assert_eq!(r.state(), "ok");
+    assert_eq!(r.fake.reuses(), 0);
+}
+
+/// Seeding: at the first mount, a session found in a managed file becomes
+/// the empty credential's only after a refresh with its refresh token
+/// succeeded; from then on tokenfs holds the newest session.
+#[test]
+fn a_session_found_in_a_file_at_mount_seeds_the_credential_after_validation() {
+    let fake = Fake::start(Duration::from_secs(600));
+    let (at, rt) = fake.login();
+    let text = CLAUDE
+        .replacen(
+            "\"accessToken\": \"none\"",
+            &format!("\"accessToken\": \"{at}\""),
+            1,
+        )
+        .replacen(
+            "\"refreshToken\": \"none\"",
+            &format!("\"refreshToken\": \"{rt}\""),
+            1,
+        );
+    let r = rig_with(fake, "", &text);
+    wait_until(Duration::from_secs(5), "seeded", || r.refreshes() >= 1);
+    let (at2, shown) = claude_tokens(&r.claude);
+    assert_ne!(at2, at, "the validating refresh's session is served");
+    assert!(r.fake.access_valid(&at2));
+    assert!(shown.starts_with("tokenfs-decoy-"));
+    assert_eq!(hermes_tokens(&r.hermes).0, at2);
     assert_eq!(r.state(), "ok");
     assert_eq!(r.fake.reuses(), 0);
 }
