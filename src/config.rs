@@ -386,12 +386,11 @@ impl Config {
             }
             let source = validate_source(cred.get_ref(), &key, at)?;
             let source = match source {
-                SourceConfig::OAuth(o) => SourceConfig::OAuth(validate_oauth(
+                SourceConfig::OAuth(_) => SourceConfig::OAuth(validate_oauth(
                     cred.get_ref(),
                     name.get_ref(),
                     &key,
                     &state_dir,
-                    o,
                     at,
                 )?),
                 other => other,
@@ -699,7 +698,6 @@ fn validate_oauth(
     name: &str,
     key: &str,
     state_dir: &Path,
-    _blank: OAuthConfig,
     at: &Locator<'_>,
 ) -> Result<OAuthConfig, ConfigError> {
     let err = |span: Range<usize>, k: &str, m: &str| at.error(span, &format!("{key}.{k}"), m);
