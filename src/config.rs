@@ -61,6 +61,64 @@ pub enum SourceConfig {
     File { path: PathBuf },
     /// Mints and revokes Databricks personal access tokens itself.
     Databricks(DatabricksConfig),
+    /// Owns an OAuth session (refresh-token or client-credentials grant).
+    OAuth(OAuthConfig),
+}
+
+/// `source = "oauth"`: see [`crate::source::oauth`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OAuthConfig {
+    /// `anthropic`, `openai`, or `custom` (no preset: `token_url` and
+    /// `client_id` given).
+    pub provider: String,
+    pub grant: Grant,
+    pub token_url: String,
+    pub client_id: String,
+    /// Environment variable holding the client secret (sent with HTTP Basic).
+    pub client_secret_env: Option<String>,
+    pub scope: Option<String>,
+    pub body: Body,
+    /// Refresh no later than this long before expiry (and at half the
+    /// lifetime if that is earlier).
+    pub refresh_before: Duration,
+    /// Where the session (refresh token included) persists, 0600.
+    pub state_file: PathBuf,
+    /// An API endpoint that answers 2xx to a valid access token: how an
+    /// access token written by a consumer is validated (without it, such a
+    /// token alone is never adopted).
+    pub probe_url: Option<String>,
+    /// What consumers' files show as the refresh token.
+    pub consumer_refresh_token: ConsumerRefreshToken,
+    /// Per-request timeout (connect and total).
+    pub timeout: Duration,
+    /// The shortest gap between two refreshes a consumer triggers (by
+    /// blanking its session); `tokenfs rotate` is not limited.
+    pub min_refresh_interval: Duration,
+}
+
+/// The OAuth grant a credential uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    RefreshToken,
+    ClientCredentials,
+}
+
+/// How the token endpoint's request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Json,
+    Form,
+}
+
+/// What a consumer's file holds at a bound `refresh_token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerRefreshToken {
+    /// The real one: a consumer can refresh on its own; its new session is
+    /// adopted after validation.
+    Real,
+    /// A stand-in only tokenfs knows: no consumer can spend the chain; its
+    /// failed attempt (it blanks its session) makes tokenfs refresh now.
+    Decoy,
 }
 
 /// `source = "databricks"`: see [`crate::source::databricks`].
@@ -88,6 +146,7 @@ impl SourceConfig {
             SourceConfig::Push { .. } => "push",
             SourceConfig::File { .. } => "file",
             SourceConfig::Databricks(_) => "databricks",
+            SourceConfig::OAuth(_) => "oauth",
         }
     }
 }
@@ -300,6 +359,18 @@ struct RawCredential {
     cleanup_orphans: Option<bool>,
     timeout: Option<Spanned<String>>,
     min_length: Option<Spanned<usize>>,
+    provider: Option<Spanned<String>>,
+    grant: Option<Spanned<String>>,
+    token_url: Option<Spanned<String>>,
+    client_id: Option<Spanned<String>>,
+    client_secret_env: Option<String>,
+    scope: Option<String>,
+    body: Option<Spanned<String>>,
+    refresh_before: Option<Spanned<String>>,
+    state_file: Option<Spanned<String>>,
+    probe_url: Option<Spanned<String>>,
+    consumer_refresh_token: Option<Spanned<String>>,
+    min_refresh_interval: Option<Spanned<String>>,
 }
 
 impl RawCredential {
@@ -316,6 +387,21 @@ impl RawCredential {
             ("cleanup_orphans", self.cleanup_orphans.is_some()),
             ("timeout", self.timeout.is_some()),
             ("min_length", self.min_length.is_some()),
+            ("provider", self.provider.is_some()),
+            ("grant", self.grant.is_some()),
+            ("token_url", self.token_url.is_some()),
+            ("client_id", self.client_id.is_some()),
+            ("client_secret_env", self.client_secret_env.is_some()),
+            ("scope", self.scope.is_some()),
+            ("body", self.body.is_some()),
+            ("refresh_before", self.refresh_before.is_some()),
+            ("state_file", self.state_file.is_some()),
+            ("probe_url", self.probe_url.is_some()),
+            (
+                "consumer_refresh_token",
+                self.consumer_refresh_token.is_some(),
+            ),
+            ("min_refresh_interval", self.min_refresh_interval.is_some()),
         ];
         keys.into_iter()
             .filter(|(_, set)| *set)
@@ -403,6 +489,14 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+        let state_dir = match std::env::var_os("TOKENFS_STATE_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => raw
+                .state_dir
+                .as_deref()
+                .map(expand_home)
+                .unwrap_or_else(default_state_dir),
+        };
         let mut credentials = BTreeMap::new();
         let mut min_length = BTreeMap::new();
         for (name, cred) in &raw.credentials {
@@ -415,6 +509,16 @@ impl Config {
                 ));
             }
             let source = validate_source(cred.get_ref(), &key, at)?;
+            let source = match source {
+                SourceConfig::OAuth(_) => SourceConfig::OAuth(validate_oauth(
+                    cred.get_ref(),
+                    name.get_ref(),
+                    &key,
+                    &state_dir,
+                    at,
+                )?),
+                other => other,
+            };
             if let Some(n) = &cred.get_ref().min_length {
                 if *n.get_ref() == 0 {
                     return Err(at.error(
@@ -517,14 +621,7 @@ impl Config {
             credentials,
             min_length,
             mounts,
-            state_dir: match std::env::var_os("TOKENFS_STATE_DIR") {
-                Some(d) if !d.is_empty() => PathBuf::from(d),
-                _ => raw
-                    .state_dir
-                    .as_deref()
-                    .map(expand_home)
-                    .unwrap_or_else(default_state_dir),
-            },
+            state_dir,
             proxies,
         })
     }
@@ -826,10 +923,44 @@ fn validate_source(
             ])?;
             validate_databricks(raw, key, at).map(SourceConfig::Databricks)
         }
+        "oauth" => {
+            only(&[
+                "provider",
+                "grant",
+                "token_url",
+                "client_id",
+                "client_secret_env",
+                "scope",
+                "body",
+                "refresh_before",
+                "state_file",
+                "probe_url",
+                "consumer_refresh_token",
+                "min_refresh_interval",
+                "timeout",
+                "min_length",
+            ])?;
+            // Completed by `validate_oauth`, which knows the state dir.
+            Ok(SourceConfig::OAuth(OAuthConfig {
+                provider: String::new(),
+                grant: Grant::RefreshToken,
+                token_url: String::new(),
+                client_id: String::new(),
+                client_secret_env: None,
+                scope: None,
+                body: Body::Json,
+                refresh_before: Duration::ZERO,
+                state_file: PathBuf::new(),
+                probe_url: None,
+                consumer_refresh_token: ConsumerRefreshToken::Decoy,
+                timeout: Duration::ZERO,
+                min_refresh_interval: Duration::ZERO,
+            }))
+        }
         other => Err(at.error(
             raw.source.span(),
             &format!("{key}.source"),
-            &format!("unknown source \"{other}\" (expected \"push\", \"file\" or \"databricks\")"),
+            &format!("unknown source \"{other}\" (expected \"push\", \"file\", \"databricks\" or \"oauth\")"),
         )),
     }
 }
@@ -913,6 +1044,184 @@ fn validate_databricks(
             .unwrap_or_else(|| format!("tokenfs-rotated:{hostname}")),
         cleanup_orphans: raw.cleanup_orphans.unwrap_or(false),
         timeout: duration(&raw.timeout, "timeout", None, Duration::from_secs(30))?,
+    })
+}
+
+/// The token endpoint, client and body of a provider preset.
+pub struct ProviderPreset {
+    pub token_url: &'static str,
+    pub client_id: &'static str,
+    pub body: Body,
+    pub scope: Option<&'static str>,
+}
+
+/// `provider = "anthropic"` (Claude Code's login) or `"openai"` (Codex's
+/// ChatGPT login): the values those CLIs send when they refresh.
+pub fn provider_preset(name: &str) -> Option<ProviderPreset> {
+    match name {
+        "anthropic" => Some(ProviderPreset {
+            token_url: "https://platform.claude.com/v1/oauth/token",
+            client_id: "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+            body: Body::Json,
+            scope: Some(
+                "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload",
+            ),
+        }),
+        "openai" => Some(ProviderPreset {
+            token_url: "https://auth.openai.com/oauth/token",
+            client_id: "app_EMoamEEZ73f0CkXaXp7hrann",
+            body: Body::Json,
+            scope: None,
+        }),
+        _ => None,
+    }
+}
+
+fn validate_oauth(
+    raw: &RawCredential,
+    name: &str,
+    key: &str,
+    state_dir: &Path,
+    at: &Locator<'_>,
+) -> Result<OAuthConfig, ConfigError> {
+    let err = |span: Range<usize>, k: &str, m: &str| at.error(span, &format!("{key}.{k}"), m);
+    let src = raw.source.span();
+    let grant = match raw.grant.as_ref().map(|g| (g.get_ref().as_str(), g.span())) {
+        None | Some(("refresh_token", _)) => Grant::RefreshToken,
+        Some(("client_credentials", _)) => Grant::ClientCredentials,
+        Some((_, span)) => {
+            return Err(err(
+                span,
+                "grant",
+                "expected \"refresh_token\" (the default) or \"client_credentials\"",
+            ));
+        }
+    };
+    let provider = raw.provider.as_ref().map(|p| p.get_ref().as_str());
+    let preset = match (provider, &raw.provider) {
+        (None | Some("custom"), _) => None,
+        (Some(p), Some(spanned)) => Some(provider_preset(p).ok_or_else(|| {
+            err(
+                spanned.span(),
+                "provider",
+                &format!("unknown provider \"{p}\" (expected \"anthropic\", \"openai\" or \"custom\" with token_url and client_id)"),
+            )
+        })?),
+        (Some(_), None) => None,
+    };
+    let url = |v: &Option<Spanned<String>>, k: &str| -> Result<Option<String>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(u) => {
+                let t = u.get_ref().trim();
+                if t.starts_with("https://") || t.starts_with("http://") {
+                    Ok(Some(t.to_owned()))
+                } else {
+                    Err(err(
+                        u.span(),
+                        k,
+                        "must start with https:// (or http:// for a local test server)",
+                    ))
+                }
+            }
+        }
+    };
+    let token_url = match (url(&raw.token_url, "token_url")?, &preset) {
+        (Some(u), _) => u,
+        (None, Some(p)) => p.token_url.to_owned(),
+        (None, None) => {
+            return Err(err(
+                src,
+                "token_url",
+                "source \"oauth\" needs `token_url` (or provider = \"anthropic\" | \"openai\")",
+            ));
+        }
+    };
+    let client_id = match (&raw.client_id, &preset) {
+        (Some(c), _) if !c.get_ref().trim().is_empty() => c.get_ref().trim().to_owned(),
+        (Some(c), _) => return Err(err(c.span(), "client_id", "may not be empty")),
+        (None, Some(p)) => p.client_id.to_owned(),
+        (None, None) => {
+            return Err(err(
+                src,
+                "client_id",
+                "source \"oauth\" needs `client_id` (or provider = \"anthropic\" | \"openai\")",
+            ));
+        }
+    };
+    if grant == Grant::ClientCredentials && raw.client_secret_env.is_none() {
+        return Err(err(
+            src,
+            "client_secret_env",
+            "grant = \"client_credentials\" needs `client_secret_env` (the variable holding the client secret)",
+        ));
+    }
+    let body = match raw.body.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+        Some(("json", _)) => Body::Json,
+        Some(("form", _)) => Body::Form,
+        Some((_, span)) => return Err(err(span, "body", "expected \"json\" or \"form\"")),
+        None => match (&preset, grant) {
+            (Some(p), Grant::RefreshToken) => p.body,
+            _ => Body::Form,
+        },
+    };
+    let consumer_refresh_token = match raw
+        .consumer_refresh_token
+        .as_ref()
+        .map(|b| (b.get_ref().as_str(), b.span()))
+    {
+        None | Some(("decoy", _)) => ConsumerRefreshToken::Decoy,
+        Some(("real", _)) => ConsumerRefreshToken::Real,
+        Some((_, span)) => {
+            return Err(err(
+                span,
+                "consumer_refresh_token",
+                "expected \"decoy\" (the default) or \"real\"",
+            ));
+        }
+    };
+    let duration = |v: &Option<Spanned<String>>, k: &str, default: Duration| match v {
+        Some(s) => humantime::parse_duration(s.get_ref())
+            .map_err(|e| err(s.span(), k, &format!("{e} (write e.g. \"15m\" or \"90s\")"))),
+        None => Ok(default),
+    };
+    let timeout = duration(&raw.timeout, "timeout", Duration::from_secs(30))?;
+    if timeout.is_zero() {
+        return Err(err(src, "timeout", "must be more than 0"));
+    }
+    Ok(OAuthConfig {
+        provider: provider.unwrap_or("custom").to_owned(),
+        grant,
+        token_url,
+        client_id,
+        client_secret_env: raw.client_secret_env.clone(),
+        scope: raw
+            .scope
+            .clone()
+            .or_else(|| match grant {
+                Grant::RefreshToken => preset.as_ref().and_then(|p| p.scope.map(String::from)),
+                Grant::ClientCredentials => None,
+            })
+            .filter(|s| !s.trim().is_empty()),
+        body,
+        refresh_before: duration(
+            &raw.refresh_before,
+            "refresh_before",
+            Duration::from_secs(900),
+        )?,
+        state_file: raw
+            .state_file
+            .as_ref()
+            .map(|p| expand_home(p.get_ref()))
+            .unwrap_or_else(|| state_dir.join(format!("{name}.oauth.json"))),
+        probe_url: url(&raw.probe_url, "probe_url")?,
+        consumer_refresh_token,
+        timeout,
+        min_refresh_interval: duration(
+            &raw.min_refresh_interval,
+            "min_refresh_interval",
+            Duration::from_secs(30),
+        )?,
     })
 }
 
@@ -1547,6 +1856,73 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
         assert!(!c.credentials.contains_key("proxy.db"));
         let e = parse(&text.replace("proxy.db.token", "proxy.other.token")).unwrap_err();
         assert!(e.message.contains("unknown credential"), "{e}");
+    }
+
+    #[test]
+    fn oauth_sources_take_provider_presets_and_overrides() {
+        let mount = "[[mount]]\ndir = \"/tmp\"\n";
+        let c = parse(&format!(
+            "state_dir = \"/s\"\n[credentials.claude]\nsource = \"oauth\"\nprovider = \"anthropic\"\n{mount}"
+        ))
+        .unwrap();
+        let SourceConfig::OAuth(o) = &c.credentials["claude"] else {
+            panic!("not oauth")
+        };
+        assert_eq!(o.token_url, "https://platform.claude.com/v1/oauth/token");
+        assert_eq!(o.client_id, "9d1c250a-e61b-44d9-88ed-5944d1962f5e");
+        assert_eq!((o.body, o.grant), (Body::Json, Grant::RefreshToken));
+        assert!(
+            o.scope
+                .as_deref()
+                .is_some_and(|s| s.contains("user:inference"))
+        );
+        assert_eq!(o.refresh_before, Duration::from_secs(900));
+        assert_eq!(o.consumer_refresh_token, ConsumerRefreshToken::Decoy);
+        if std::env::var_os("TOKENFS_STATE_DIR").is_none() {
+            assert_eq!(o.state_file, PathBuf::from("/s/claude.oauth.json"));
+        }
+        let c = parse(&format!(
+            "[credentials.o]\nsource = \"oauth\"\nprovider = \"openai\"\ntoken_url = \"http://127.0.0.1:9/t\"\nbody = \"form\"\nconsumer_refresh_token = \"real\"\nrefresh_before = \"2s\"\n{mount}"
+        ))
+        .unwrap();
+        let SourceConfig::OAuth(o) = &c.credentials["o"] else {
+            panic!("not oauth")
+        };
+        assert_eq!(o.token_url, "http://127.0.0.1:9/t");
+        assert_eq!(o.client_id, "app_EMoamEEZ73f0CkXaXp7hrann");
+        assert_eq!(o.body, Body::Form);
+        assert_eq!(o.scope, None);
+        assert_eq!(o.consumer_refresh_token, ConsumerRefreshToken::Real);
+        let c = parse(&format!(
+            "[credentials.sp]\nsource = \"oauth\"\ngrant = \"client_credentials\"\ntoken_url = \"https://w.example.com/oidc/v1/token\"\nclient_id = \"abc\"\nclient_secret_env = \"SP_SECRET\"\nscope = \"all-apis\"\n{mount}"
+        ))
+        .unwrap();
+        let SourceConfig::OAuth(o) = &c.credentials["sp"] else {
+            panic!("not oauth")
+        };
+        assert_eq!((o.grant, o.body), (Grant::ClientCredentials, Body::Form));
+        assert_eq!(o.scope.as_deref(), Some("all-apis"));
+        let e = parse(&format!("[credentials.x]\nsource = \"oauth\"\n{mount}")).unwrap_err();
+        assert!(e.message.contains("token_url"), "{e}");
+        let e = parse(&format!(
+            "[credentials.x]\nsource = \"oauth\"\nprovider = \"github\"\n{mount}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (3, "credentials.x.provider"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[credentials.x]\nsource = \"oauth\"\nprovider = \"openai\"\ngrant = \"client_credentials\"\n{mount}"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("client_secret_env"), "{e}");
+        let e = parse(&format!(
+            "[credentials.x]\nsource = \"push\"\nprovider = \"openai\"\n{mount}"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("does not apply"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,20 @@ pub enum Request {
         name: String,
         field: Option<String>,
     },
+    /// `tokenfs import NAME --from claude|codex|hermes-codex`: a session
+    /// read from a CLI's file, validated by a refresh before it is served.
+    Import {
+        name: String,
+        /// Where it was read (for messages).
+        from: String,
+        refresh_token: String,
+        #[serde(default)]
+        access_token: Option<String>,
+        #[serde(default)]
+        id_token: Option<String>,
+        #[serde(default)]
+        account_id: Option<String>,
+    },
     /// Detaches the mounts at `dirs` (all when empty); with `restore`, first
     /// writes the current secrets into their files on disk.
     Unmount {
@@ -94,6 +108,9 @@ pub struct CredentialStatus {
     pub last_error: Option<String>,
     pub last_error_at: Option<f64>,
     pub next_attempt: Option<f64>,
+    /// Only for `source = "oauth"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<crate::source::oauth::OAuthStatus>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -137,7 +154,9 @@ impl State {
             .into_iter()
             .map(|(name, h)| {
                 let cred = snap.credentials.get(&name);
+                let oauth = self.sources.oauth_status(&name);
                 CredentialStatus {
+                    oauth,
                     fields: cred
                         .map(|c| {
                             c.fields
@@ -250,6 +269,24 @@ impl State {
                     .map(|s| serde_json::json!({ "secret": s.expose_str() }))
                     .ok_or_else(|| format!("credential `{name}` has no {f} yet"))
             }),
+            Request::Import {
+                name,
+                from,
+                refresh_token,
+                access_token,
+                id_token,
+                account_id,
+            } => {
+                let session = crate::source::oauth::ImportedSession {
+                    refresh_token: Some(Secret::new(refresh_token)),
+                    access_token: access_token.map(Secret::new),
+                    id_token: id_token.map(Secret::new),
+                    account_id: account_id.map(Secret::new),
+                };
+                self.sources
+                    .import(&name, session, &from)
+                    .map(|g| serde_json::json!({ "generation": g }))
+            }
             Request::Unmount { dirs, restore } => self.unmount(&dirs, restore),
         };
         match result {
@@ -885,6 +922,23 @@ pub fn render_status(s: &Status) -> String {
                 .map(|e| format!("{} ({})", e, ago(c.last_error_at)))
                 .unwrap_or_else(|| "-".into())
         ));
+        if let Some(o) = &c.oauth {
+            out.push_str(&format!(
+                "{:<14} oauth {} ({}), consumers see the {} refresh token; refreshed {} ({} times), next {}{}\n",
+                "",
+                o.provider,
+                o.grant,
+                o.consumer_refresh_token,
+                ago(o.last_refresh),
+                o.refresh_count,
+                until(o.next_refresh),
+                if o.relogin_required {
+                    "; RELOGIN REQUIRED"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     for m in &s.mounts {
         let mode = if m.kernel_passthrough {

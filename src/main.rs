@@ -105,6 +105,19 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Take over an OAuth session from a CLI's file (validated by a refresh
+    /// before it is served; clears relogin_required).
+    Import {
+        name: String,
+        /// claude (~/.claude/.credentials.json), codex ($CODEX_HOME/auth.json)
+        /// or hermes-codex (~/.hermes/auth.json, providers.openai-codex).
+        #[arg(long)]
+        from: String,
+        /// The file to read (default: the CLI's own).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a credential's current secret (for apiKeyHelper-style hooks).
     Token {
         name: String,
@@ -297,6 +310,12 @@ fn run(cli: Cli) -> Result<(), String> {
             restore,
             target,
         } => unmount(dirs, restore, &target),
+        Command::Import {
+            name,
+            from,
+            file,
+            target,
+        } => import(&name, &from, file, &target),
         Command::Token {
             name,
             field,
@@ -321,6 +340,40 @@ fn run(cli: Cli) -> Result<(), String> {
             .render(&mut std::io::stdout())
             .map_err(|e| format!("writing the man page: {e}")),
     }
+}
+
+fn import(name: &str, from: &str, file: Option<PathBuf>, target: &Target) -> Result<(), String> {
+    use tokenfs::source::oauth;
+    let path = match file {
+        Some(f) => f,
+        None => oauth::default_import_path(from)?,
+    };
+    let shown = path.display().to_string();
+    let mut bytes = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(1 << 20).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let parsed = oauth::parse_session(from, &bytes);
+    zeroize::Zeroize::zeroize(&mut bytes);
+    let session = parsed.map_err(|e| format!("{shown}: {e}"))?;
+    let text = |s: Option<tokenfs::secret::Secret>| s.map(|s| s.expose_str().to_owned());
+    let refresh_token = text(session.refresh_token.clone()).unwrap_or_default();
+    let v = control::call(
+        &socket_of(target)?,
+        &Request::Import {
+            name: name.to_owned(),
+            from: shown.clone(),
+            refresh_token,
+            access_token: text(session.access_token.clone()),
+            id_token: text(session.id_token.clone()),
+            account_id: text(session.account_id.clone()),
+        },
+    )?;
+    eprintln!(
+        "{name}: imported the session in {shown} (validated by a refresh), generation {}",
+        v["generation"]
+    );
+    Ok(())
 }
 
 fn unmount(dirs: Vec<PathBuf>, restore: bool, target: &Target) -> Result<(), String> {

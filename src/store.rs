@@ -29,16 +29,19 @@ pub enum Field {
     AccessToken,
     RefreshToken,
     IdToken,
+    /// The account an OAuth session belongs to (Codex's `tokens.account_id`).
+    AccountId,
     /// A daemon-owned value, not a secret: a proxy's base URL.
     Url,
 }
 
 impl Field {
-    pub const ALL: [Field; 5] = [
+    pub const ALL: [Field; 6] = [
         Field::Token,
         Field::AccessToken,
         Field::RefreshToken,
         Field::IdToken,
+        Field::AccountId,
         Field::Url,
     ];
 
@@ -48,6 +51,7 @@ impl Field {
             Field::AccessToken => "access_token",
             Field::RefreshToken => "refresh_token",
             Field::IdToken => "id_token",
+            Field::AccountId => "account_id",
             Field::Url => "url",
         }
     }
@@ -67,7 +71,7 @@ impl FromStr for Field {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token or url)"
+                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token, account_id or url)"
                 )
             })
     }
@@ -430,6 +434,13 @@ mod tests {
             "a.b"
         );
         assert!(SlotRef::parse("db.password").is_err());
+        for f in Field::ALL {
+            assert_eq!(f.as_str().parse::<Field>(), Ok(f));
+        }
+        assert_eq!(
+            SlotRef::parse("o.account_id").unwrap().field,
+            Field::AccountId
+        );
         assert!(SlotRef::parse(".token").is_err());
     }
 

@@ -607,6 +607,14 @@ impl ManagedFile {
         let snap = self.ctx.store.snapshot();
         let conv = self.to_template(&snap, bytes);
         self.report_conversion(&conv, "write");
+        let origin = self.shown.display().to_string();
+        for slot in conv
+            .blanked
+            .iter()
+            .filter_map(|(s, _)| SlotRef::parse(s).ok())
+        {
+            self.ctx.adopt.blanked(&slot, &origin);
+        }
         if !self.offer_found(&conv.found) {
             self.ctx.backups.keep(&self.shown, bytes).map_err(|e| {
                 let msg = format!(

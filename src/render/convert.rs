@@ -34,11 +34,15 @@ pub(super) fn to_template<S: Syntax>(
             Ok(Outcome::Unchanged) => {}
             Ok(Outcome::Replaced { text, doc, found }) => {
                 state = (text, doc);
+                if found.is_none() {
+                    conv.blanked.push((b.slot.clone(), b.key.clone()));
+                }
                 conv.found.extend(found);
             }
             Ok(Outcome::Inserted { text, doc }) => {
                 state = (text, doc);
                 conv.inserted.push(b.key.clone());
+                conv.blanked.push((b.slot.clone(), b.key.clone()));
             }
             Err(problem) => conv.problems.push(scrub(problem, known)),
         }

@@ -252,6 +252,10 @@ pub struct Conversion {
     pub found: Vec<Found>,
     /// Keys that were missing and were inserted with the placeholder.
     pub inserted: Vec<KeyPath>,
+    /// Bound keys the input left empty or without the key (slot, key): a
+    /// consumer that wiped its session (Claude Code after a failed
+    /// refresh). They show the credential again, as every bound key does.
+    pub blanked: Vec<(String, KeyPath)>,
     /// Known secrets (and found values) left outside bound keys.
     pub stray: Vec<Stray>,
     /// The input did not parse: `template` is the input exactly as it came;

@@ -6,6 +6,7 @@
 
 pub mod databricks;
 pub mod file;
+pub mod oauth;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,11 @@ pub trait Adopt: Send + Sync {
     /// Whether `value` could be a token of `slot`'s credential at all (see
     /// [`plausible`]); `offer` asks this first.
     fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String>;
+
+    /// A program's write left `slot`'s bound key empty or removed it (a
+    /// consumer wiping its session after its own refresh failed). Must not
+    /// block. The key shows the credential again either way.
+    fn blanked(&self, _slot: &SlotRef, _origin: &str) {}
 }
 
 /// Every configured credential's source.
@@ -35,6 +41,7 @@ pub struct Sources {
     /// Per credential: the shortest value adopted from a file.
     min_length: BTreeMap<String, usize>,
     databricks: BTreeMap<String, databricks::Handle>,
+    oauth: BTreeMap<String, oauth::Handle>,
 }
 
 /// The shortest value a program may write at a bound key and have adopted
@@ -77,6 +84,7 @@ impl Sources {
             kinds: config.credentials.clone(),
             min_length: config.min_length.clone(),
             databricks: BTreeMap::new(),
+            oauth: BTreeMap::new(),
         };
         for (name, kind) in &config.credentials {
             match kind {
@@ -88,6 +96,10 @@ impl Sources {
                 SourceConfig::Databricks(cfg) => {
                     let handle = databricks::start(name, cfg, store.clone())?;
                     sources.databricks.insert(name.clone(), handle);
+                }
+                SourceConfig::OAuth(cfg) => {
+                    let handle = oauth::start(name, cfg, store.clone())?;
+                    sources.oauth.insert(name.clone(), handle);
                 }
             }
         }
@@ -138,6 +150,21 @@ impl Sources {
                 let source = self.databricks.get(name).ok_or("no such source")?;
                 return source.bootstrap(value);
             }
+            SourceConfig::OAuth(_) => {
+                if field != Field::RefreshToken {
+                    return Err(format!(
+                        "credential `{name}` is an OAuth session: push its refresh token (`--field refresh_token`) or use `tokenfs import {name} --from …`"
+                    ));
+                }
+                let source = self.oauth.get(name).ok_or("no such source")?;
+                return source.import(
+                    oauth::ImportedSession {
+                        refresh_token: Some(value),
+                        ..Default::default()
+                    },
+                    "the control socket",
+                );
+            }
         }
         plausible(&value, 1)?;
         let fp = value.fingerprint();
@@ -157,6 +184,9 @@ impl Sources {
         if let Some(h) = self.databricks.get(name) {
             return h.rotate();
         }
+        if let Some(h) = self.oauth.get(name) {
+            return h.rotate();
+        }
         match self.kinds.get(name) {
             None => Err(format!("no credential named `{name}`")),
             Some(k) => Err(format!(
@@ -167,7 +197,43 @@ impl Sources {
     }
 }
 
+impl Sources {
+    /// `tokenfs import NAME --from …`: a session read from a CLI's file,
+    /// served only after a refresh with it succeeded.
+    pub fn import(
+        &self,
+        name: &str,
+        session: oauth::ImportedSession,
+        origin: &str,
+    ) -> Result<u64, String> {
+        match self.oauth.get(name) {
+            Some(h) => h.import(session, origin),
+            None if self.kinds.contains_key(name) => Err(format!(
+                "credential `{name}` is not an OAuth session (source = \"oauth\")"
+            )),
+            None => Err(format!("no credential named `{name}`")),
+        }
+    }
+
+    /// The OAuth part of `status` for `name`, if it is an OAuth credential.
+    pub fn oauth_status(&self, name: &str) -> Option<oauth::OAuthStatus> {
+        self.oauth.get(name).map(oauth::Handle::status)
+    }
+}
+
 impl Adopt for Sources {
+    fn blanked(&self, slot: &SlotRef, origin: &str) {
+        if let Some(h) = self.oauth.get(&slot.credential)
+            && matches!(
+                slot.field,
+                Field::AccessToken | Field::RefreshToken | Field::Token
+            )
+        {
+            info!(credential = %slot.credential, "{origin} was written with {} empty or removed", slot.field);
+            h.nudge(origin);
+        }
+    }
+
     fn plausible(&self, slot: &SlotRef, value: &Secret) -> Result<(), String> {
         let min_length = self
             .min_length
@@ -188,6 +254,16 @@ impl Adopt for Sources {
                 h.last_error = Some(format!("did not adopt a value written to {origin}: {why}"));
                 h.last_error_at = Some(std::time::SystemTime::now());
             });
+            // A consumer that blanks its OAuth session (Claude Code after a
+            // failed refresh) tried to refresh on its own: refresh for it.
+            if let Some(h) = self.oauth.get(&slot.credential)
+                && matches!(
+                    slot.field,
+                    Field::AccessToken | Field::RefreshToken | Field::Token
+                )
+            {
+                h.nudge(origin);
+            }
             return Err(why);
         }
         match kind {
@@ -208,6 +284,10 @@ impl Adopt for Sources {
                     .ok_or("no such source")?;
                 info!(credential = %slot.credential, fingerprint = %value, "validating a token written to {origin} before adopting it");
                 h.offer(value)
+            }
+            SourceConfig::OAuth(_) => {
+                let h = self.oauth.get(&slot.credential).ok_or("no such source")?;
+                h.offer(slot.field, value, origin)
             }
             SourceConfig::File { path } => {
                 warn!(credential = %slot.credential, fingerprint = %value, "ignoring a value written to {origin}");

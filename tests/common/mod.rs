@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokenfs::control::{self, Request};
 
 pub mod fake_databricks;
+pub mod fake_oauth;
 pub mod http;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenfs");
