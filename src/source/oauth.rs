@@ -275,6 +275,8 @@ impl Handle {
 /// Loads the state file (publishing a saved session at once, so files
 /// render before the mounts go live) and starts the source thread.
 pub fn start(name: &str, cfg: &OAuthConfig, store: Arc<Store>) -> Result<Handle, String> {
+    // reqwest is built without a crypto provider of its own (see tls.rs).
+    crate::tls::install_provider();
     let client = Client::builder()
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)
