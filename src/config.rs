@@ -1303,6 +1303,7 @@ fn validate_mount(
         providers: raw.providers.clone(),
         oauth: raw.oauth,
         replace: raw.replace,
+        oauth_source: matches!(credentials.get(credential), Some(SourceConfig::OAuth(_))),
         via_proxy: match &raw.via_proxy {
             None => None,
             Some(name) => {
@@ -1860,7 +1861,7 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
 
     #[test]
     fn oauth_sources_take_provider_presets_and_overrides() {
-        let mount = "[[mount]]\ndir = \"/tmp\"\n";
+        let mount = "[[mount]]\ndir = \"/tmp/x\"\n";
         let c = parse(&format!(
             "state_dir = \"/s\"\n[credentials.claude]\nsource = \"oauth\"\nprovider = \"anthropic\"\n{mount}"
         ))

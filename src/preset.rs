@@ -44,6 +44,9 @@ pub struct Options {
     pub replace: bool,
     /// The agent talks to this loopback proxy instead of its upstream.
     pub via_proxy: Option<ViaProxy>,
+    /// The credential is an OAuth session tokenfs refreshes: its files also
+    /// show the expiry and the time of the last refresh it publishes.
+    pub oauth_source: bool,
 }
 
 /// `via_proxy = "NAME"`: the agent's base URL renders as the proxy's URL and
@@ -338,16 +341,21 @@ fn claude(o: &Options) -> Mount {
     }
     if o.oauth {
         let b = |k: &str, f: &str| bind(segs(&["claudeAiOauth", k]), o, f, false);
-        files.push(file(
-            ".credentials.json",
-            Format::Json,
-            vec![
-                b("accessToken", "access_token"),
-                b("refreshToken", "refresh_token"),
-            ],
-            o,
-        ));
-        notes.push(".credentials.json: expiresAt is kept as the CLI wrote it".into());
+        let mut bindings = vec![
+            b("accessToken", "access_token"),
+            b("refreshToken", "refresh_token"),
+        ];
+        if o.oauth_source {
+            // Claude refreshes on its own 5 min before expiresAt: it must
+            // see the expiry of the session tokenfs serves.
+            bindings.push(Binding {
+                kind: Kind::Number,
+                ..b("expiresAt", "expires_at_ms")
+            });
+        } else {
+            notes.push(".credentials.json: expiresAt is kept as the CLI wrote it (source = \"oauth\" serves it)".into());
+        }
+        files.push(file(".credentials.json", Format::Json, bindings, o));
     }
     Mount { dir, files, notes }
 }
@@ -380,10 +388,22 @@ fn codex(o: &Options) -> Mount {
         .and_then(|a| a.get("tokens"))
         .is_some_and(Value::is_object);
     let bindings = if chatgpt && !api_key {
-        ["access_token", "refresh_token", "id_token"]
+        let mut b: Vec<Binding> = ["access_token", "refresh_token", "id_token"]
             .iter()
             .map(|f| bind(segs(&["tokens", f]), o, f, false))
-            .collect()
+            .collect();
+        if o.oauth_source {
+            for (k, f) in [
+                (segs(&["tokens", "account_id"]), "account_id"),
+                (key("last_refresh"), "last_refresh"),
+            ] {
+                b.push(Binding {
+                    kind: Kind::Value,
+                    ..bind(k, o, f, false)
+                });
+            }
+        }
+        b
     } else {
         vec![bind(key("OPENAI_API_KEY"), o, "token", false)]
     };

@@ -33,16 +33,24 @@ pub enum Field {
     AccountId,
     /// A daemon-owned value, not a secret: a proxy's base URL.
     Url,
+    /// When an OAuth session's access token expires, in ms since the epoch
+    /// (Claude's `expiresAt`).
+    ExpiresAtMs,
+    /// When tokenfs last refreshed an OAuth session, RFC 3339 (Codex's
+    /// `last_refresh`).
+    LastRefresh,
 }
 
 impl Field {
-    pub const ALL: [Field; 6] = [
+    pub const ALL: [Field; 8] = [
         Field::Token,
         Field::AccessToken,
         Field::RefreshToken,
         Field::IdToken,
         Field::AccountId,
         Field::Url,
+        Field::ExpiresAtMs,
+        Field::LastRefresh,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +61,8 @@ impl Field {
             Field::IdToken => "id_token",
             Field::AccountId => "account_id",
             Field::Url => "url",
+            Field::ExpiresAtMs => "expires_at_ms",
+            Field::LastRefresh => "last_refresh",
         }
     }
 }
@@ -71,7 +81,7 @@ impl FromStr for Field {
             .find(|f| f.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token, account_id or url)"
+                    "unknown field `{s}` (expected token, access_token, refresh_token, id_token, account_id, url, expires_at_ms or last_refresh)"
                 )
             })
     }

@@ -1367,3 +1367,78 @@ fn a_session_found_in_a_file_at_mount_seeds_the_credential_after_validation() {
     assert_eq!(r.state(), "ok");
     assert_eq!(r.fake.reuses(), 0);
 }
+
+/// The `claude` preset with `oauth = true` over an OAuth source serves
+/// Claude's whole session: tokens, and `expiresAt` as the number (ms) of the
+/// session tokenfs refreshes, so Claude's own 5-minute rule never fires
+/// early; every other key (`scopes`, `subscriptionType`) stays as written.
+#[test]
+fn the_claude_preset_renders_expires_at_of_the_served_session() {
+    let fake = Fake::start(Duration::from_secs(3600));
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write("home/.claude/.credentials.json", CLAUDE);
+    s.write("home/.claude/settings.json", "{}\n");
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.sess]\nsource = \"oauth\"\nprovider = \"anthropic\"\ntoken_url = \"{}\"\ntimeout = \"2s\"\nmin_refresh_interval = \"1s\"\n[[mount]]\npreset = \"claude\"\ncredential = \"sess\"\noauth = true\n",
+        s.socket().display(),
+        fake.token_url()
+    );
+    let home_s = home.display().to_string();
+    let dir = home.join(".claude");
+    let d = Daemon::start_env(
+        &s,
+        &cfg,
+        &[&dir],
+        &[("HOME", home_s.as_str()), ("CLAUDE_CONFIG_DIR", "")],
+    );
+    let (at, rt) = fake.login();
+    let login = s.write(
+        "login/.credentials.json",
+        &serde_json::json!({"claudeAiOauth": {"accessToken": at, "refreshToken": rt, "expiresAt": 0}}).to_string(),
+    );
+    let out = Command::new(BIN)
+        .args(["import", "sess", "--from", "claude"])
+        .arg(&login)
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .expect("import");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let path = dir.join(".credentials.json");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let v = json(&path);
+    let expires = v["claudeAiOauth"]["expiresAt"].as_u64().expect("a number");
+    assert!(
+        expires > now_ms + 3_000_000 && expires < now_ms + 3_700_000,
+        "{v}"
+    );
+    assert_eq!(v["claudeAiOauth"]["subscriptionType"], "max");
+    assert_eq!(v["claudeAiOauth"]["scopes"][1], "user:profile");
+    assert!(
+        v["claudeAiOauth"]["accessToken"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty() && t != "none")
+    );
+    // A refresh moves the expiry forward in the file.
+    std::thread::sleep(Duration::from_millis(20));
+    control::call(
+        &d.socket,
+        &Request::Rotate {
+            name: "sess".into(),
+        },
+    )
+    .expect("rotate");
+    let later = json(&path)["claudeAiOauth"]["expiresAt"]
+        .as_u64()
+        .expect("a number");
+    assert!(later > expires, "{later} after {expires}");
+}

@@ -241,7 +241,9 @@ impl Handle {
                     return Err("an access token alone is adopted only after a probe (set probe_url); a refresh token written with it is validated by a refresh".into());
                 }
             }
-            Field::Url => return Err("a URL is the daemon's, never adopted".into()),
+            Field::Url | Field::ExpiresAtMs | Field::LastRefresh => {
+                return Err(format!("{field} is the daemon's, never adopted"));
+            }
             Field::IdToken | Field::AccountId => {
                 if has_session {
                     return Err(format!(
@@ -989,6 +991,18 @@ impl Source {
         if let Some(t) = &s.account_id {
             fields.push((Field::AccountId, t.clone()));
         }
+        // What consumers read besides the tokens: the expiry as a number
+        // (Claude's expiresAt, ms) and the time of the refresh (Codex).
+        if let Some(ms) = s
+            .expires_at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        {
+            fields.push((Field::ExpiresAtMs, Secret::new(ms.as_millis().to_string())));
+        }
+        fields.push((
+            Field::LastRefresh,
+            Secret::new(humantime::format_rfc3339_micros(s.obtained_at).to_string()),
+        ));
         let update = Update {
             fields,
             expires_at: s.expires_at,
@@ -1124,7 +1138,11 @@ impl Source {
         match field {
             Field::RefreshToken => self.offered_refresh(value, origin, tries),
             Field::AccessToken | Field::Token => self.offered_access(value, &origin),
-            Field::IdToken | Field::AccountId | Field::Url => {
+            Field::IdToken
+            | Field::AccountId
+            | Field::Url
+            | Field::ExpiresAtMs
+            | Field::LastRefresh => {
                 debug!(credential = %self.name, %field, "taken only with its session's refresh token");
             }
         }
