@@ -372,7 +372,7 @@ const MAX_PENDING: usize = 64;
 const LINE_DEADLINE: Duration = Duration::from_secs(5);
 /// Threads that handle complete requests (a rotation may wait on the
 /// network; `status` must not wait behind it), and requests queued for them.
-const WORKERS: usize = 4;
+const WORKERS: usize = 8;
 const QUEUE: usize = 16;
 /// A reply must be taken within this time.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

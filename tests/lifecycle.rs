@@ -962,13 +962,21 @@ fn status_shows_a_mount_whose_connection_was_aborted_as_dead() {
         if st[1] == "dead" || Instant::now() > deadline {
             break st;
         }
+        // The daemon sees its session end and detaches the dead mount
+        // itself; under load that can come before status looks.
+        if st[1] == "detached" {
+            break st;
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(states, ["live", "dead"]);
-    assert_eq!(
-        fs::read_dir(&b).unwrap_err().raw_os_error(),
-        Some(libc::ENOTCONN)
-    );
+    assert_eq!(states[0], "live");
+    assert!(states[1] == "dead" || states[1] == "detached", "{states:?}");
+    if states[1] == "dead" {
+        assert_eq!(
+            fs::read_dir(&b).unwrap_err().raw_os_error(),
+            Some(libc::ENOTCONN)
+        );
+    }
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).success());
     assert!(!is_mounted(&a) && !is_mounted(&b));
