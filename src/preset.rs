@@ -150,8 +150,9 @@ fn through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
                     }
                 },
             };
+            // A Secret: a real token found or written there is adopted by
+            // the proxy's credential (`Adopt::target`), never lost.
             b.slot = key_slot.clone();
-            b.kind = Kind::Value;
             urls.push(Binding {
                 suffix,
                 kind: Kind::Value,

@@ -427,3 +427,84 @@ fn hermes_agent_sends_the_token_current_at_each_run() {
         "{seen:?}"
     );
 }
+
+/// Through a `via_proxy` preset, the Databricks SDK's one `WorkspaceClient`
+/// keeps working after the token it started with has expired: its
+/// `~/.databrickscfg` holds only the proxy's URL and local key, and the
+/// proxy sends the token current at each request.
+#[test]
+fn databricks_sdk_through_via_proxy_outlives_its_first_token() {
+    let probe = Command::new(sdk_python())
+        .args(["-c", "import databricks.sdk"])
+        .status()
+        .expect("python3");
+    assert!(
+        probe.success(),
+        "databricks-sdk is missing: scripts/test.sh installs it in target/clients/py-venv"
+    );
+    let s = Scratch::new();
+    let fake = Fake::start();
+    let home = s.path("home");
+    let first = fake.bootstrap(Duration::from_secs(2));
+    let dir = home.join(".local/share/tokenfs/databricks");
+    s.write(
+        "home/.local/share/tokenfs/databricks/.databrickscfg",
+        &format!("[DEFAULT]\nhost = {}\ntoken = {first}\n", fake.url),
+    );
+    std::os::unix::fs::symlink(dir.join(".databrickscfg"), home.join(".databrickscfg")).unwrap();
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[proxy]]\nname = \"dbx\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\ncredential = \"databricks\"\n[[mount]]\npreset = \"databricks\"\ncredential = \"databricks\"\nvia_proxy = \"dbx\"\n",
+        s.socket().display(),
+        fake.url
+    );
+    let home_s = home.display().to_string();
+    let d = Daemon::start_env(&s, &cfg, &[&dir], &[("HOME", home_s.as_str())]);
+    let served = fs::read_to_string(home.join(".databrickscfg")).unwrap();
+    assert!(
+        served.contains("token = tkfs-") && !served.contains(&first),
+        "{served}"
+    );
+    assert!(
+        !served.contains(&fake.url),
+        "the host is the proxy's: {served}"
+    );
+    // One client for the whole life of the process.
+    let script = "import sys\nfrom databricks.sdk import WorkspaceClient\nw = WorkspaceClient(profile='DEFAULT')\nfor line in sys.stdin:\n    print(w.current_user.me().user_name, flush=True)\n";
+    let mut py = Command::new(sdk_python())
+        .args(["-c", script])
+        .env("HOME", &home)
+        .env_remove("DATABRICKS_HOST")
+        .env_remove("DATABRICKS_TOKEN")
+        .env_remove("DATABRICKS_CONFIG_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(s.path("py.log")).unwrap())
+        .env("PYTHONUNBUFFERED", "1")
+        .spawn()
+        .expect("python3");
+    let mut stdin = py.stdin.take().unwrap();
+    let mut out = BufReader::new(py.stdout.take().unwrap());
+    let mut ask = || {
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line
+    };
+    let pylog = || fs::read_to_string(s.path("py.log")).unwrap_or_default();
+    assert_eq!(
+        ask().trim(),
+        "someone@example.com",
+        "{}\n{}",
+        pylog(),
+        d.log_text()
+    );
+    let second = fake.bootstrap(Duration::from_secs(3600));
+    d.set("databricks", &second);
+    std::thread::sleep(Duration::from_millis(2500)); // the first token has expired
+    assert!(!fake.is_valid(&first));
+    assert_eq!(ask().trim(), "someone@example.com", "{}", pylog());
+    assert_eq!(fake.bearers("me"), vec![first, second]);
+    drop(stdin);
+    let _ = py.wait();
+}

@@ -290,13 +290,13 @@ impl ManagedFile {
         let conv = render::to_template(cfg.format, &bytes, &cfg.bindings, &refs, true);
         let mut conflicts = Vec::new();
         for f in conv.found.iter().filter(|f| !f.known) {
-            let Ok(slot) = SlotRef::parse(&f.slot) else {
+            let Ok(slot) = SlotRef::parse(&f.slot).map(|s| adopt.target(&s)) else {
                 continue;
             };
             if adopt.plausible(&slot, &f.value).is_err() {
                 continue;
             }
-            match snap.get(&slot).or(claims.get(&f.slot)) {
+            match snap.get(&slot).or(claims.get(&slot.to_string())) {
                 Some(c) if *c == f.value => {}
                 Some(c) if !cfg.replace => conflicts.push(format!(
                     "{}: key {} holds {}, a different token than credential {} ({})",
@@ -308,7 +308,7 @@ impl ManagedFile {
                 )),
                 Some(_) => {}
                 None => {
-                    claims.insert(f.slot.clone(), f.value.clone());
+                    claims.insert(slot.to_string(), f.value.clone());
                 }
             }
         }
@@ -324,10 +324,10 @@ impl ManagedFile {
         let mut conflicts = Vec::new();
         let origin = self.shown.display().to_string();
         for f in found.iter().filter(|f| !f.known) {
-            let Ok(slot) = SlotRef::parse(&f.slot) else {
+            let Ok(slot) = SlotRef::parse(&f.slot).map(|s| self.ctx.adopt.target(&s)) else {
                 continue;
             };
-            let claimed = self.ctx.claims.lock().get(&f.slot).cloned();
+            let claimed = self.ctx.claims.lock().get(&slot.to_string()).cloned();
             if let Err(why) = self.ctx.adopt.plausible(&slot, &f.value) {
                 warn!(file = %origin, key = %f.key, slot = %slot, fingerprint = %f.value,
                     "the value at a bound key is not a token ({why}); the credential is shown there instead");
@@ -649,7 +649,7 @@ impl ManagedFile {
         let origin = self.shown.display().to_string();
         let mut all = true;
         for f in found.iter().filter(|f| !f.known) {
-            let Ok(slot) = SlotRef::parse(&f.slot) else {
+            let Ok(slot) = SlotRef::parse(&f.slot).map(|s| self.ctx.adopt.target(&s)) else {
                 continue;
             };
             match self.ctx.adopt.offer(&slot, f.value.clone(), &origin) {

@@ -32,6 +32,13 @@ pub trait Adopt: Send + Sync {
     /// consumer wiping its session after its own refresh failed). Must not
     /// block. The key shows the credential again either way.
     fn blanked(&self, _slot: &SlotRef, _origin: &str) {}
+
+    /// Whose value a program writes at `slot`: the slot itself, except
+    /// where a file shows a proxy's local key (`proxy.NAME.token`) — a real
+    /// token written there is the proxy's credential's.
+    fn target(&self, slot: &SlotRef) -> SlotRef {
+        slot.clone()
+    }
 }
 
 /// Every configured credential's source.
@@ -42,6 +49,8 @@ pub struct Sources {
     min_length: BTreeMap<String, usize>,
     databricks: BTreeMap<String, databricks::Handle>,
     oauth: BTreeMap<String, oauth::Handle>,
+    /// `proxy.NAME` → the slot that proxy injects (see `Adopt::target`).
+    proxies: BTreeMap<String, SlotRef>,
 }
 
 /// The shortest value a program may write at a bound key and have adopted
@@ -85,6 +94,11 @@ impl Sources {
             min_length: config.min_length.clone(),
             databricks: BTreeMap::new(),
             oauth: BTreeMap::new(),
+            proxies: config
+                .proxies
+                .iter()
+                .map(|p| (format!("proxy.{}", p.name), p.slot.clone()))
+                .collect(),
         };
         for (name, kind) in &config.credentials {
             match kind {
@@ -222,6 +236,13 @@ impl Sources {
 }
 
 impl Adopt for Sources {
+    fn target(&self, slot: &SlotRef) -> SlotRef {
+        match self.proxies.get(&slot.credential) {
+            Some(injected) if slot.field == Field::Token => injected.clone(),
+            _ => slot.clone(),
+        }
+    }
+
     fn blanked(&self, slot: &SlotRef, origin: &str) {
         if let Some(h) = self.oauth.get(&slot.credential)
             && matches!(
