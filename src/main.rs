@@ -382,11 +382,12 @@ fn unmount(dirs: Vec<PathBuf>, restore: bool, target: &Target) -> Result<(), Str
         .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
         .collect();
     let v = control::call(&socket_of(target)?, &Request::Unmount { dirs, restore })?;
-    if restore {
-        println!(
-            "restored {} key(s): the files on disk hold the current tokens",
-            v["restored"]
-        );
+    match v["restored"].as_u64() {
+        _ if !restore => {}
+        Some(0) | None => println!(
+            "restored no key: no bound key has a value yet, so the files keep their placeholders (the originals are under ~/.local/state/tokenfs/originals/)"
+        ),
+        Some(n) => println!("restored {n} key(s): the files on disk hold the current tokens"),
     }
     let gone: Vec<PathBuf> = v["unmounted"]
         .as_array()

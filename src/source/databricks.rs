@@ -15,16 +15,17 @@
 //! is queued, and only the control socket waits for results.
 
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde::Deserialize;
 use tracing::{error, info, warn};
 
+use super::flight::{Flight, next_command};
 use crate::config::DatabricksConfig;
 use crate::secret::Secret;
 use crate::store::{HealthState, Store, Update};
@@ -49,49 +50,18 @@ pub struct Handle {
     flight: Arc<Flight>,
 }
 
-/// Single-flight bookkeeping for `tokenfs rotate`: callers that arrive while
-/// a rotation runs wait for that rotation's result instead of minting again.
-#[derive(Default)]
-struct Flight {
-    state: Mutex<FlightState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct FlightState {
-    last_id: u64,
-    running: Option<u64>,
-    finished: u64,
-    result: Option<Result<u64, String>>,
-}
-
 impl Handle {
     /// Mints now. Concurrent callers share one mint.
     pub fn rotate(&self) -> Result<u64, String> {
-        let mut st = self.flight.state.lock();
-        let id = match st.running {
-            Some(id) => id,
-            None => {
-                st.last_id += 1;
-                let id = st.last_id;
-                st.running = Some(id);
-                self.tx
-                    .lock()
-                    .send(Command::Rotate(id))
-                    .map_err(|_| self.gone())?;
-                id
-            }
+        let send = |id| {
+            self.tx
+                .lock()
+                .send(Command::Rotate(id))
+                .map_err(|_| self.gone())
         };
-        let deadline = std::time::Instant::now() + CONTROL_WAIT;
-        while st.finished < id {
-            if self.flight.done.wait_until(&mut st, deadline).timed_out() {
-                return Err(format!(
-                    "credential `{}`: rotation still running after {CONTROL_WAIT:?}",
-                    self.name
-                ));
-            }
-        }
-        st.result.clone().unwrap_or_else(|| Err("no result".into()))
+        self.flight
+            .join(send, CONTROL_WAIT, "rotation")
+            .map_err(|e| format!("credential `{}`: {e}", self.name))
     }
 
     /// `tokenfs set`: validates the PAT, then mints from it. Waits.
@@ -243,19 +213,8 @@ fn ms_to_time(ms: i64) -> Option<SystemTime> {
 impl Source {
     fn run(mut self, rx: Receiver<Command>) {
         loop {
-            let cmd = match self.next_deadline() {
-                Some(at) => match rx.recv_timeout(
-                    at.duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO),
-                ) {
-                    Ok(c) => Some(c),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                },
-                None => match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
-                },
+            let Ok(cmd) = next_command(&rx, self.next_deadline()) else {
+                return;
             };
             match cmd {
                 Some(Command::Rotate(id)) => {
@@ -278,11 +237,7 @@ impl Source {
     }
 
     fn finish_flight(&self, id: u64, result: Result<u64, String>) {
-        let mut st = self.flight.state.lock();
-        st.finished = id;
-        st.running = None;
-        st.result = Some(result);
-        self.flight.done.notify_all();
+        self.flight.finish(id, result);
     }
 
     /// The earliest of the next rotation and the next revocation.

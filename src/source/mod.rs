@@ -6,6 +6,7 @@
 
 pub mod databricks;
 pub mod file;
+mod flight;
 pub mod oauth;
 
 use std::collections::BTreeMap;

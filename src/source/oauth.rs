@@ -34,10 +34,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
@@ -46,6 +46,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, warn};
 use zeroize::Zeroize;
 
+use super::flight::{Flight, next_command};
 use crate::config::{Body, ConsumerRefreshToken, Grant, OAuthConfig};
 use crate::secret::Secret;
 use crate::store::{Field, HealthState, Store, Update};
@@ -128,79 +129,19 @@ pub struct Handle {
     has_session: Arc<AtomicBool>,
 }
 
-/// Single-flight: one refresh per credential at a time; `tokenfs rotate`
-/// callers that arrive while one runs (scheduled or requested) share it.
-#[derive(Default)]
-struct Flight {
-    state: Mutex<FlightState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct FlightState {
-    last_id: u64,
-    running: Option<u64>,
-    finished: u64,
-    result: Option<Result<u64, String>>,
-}
-
-impl Flight {
-    /// The thread starts a refresh: joins the id callers wait for, if any.
-    fn begin(&self) -> u64 {
-        let mut st = self.state.lock();
-        match st.running {
-            Some(id) => id,
-            None => {
-                st.last_id += 1;
-                st.running = Some(st.last_id);
-                st.last_id
-            }
-        }
-    }
-
-    fn finish(&self, id: u64, result: Result<u64, String>) {
-        let mut st = self.state.lock();
-        st.finished = st.finished.max(id);
-        if st.running == Some(id) {
-            st.running = None;
-        }
-        st.result = Some(result);
-        self.done.notify_all();
-    }
-
-    fn finished(&self, id: u64) -> bool {
-        self.state.lock().finished >= id
-    }
-}
-
 impl Handle {
     /// Refreshes now; concurrent callers (and a scheduled refresh already
     /// running) share one request to the token endpoint.
     pub fn rotate(&self) -> Result<u64, String> {
-        let mut st = self.flight.state.lock();
-        let id = match st.running {
-            Some(id) => id,
-            None => {
-                st.last_id += 1;
-                let id = st.last_id;
-                st.running = Some(id);
-                if self.tx.lock().send(Command::Rotate(id)).is_err() {
-                    st.running = None;
-                    return Err(self.gone());
-                }
-                id
-            }
+        let send = |id| {
+            self.tx
+                .lock()
+                .send(Command::Rotate(id))
+                .map_err(|_| self.gone())
         };
-        let deadline = std::time::Instant::now() + CONTROL_WAIT;
-        while st.finished < id {
-            if self.flight.done.wait_until(&mut st, deadline).timed_out() {
-                return Err(format!(
-                    "credential `{}`: refresh still running after {CONTROL_WAIT:?}",
-                    self.name
-                ));
-            }
-        }
-        st.result.clone().unwrap_or_else(|| Err("no result".into()))
+        self.flight
+            .join(send, CONTROL_WAIT, "refresh")
+            .map_err(|e| format!("credential `{}`: {e}", self.name))
     }
 
     /// `tokenfs import` / `tokenfs set --field refresh_token`: validates the
@@ -495,19 +436,8 @@ pub fn refresh_at(
 impl Source {
     fn run(mut self, rx: Receiver<Command>) {
         loop {
-            let cmd = match self.next_deadline() {
-                Some(at) => match rx.recv_timeout(
-                    at.duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO),
-                ) {
-                    Ok(c) => Some(c),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                },
-                None => match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
-                },
+            let Ok(cmd) = next_command(&rx, self.next_deadline()) else {
+                return;
             };
             match cmd {
                 Some(Command::Rotate(id)) => {
