@@ -9,6 +9,8 @@
 //! its edits (secrets turned back into placeholders, new values offered to
 //! the source), then the rendering is written with temp file + fsync +
 //! rename + fsync(dir), keeping mode and owner, and skipped when unchanged.
+//! A program's write is also taken in when it lands (inotify), so a
+//! consumer's wiped OAuth session is refreshed for at once.
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
@@ -85,11 +88,80 @@ pub fn start(
         infos.push(Arc::new(MountInfo::new(m.dir.clone(), notes, files)));
     }
     warn!("files mode: managed files are rewritten on disk at each rotation and hold tokens");
+    let watcher = Watcher::new(&all)?;
+    let (w_files, w_store, w_adopt) = (all.clone(), store.clone(), adopt.clone());
+    std::thread::Builder::new()
+        .name("files-watcher".into())
+        .spawn(move || watcher.run(&w_files, &w_store, w_adopt.as_ref()))
+        .map_err(|e| format!("cannot start the files watcher: {e}"))?;
     std::thread::Builder::new()
         .name("files-writer".into())
         .spawn(move || writer(all, store, adopt))
         .map_err(|e| format!("cannot start the files writer: {e}"))?;
     Ok(infos)
+}
+
+/// Watches the managed files' directories with inotify, so that a program's
+/// write is taken in when it lands (a consumer wiping its OAuth session
+/// asks for a refresh at once; a login is offered), not at the next
+/// rotation. Our own renames wake it too: the bytes then equal what we
+/// wrote, and nothing happens.
+struct Watcher {
+    inotify: Inotify,
+    /// Watch descriptor → directory, for matching events to files.
+    dirs: Vec<(WatchDescriptor, PathBuf)>,
+}
+
+impl Watcher {
+    fn new(files: &[Arc<FileCopy>]) -> Result<Watcher, String> {
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC)
+            .map_err(|e| format!("files mode: inotify: {e}"))?;
+        let mask = AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO;
+        let mut dirs: Vec<(WatchDescriptor, PathBuf)> = Vec::new();
+        for f in files {
+            let dir = f.path.parent().unwrap_or(Path::new(".")).to_owned();
+            if dirs.iter().any(|(_, d)| *d == dir) {
+                continue;
+            }
+            match inotify.add_watch(&dir, mask) {
+                Ok(wd) => dirs.push((wd, dir)),
+                // A directory made later by `create`: seen at rotations only.
+                Err(e) => {
+                    warn!(dir = %dir.display(), "files mode: cannot watch ({e}); edits there are taken in at the next rotation")
+                }
+            }
+        }
+        Ok(Watcher { inotify, dirs })
+    }
+
+    fn run(self, files: &[Arc<FileCopy>], store: &Store, adopt: &dyn Adopt) {
+        loop {
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    error!(
+                        "files mode: watching the managed files failed: {e}; edits are taken in at the next rotation"
+                    );
+                    return;
+                }
+            };
+            for ev in events {
+                let Some(dir) = self
+                    .dirs
+                    .iter()
+                    .find(|(wd, _)| *wd == ev.wd)
+                    .map(|(_, d)| d)
+                else {
+                    continue;
+                };
+                let Some(name) = ev.name else { continue };
+                for f in files.iter().filter(|f| f.path == dir.join(&name)) {
+                    f.refresh(store, adopt, false);
+                }
+            }
+        }
+    }
 }
 
 /// Puts the current secrets back where a file holds placeholders at its
@@ -258,7 +330,7 @@ impl FileCopy {
                     return false;
                 };
                 let differs = snap.get(&slot).is_some_and(|c| *c != f.value);
-                differs && adopt.plausible(&slot, &f.value).is_ok()
+                differs && !adopt.validates(&slot) && adopt.plausible(&slot, &f.value).is_ok()
             });
             if let Some(f) = conflict {
                 let msg = format!(
@@ -275,11 +347,19 @@ impl FileCopy {
                 return render::template(self.format, bytes.to_vec(), &[]);
             }
         }
+        if !startup {
+            let origin = self.path.display().to_string();
+            for (slot, _) in &conv.blanked {
+                if let Ok(slot) = SlotRef::parse(slot) {
+                    adopt.blanked(&slot, &origin);
+                }
+            }
+        }
         for found in conv.found.into_iter().filter(|f| !f.known) {
             let Ok(slot) = SlotRef::parse(&found.slot) else {
                 continue;
             };
-            if !startup || snap.get(&slot).is_none() {
+            if !startup || snap.get(&slot).is_none() || adopt.validates(&slot) {
                 match adopt.offer(&slot, found.value, &self.path.display().to_string()) {
                     Ok(()) => {
                         info!(file = %self.path.display(), slot = %slot, "adopted a value found in the file")

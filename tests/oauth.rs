@@ -1445,3 +1445,122 @@ fn the_claude_preset_renders_expires_at_of_the_served_session() {
         .expect("a number");
     assert!(later > expires, "{later} after {expires}");
 }
+
+/// An OAuth credential's consumers' files holding another session at mount
+/// is no conflict (for an API key it would refuse the mount): a stale copy
+/// of tokenfs's own chain (what `unmount --restore` leaves, or Claude's
+/// older file) is offered and refused without the server ever seeing a
+/// spent refresh token; a fresh login found in a file is adopted once a
+/// refresh with it succeeds. Both files' other bytes stay as written.
+#[test]
+fn another_session_in_a_file_at_mount_is_offered_not_a_conflict() {
+    let mut r = rig(Duration::from_secs(600), "");
+    let (old_at, old_rt) = r.import_login();
+    assert!(r.refreshes() >= 1, "the import validated by a refresh");
+    let served = claude_tokens(&r.claude).0;
+    if let Some(d) = r.d.take() {
+        assert!(d.stop().0.success());
+    }
+    let stale = CLAUDE
+        .replacen("\"none\"", &format!("\"{old_at}\""), 1)
+        .replacen("\"none\"", &format!("\"{old_rt}\""), 1);
+    fs::write(&r.claude, &stale).expect("write the stale session");
+    r.restart();
+    let (at, shown) = claude_tokens(&r.claude);
+    assert_eq!(
+        at, served,
+        "the state's session is served, not the stale copy"
+    );
+    assert!(shown.starts_with("tokenfs-decoy-"));
+    assert_eq!(json(&r.claude)["claudeAiOauth"]["subscriptionType"], "max");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        r.fake.reuses(),
+        0,
+        "a spent refresh token reached the server"
+    );
+    assert_eq!(r.state(), "ok");
+
+    // A new login written into Hermes' file while tokenfs was stopped.
+    if let Some(d) = r.d.take() {
+        assert!(d.stop().0.success());
+    }
+    let (new_at, new_rt) = r.fake.login();
+    let login = HERMES
+        .replacen("\"none\"", &format!("\"{new_at}\""), 1)
+        .replacen("\"none\"", &format!("\"{new_rt}\""), 1);
+    fs::write(&r.hermes, &login).expect("write the login");
+    let before = r.fake.calls();
+    r.restart();
+    wait_until(Duration::from_secs(5), "the login adopted", || {
+        r.fake.calls() > before && hermes_tokens(&r.hermes).0 != served
+    });
+    let (at, _) = hermes_tokens(&r.hermes);
+    assert!(r.fake.access_valid(&at), "the adopted session is valid");
+    assert_eq!(claude_tokens(&r.claude).0, at, "every view shows it");
+    assert_eq!(json(&r.hermes)["active_provider"], "openai-codex");
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.state(), "ok");
+}
+
+/// Files mode (no FUSE) sees a consumer's wipe when it lands, not at the
+/// next rotation: the wiped file asks for a refresh at once and is
+/// rewritten with the new session.
+#[test]
+fn files_mode_refreshes_for_a_consumer_that_wiped_its_session() {
+    let fake = Fake::start(Duration::from_secs(600));
+    let (at, rt) = fake.login();
+    let s = Scratch::new();
+    let text = CLAUDE
+        .replacen("\"none\"", &format!("\"{at}\""), 1)
+        .replacen("\"none\"", &format!("\"{rt}\""), 1);
+    let claude = s.write("home/.claude/.credentials.json", &text);
+    let cfg = format!(
+        r#"mode = "files"
+[control]
+socket = "{sock}"
+
+[credentials.sess]
+source = "oauth"
+provider = "anthropic"
+token_url = "{url}"
+timeout = "2s"
+min_refresh_interval = "1s"
+
+[[mount]]
+dir = "{dir}"
+[[mount.file]]
+path = ".credentials.json"
+format = "json"
+bind = {{ "claudeAiOauth.accessToken" = "sess.access_token", "claudeAiOauth.refreshToken" = "sess.refresh_token" }}
+"#,
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        dir = s.path("home/.claude").display(),
+    );
+    let d = Daemon::start(&s, &cfg, &[]);
+    let refreshes = || {
+        d.status()["credentials"][0]["oauth"]["refresh_count"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(5), "seeded from the file", || {
+        refreshes() >= 1 && claude_tokens(&claude).1.starts_with("tokenfs-decoy-")
+    });
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    let (before_at, _) = claude_tokens(&claude);
+    let mut v = json(&claude);
+    v["claudeAiOauth"]["accessToken"] = "".into();
+    v["claudeAiOauth"]["refreshToken"] = "".into();
+    save_like_a_cli(&claude, &serde_json::to_string_pretty(&v).unwrap());
+    wait_until(
+        Duration::from_secs(5),
+        "a refresh for the consumer, rewritten",
+        || {
+            let (now, _) = claude_tokens(&claude);
+            !now.is_empty() && now != before_at && fake.access_valid(&now)
+        },
+    );
+    assert_eq!(json(&claude)["claudeAiOauth"]["subscriptionType"], "max");
+    assert_eq!(fake.reuses(), 0);
+}

@@ -298,7 +298,7 @@ impl ManagedFile {
             }
             match snap.get(&slot).or(claims.get(&slot.to_string())) {
                 Some(c) if *c == f.value => {}
-                Some(c) if !cfg.replace => conflicts.push(format!(
+                Some(c) if !cfg.replace && !adopt.validates(&slot) => conflicts.push(format!(
                     "{}: key {} holds {}, a different token than credential {} ({})",
                     path.display(),
                     f.key,
@@ -335,6 +335,7 @@ impl ManagedFile {
             }
             match snap.get(&slot).cloned().or(claimed) {
                 Some(c) if c == f.value => {}
+                Some(_) if self.ctx.adopt.validates(&slot) => self.offer_session(&slot, f, &origin),
                 Some(c) => conflicts.push(format!(
                     "key {} holds {}, a different token than credential {} ({})",
                     f.key, f.value, slot.credential, c
@@ -356,6 +357,18 @@ impl ManagedFile {
             }
         }
         conflicts
+    }
+
+    /// A consumer's file held a different OAuth session at mount: offered
+    /// to the source, which adopts it only if it proves newer and valid;
+    /// the key shows the credential's session meanwhile (the original
+    /// bytes are backed up before the conversion).
+    fn offer_session(&self, slot: &SlotRef, f: &Found, origin: &str) {
+        info!(file = %origin, key = %f.key, slot = %slot, fingerprint = %f.value,
+            "the file holds a different session than the credential: offered for validation; the credential's is shown meanwhile");
+        if let Err(why) = self.ctx.adopt.offer(slot, f.value.clone(), origin) {
+            info!(file = %origin, key = %f.key, slot = %slot, "not offered: {why}");
+        }
     }
 
     /// Values (current and recent) this file's slots have had: a write that

@@ -40,6 +40,16 @@ pub trait Adopt: Send + Sync {
     fn target(&self, slot: &SlotRef) -> SlotRef {
         slot.clone()
     }
+
+    /// Whether `slot`'s source validates a value before adopting it (an
+    /// OAuth source refreshes or probes with it). A consumer's file then
+    /// holding a different session at mount is the normal case (its own
+    /// older copy, or a fresh login), not two keys in conflict: the value
+    /// is offered, and the credential's session stays unless the offered
+    /// one proves newer and valid.
+    fn validates(&self, _slot: &SlotRef) -> bool {
+        false
+    }
 }
 
 /// Every configured credential's source.
@@ -237,6 +247,10 @@ impl Sources {
 }
 
 impl Adopt for Sources {
+    fn validates(&self, slot: &SlotRef) -> bool {
+        self.oauth.contains_key(&slot.credential)
+    }
+
     fn target(&self, slot: &SlotRef) -> SlotRef {
         match self.proxies.get(&slot.credential) {
             Some(injected) if slot.field == Field::Token => injected.clone(),

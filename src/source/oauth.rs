@@ -1142,16 +1142,20 @@ impl Source {
             debug!(credential = %self.name, fingerprint = %token, "an access token written to {origin} is not adopted without probe_url");
             return;
         };
+        // Newer only by its own expiry: a token without one (Anthropic's
+        // are opaque) may be an older copy that still passes the probe, and
+        // serving it with the current session's expiry would outlive it.
         let newer = match (
             jwt_exp(token.expose_str()),
-            self.session.as_ref().and_then(|s| s.expires_at),
+            self.session.as_ref().map(|s| s.expires_at),
         ) {
-            (Some(offered), Some(ours)) => offered > ours,
+            (Some(offered), Some(Some(ours))) => offered > ours,
+            (None, Some(_)) => false,
             _ => true,
         };
         if !newer {
             return self.not_adopted(format!(
-                "did not adopt access token {token} written to {origin}: it expires before the current one"
+                "did not adopt access token {token} written to {origin}: it is not shown to expire after the current one (an opaque token is adopted only with its refresh token)"
             ));
         }
         let resp = self
