@@ -27,6 +27,9 @@ pub struct Args {
     pub output: PathBuf,
     pub yes: bool,
     pub force: bool,
+    /// Route every agent through a loopback proxy per credential, so their
+    /// files hold a local key and the proxy's URL instead of the token.
+    pub via_proxy: bool,
 }
 
 /// One preset's plan: which credential it shows, and the keys found.
@@ -35,6 +38,16 @@ struct Planned {
     credential: String,
     /// A dotfiles-managed `~/.databrickscfg`: the file the link names.
     databricks_file: Option<PathBuf>,
+    /// The base URLs its agents use beside the key (set, or their default).
+    urls: Vec<String>,
+}
+
+/// `--via-proxy`: the proxy one credential's agents go through.
+struct ProxyPlan {
+    credential: String,
+    /// The origin of the first base URL its agents use.
+    upstream: String,
+    header: &'static str,
 }
 
 /// One distinct token found, and where.
@@ -55,7 +68,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         plans.push(plan_preset(name, args, &link, &mut groups, &mut report)?);
     }
     print!("{report}");
-    let config = config_text(args, &plans, &groups);
+    let proxies = if args.via_proxy {
+        plan_proxies(&plans)
+    } else {
+        Vec::new()
+    };
+    let config = config_text(args, &plans, &groups, &proxies);
     println!("\nPlan:");
     for g in &groups {
         println!(
@@ -63,6 +81,12 @@ pub fn run(args: &Args) -> Result<(), String> {
             g.credential,
             g.value.fingerprint(),
             g.places.join(", ")
+        );
+    }
+    for p in &proxies {
+        println!(
+            "  proxy {0}: 127.0.0.1 (a free port) → {1}; the agents' files show its URL and a local key, never the token",
+            p.credential, p.upstream
         );
     }
     println!("  write {}", args.output.display());
@@ -117,6 +141,10 @@ fn plan_preset(
         ..Options::default()
     };
     let mut mounts = preset::expand(name, &opts)?;
+    let urls = mounts
+        .iter()
+        .flat_map(|m| preset::base_urls(m, "CRED"))
+        .collect();
     if let (Some(file), Some(m)) = (&databricks_file, mounts.first_mut()) {
         for f in &mut m.files {
             f.path = file.file_name().map(PathBuf::from).unwrap_or_default();
@@ -160,7 +188,49 @@ fn plan_preset(
         preset: name.to_owned(),
         credential,
         databricks_file,
+        urls,
     })
+}
+
+/// One proxy per credential whose agents name a base URL (in their files,
+/// or by default): its upstream is that URL's origin, so each agent keeps
+/// its own path beyond it. A credential with none is noted and its agents
+/// keep the token.
+fn plan_proxies(plans: &[Planned]) -> Vec<ProxyPlan> {
+    let mut out: Vec<ProxyPlan> = Vec::new();
+    for p in plans {
+        if out.iter().any(|x| x.credential == p.credential) {
+            continue;
+        }
+        let origin = plans
+            .iter()
+            .filter(|q| q.credential == p.credential)
+            .flat_map(|q| &q.urls)
+            .find_map(|u| reqwest::Url::parse(u).ok())
+            .map(|u| u.origin().ascii_serialization())
+            .filter(|o| o != "null");
+        match origin {
+            Some(upstream) => out.push(ProxyPlan {
+                credential: p.credential.clone(),
+                upstream,
+                header: header_of(&p.credential),
+            }),
+            None => println!(
+                "note: no base URL is known for credential {} (its files name none): no proxy; add a [[proxy]] by hand",
+                p.credential
+            ),
+        }
+    }
+    out
+}
+
+/// How the upstream takes the key, by what the credential is.
+fn header_of(credential: &str) -> &'static str {
+    match credential.split('-').next() {
+        Some("anthropic") => "x-api-key",
+        Some("gemini") => "x-goog-api-key",
+        _ => "authorization_bearer",
+    }
 }
 
 /// The credential of `value`: an existing group's, or a new one named
@@ -258,7 +328,7 @@ fn describe_file(out: &mut String, dir: &Path, f: &ManagedConfig) -> Vec<Secret>
     found
 }
 
-fn config_text(args: &Args, plans: &[Planned], groups: &[Group]) -> String {
+fn config_text(args: &Args, plans: &[Planned], groups: &[Group], proxies: &[ProxyPlan]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -283,6 +353,13 @@ fn config_text(args: &Args, plans: &[Planned], groups: &[Group]) -> String {
                 "initial_env = \"DATABRICKS_TOKEN\"  # or source = \"databricks\" with host = \"https://…\" to rotate PATs here"
             );
         }
+    }
+    for p in proxies {
+        let _ = writeln!(
+            s,
+            "\n[[proxy]]\nname = \"{0}\"\nlisten = \"127.0.0.1:0\"   # a free port: the agents' files show the actual URL\nupstream = \"{1}\"\ncredential = \"{0}\"\nheader = \"{2}\"",
+            p.credential, p.upstream, p.header
+        );
     }
     for p in plans {
         let shared = groups
@@ -311,6 +388,9 @@ fn config_text(args: &Args, plans: &[Planned], groups: &[Group]) -> String {
                     p.preset, p.credential
                 );
             }
+        }
+        if p.databricks_file.is_none() && proxies.iter().any(|x| x.credential == p.credential) {
+            let _ = writeln!(s, "via_proxy = \"{}\"", p.credential);
         }
         if shared || p.credential == "databricks" {
             let _ = writeln!(

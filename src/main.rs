@@ -59,6 +59,10 @@ enum Command {
         /// Overwrite an existing config.
         #[arg(long)]
         force: bool,
+        /// Route the agents through a loopback proxy per credential: their
+        /// files then hold the proxy's URL and a local key, never the token.
+        #[arg(long)]
+        via_proxy: bool,
     },
     /// Check what mounting needs (FUSE, fusermount3, permissions, stale mounts) and say what to fix.
     Doctor {
@@ -188,12 +192,14 @@ fn run(cli: Cli) -> Result<(), String> {
             output,
             yes,
             force,
+            via_proxy,
         } => tokenfs::init::run(&tokenfs::init::Args {
             presets: preset,
             credential,
             output,
             yes,
             force,
+            via_proxy,
         }),
         Command::Doctor { config } => {
             let config = config

@@ -137,7 +137,15 @@ fn through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
             segs.push((*url_key).to_owned());
             let url_path = KeyPath::from_segments(segs);
             let suffix = match crate::render::lookup(f.format, &text, &url_path) {
-                None => String::new(),
+                // The agent would send the local key to its default upstream.
+                None if !b.insert => {
+                    m.notes.push(format!(
+                        "via_proxy: {} sets no {url_path}; that key keeps the real token (set it to the upstream's URL to route it through the proxy)",
+                        f.path.display()
+                    ));
+                    continue;
+                }
+                None => default_url_path(b.key.segments(), upstream),
                 Some(v) => match v.strip_prefix(&url_ph).or_else(|| v.strip_prefix(upstream)) {
                     Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_owned(),
                     _ => {
@@ -163,6 +171,65 @@ fn through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
         f.bindings.extend(urls);
     }
     m
+}
+
+/// The base URL an agent uses when its file sets none, by the key's path:
+/// a missing URL key then renders as the proxy's URL plus that URL's path
+/// beyond the upstream (Codex's `https://api.openai.com/v1` under the
+/// upstream `https://api.openai.com` → `PROXY/v1`), so requests keep
+/// their paths.
+fn default_base_url(key: &[String]) -> Option<&'static str> {
+    const ANTHROPIC: &str = "https://api.anthropic.com";
+    const GEMINI: &str = "https://generativelanguage.googleapis.com";
+    let last = key.last().map(String::as_str)?;
+    match (key.len(), key.first().map(String::as_str), last) {
+        (_, _, "ANTHROPIC_AUTH_TOKEN" | "ANTHROPIC_API_KEY") => Some(ANTHROPIC),
+        (_, _, "OPENAI_API_KEY") => Some("https://api.openai.com/v1"),
+        (_, _, "GEMINI_API_KEY" | "GOOGLE_API_KEY") => Some(GEMINI),
+        // OpenCode's providers (the AI SDK's defaults).
+        (4, Some("provider"), "apiKey") => match key[1].as_str() {
+            "anthropic" => Some("https://api.anthropic.com/v1"),
+            "openai" => Some("https://api.openai.com/v1"),
+            "google" => Some("https://generativelanguage.googleapis.com/v1beta"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The path a missing base URL key renders after the proxy's URL: the
+/// agent's default URL's path beyond the upstream, when it lies under it.
+fn default_url_path(key: &[String], upstream: &str) -> String {
+    default_base_url(key)
+        .and_then(|d| d.strip_prefix(upstream))
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The base URLs a mount's files set beside `credential`'s keys (for
+/// `init --via-proxy` to pick a proxy's upstream), or the agents' defaults
+/// where a file sets none.
+pub fn base_urls(m: &Mount, credential: &str) -> Vec<String> {
+    let token_slot = format!("{credential}.token");
+    let mut urls = Vec::new();
+    for f in &m.files {
+        let text = read(&m.dir, &f.path.to_string_lossy()).unwrap_or_default();
+        for b in f.bindings.iter().filter(|b| b.slot == token_slot) {
+            let Some((last, parents)) = b.key.segments().split_last() else {
+                continue;
+            };
+            let Some((_, url_key)) = URL_BESIDE_KEY.iter().find(|(k, _)| k == last) else {
+                continue;
+            };
+            let mut segs: Vec<String> = parents.to_vec();
+            segs.push((*url_key).to_owned());
+            let found = crate::render::lookup(f.format, &text, &KeyPath::from_segments(segs))
+                .filter(|v| v.starts_with("https://") || v.starts_with("http://"));
+            urls.extend(found.or_else(|| default_base_url(b.key.segments()).map(str::to_owned)));
+        }
+    }
+    urls
 }
 
 fn dir_of(o: &Options, env: Option<&str>, default: &str) -> PathBuf {
@@ -616,6 +683,38 @@ mod tests {
             Some(("x-a=1,Authorization=Bearer ".into(), ",x-b=2".into()))
         );
         assert_eq!(bearer_split("x-a=1"), None);
+    }
+
+    /// A missing base URL renders as the proxy's URL plus the agent's
+    /// default path under the upstream, so requests keep their paths.
+    #[test]
+    fn a_missing_base_url_keeps_the_agents_default_path() {
+        let k = |parts: &[&str]| parts.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+        let openai = "https://api.openai.com";
+        assert_eq!(default_url_path(&k(&["OPENAI_API_KEY"]), openai), "/v1");
+        assert_eq!(
+            default_url_path(
+                &k(&["provider", "anthropic", "options", "apiKey"]),
+                "https://api.anthropic.com"
+            ),
+            "/v1"
+        );
+        assert_eq!(
+            default_url_path(
+                &k(&["env", "ANTHROPIC_AUTH_TOKEN"]),
+                "https://api.anthropic.com"
+            ),
+            ""
+        );
+        // Not under the upstream (a gateway): the proxy's URL as it is.
+        assert_eq!(
+            default_url_path(&k(&["OPENAI_API_KEY"]), "https://adb-1.net"),
+            ""
+        );
+        assert_eq!(
+            default_url_path(&k(&["OPENAI_API_KEY"]), "https://api.openai.co"),
+            ""
+        );
     }
 
     #[test]

@@ -526,3 +526,120 @@ fn init_follows_a_symlinked_databrickscfg_and_finishes_an_interrupted_move() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted"));
 }
+
+/// `init --via-proxy`: one loopback proxy per credential, its upstream the
+/// origin of the base URL the agents use (set in their files, or their
+/// default). After mounting, the agents' files hold the proxy's URL and a
+/// local key, never the token, and a request made with what a file shows
+/// reaches the upstream with the real token.
+#[test]
+fn init_via_proxy_routes_each_credential_through_its_own_proxy() {
+    let up = common::http::Upstream::start();
+    let dapi = "dapi0123456789abcdef0123456789abcdef";
+    let ant = "sk-ant-api03-abcdefghijklmnopqrstuvwxyz";
+    up.mint(dapi);
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write(
+        "home/.hermes/config.yaml",
+        &format!(
+            "model:\n  provider: custom\n  base_url: {}\n  api_key: {dapi}\n",
+            up.url("/serving-endpoints")
+        ),
+    );
+    s.write(
+        "home/.claude/settings.json",
+        &format!("{{\"env\": {{\"ANTHROPIC_AUTH_TOKEN\": \"{ant}\"}}}}\n"),
+    );
+    let out_cfg = s.path("out.toml");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "init",
+            "--preset",
+            "hermes,claude",
+            "--yes",
+            "--via-proxy",
+            "--output",
+        ])
+        .arg(&out_cfg)
+        .env("HOME", &home)
+        .env("CLAUDE_CONFIG_DIR", "")
+        .env("HERMES_HOME", "")
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!plan.contains(dapi) && !plan.contains(ant), "{plan}");
+    let text = fs::read_to_string(&out_cfg).unwrap();
+    let upstream = format!("upstream = \"{}\"", up.url(""));
+    assert!(text.contains(&upstream), "{text}");
+    assert!(
+        text.contains("upstream = \"https://api.anthropic.com\""),
+        "{text}"
+    );
+    assert!(text.contains("header = \"x-api-key\""), "{text}");
+    assert!(
+        text.contains("via_proxy = \"databricks\"") && text.contains("via_proxy = \"anthropic\""),
+        "{text}"
+    );
+
+    let cfg = format!("[control]\nsocket = \"{}\"\n{text}", s.socket().display());
+    let home_s = home.display().to_string();
+    let (hermes, claude) = (home.join(".hermes"), home.join(".claude"));
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("CLAUDE_CONFIG_DIR", ""),
+        ("HERMES_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &[&hermes, &claude], &env);
+    let yaml = fs::read_to_string(hermes.join("config.yaml")).unwrap();
+    let settings = fs::read_to_string(claude.join("settings.json")).unwrap();
+    assert!(
+        !yaml.contains(dapi) && !settings.contains(ant),
+        "{yaml}\n{settings}"
+    );
+    let value = |key: &str| {
+        yaml.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let (base, key) = (value("base_url:"), value("api_key:"));
+    let rest = base.strip_prefix("http://").unwrap_or_default();
+    let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
+    assert_eq!(path, "serving-endpoints", "{yaml}");
+    assert_ne!(addr, up.addr.to_string(), "the base URL is the proxy's");
+    let claude_env: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    let claude_url = claude_env["env"]["ANTHROPIC_BASE_URL"]
+        .as_str()
+        .unwrap_or("");
+    assert!(claude_url.starts_with("http://127.0.0.1:"), "{settings}");
+    assert_ne!(
+        claude_url,
+        format!("http://{addr}"),
+        "one proxy per credential"
+    );
+
+    let mut conn = common::http::Conn::connect(addr.parse().unwrap());
+    let auth = format!("Bearer {key}");
+    let r = conn.request(
+        "POST",
+        "/serving-endpoints/m/invocations",
+        &[("authorization", auth.as_bytes())],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.seen();
+    let last = seen.last().expect("the upstream saw the request");
+    assert_eq!(last.target, "/serving-endpoints/m/invocations");
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer {dapi}").as_bytes())
+    );
+    let status = d.status().to_string();
+    assert!(!status.contains(dapi) && !status.contains(&key), "{status}");
+}
