@@ -353,7 +353,7 @@ impl State {
             .spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
                 for d in detach {
-                    match crate::daemon::detach(&d) {
+                    match crate::mounts::detach(&d) {
                         Ok(()) => info!(mount = %d.display(), "unmounted on request"),
                         Err(e) => warn!(mount = %d.display(), "unmount failed: {e}"),
                     }

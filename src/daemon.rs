@@ -282,30 +282,9 @@ fn wait(rx: mpsc::Receiver<Event>, mounted: &[PathBuf], lives: &[Arc<MountLife>]
 /// so a live daemon must do this itself.
 fn detach_all(dirs: &[PathBuf]) {
     for dir in dirs {
-        if let Err(e) = detach(dir) {
+        if let Err(e) = mounts::detach(dir) {
             warn!(mount = %dir.display(), "unmount failed: {e}");
         }
-    }
-}
-
-/// Detaches one mount lazily (see `detach_all`).
-pub fn detach(dir: &Path) -> Result<(), String> {
-    if nix::unistd::geteuid().is_root() {
-        let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| "bad path".to_string())?;
-        // SAFETY: valid C string.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            return Ok(());
-        }
-    }
-    let out = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(dir)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-        Err(e) => Err(format!("fusermount3: {e}")),
     }
 }
 
@@ -464,12 +443,12 @@ fn preflight(config: &Config) -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing: run the container with --device /dev/fuse and CAP_SYS_ADMIN (or load the fuse module)".into());
     }
-    if which("fusermount3").is_none() {
+    if mounts::which("fusermount3").is_none() {
         return Err("fusermount3 is not installed: apt-get install -y fuse3".into());
     }
     for m in &config.mounts {
         let dir = &m.dir;
-        if is_dead_mount(dir) {
+        if mounts::is_dead(dir) {
             clear_stale_mount(dir)?;
         }
         match std::fs::metadata(dir) {
@@ -485,7 +464,7 @@ fn preflight(config: &Config) -> Result<(), String> {
             }
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         }
-        if is_tokenfs_mount(dir) {
+        if mounts::tokenfs_at(dir).is_some() {
             return Err(format!(
                 "{} is already mounted by tokenfs: run `fusermount3 -u {}` (or stop the other daemon) first",
                 dir.display(),
@@ -496,41 +475,16 @@ fn preflight(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `dir` is a FUSE mount whose daemon is gone. Listing asks the
-/// daemon; `stat` could answer from the kernel's attribute cache.
-pub fn is_dead_mount(dir: &Path) -> bool {
-    std::fs::read_dir(dir).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
-}
-
 /// A daemon that died without auto-unmount leaves a dead mount; detach it.
 fn clear_stale_mount(dir: &Path) -> Result<(), String> {
     warn!(mount = %dir.display(), "found a stale mount (its daemon is gone); detaching it");
-    let status = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(dir)
-        .status();
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        _ => Err(format!(
-            "{} is a dead mount and could not be detached: run `fusermount3 -u -z {}`",
+    mounts::detach_with_fusermount(dir).map_err(|e| {
+        format!(
+            "{} is a dead mount and could not be detached ({e}): run `{}`",
             dir.display(),
-            dir.display()
-        )),
-    }
-}
-
-/// Whether `dir` is a tokenfs mount now (per the kernel's mount table).
-pub fn is_tokenfs_mount(dir: &Path) -> bool {
-    mounts::tokenfs_at(dir).is_some()
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(cmd))
-        .find(|p| p.exists())
+            mounts::detach_command(dir)
+        )
+    })
 }
 
 /// Opens the mount dir before mounting: the only way to reach the original

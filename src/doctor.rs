@@ -33,7 +33,7 @@ pub fn run(config: Option<&Config>) -> Vec<Check> {
     )
     .is_ok();
     out.push(check(fuse_rw, "/dev/fuse is present and usable", "run the container with --device /dev/fuse (and CAP_SYS_ADMIN), or set mode = \"auto\"/\"files\""));
-    let fusermount = which("fusermount3");
+    let fusermount = crate::mounts::which("fusermount3");
     out.push(check(
         fusermount.is_some(),
         "fusermount3 is installed (needed for auto-unmount)",
@@ -65,8 +65,8 @@ pub fn run(config: Option<&Config>) -> Vec<Check> {
     for dir in stale_mounts() {
         out.push(check(
             false,
-            format!("stale tokenfs mount at {}", dir),
-            format!("fusermount3 -u -z {dir}"),
+            format!("stale tokenfs mount at {}", dir.display()),
+            crate::mounts::detach_command(&dir),
         ));
     }
     let socket = config.map_or_else(crate::config::default_socket, |c| c.socket.clone());
@@ -212,19 +212,11 @@ fn kernel_version() -> (u32, u32) {
 
 /// tokenfs mounts whose daemon is gone. Listing the directory asks the
 /// daemon (`stat` may answer from the kernel's attribute cache).
-fn stale_mounts() -> Vec<String> {
+fn stale_mounts() -> Vec<std::path::PathBuf> {
     crate::mounts::entries()
         .into_iter()
         .filter(|e| e.fstype == "fuse.tokenfs")
-        .filter(|e| crate::daemon::is_dead_mount(&e.mount_point))
-        .map(|e| e.mount_point.display().to_string())
+        .filter(|e| crate::mounts::is_dead(&e.mount_point))
+        .map(|e| e.mount_point)
         .collect()
-}
-
-fn which(cmd: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(cmd))
-        .find(|p| p.exists())
 }

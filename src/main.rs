@@ -405,7 +405,10 @@ fn unmount(dirs: Vec<PathBuf>, restore: bool, target: &Target) -> Result<(), Str
         })
         .unwrap_or_default();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gone.iter().any(|d| tokenfs::daemon::is_tokenfs_mount(d)) {
+    while gone
+        .iter()
+        .any(|d| tokenfs::mounts::tokenfs_at(d).is_some())
+    {
         if std::time::Instant::now() > deadline {
             return Err("the daemon accepted, but a mount is still there after 5 s".into());
         }

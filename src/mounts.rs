@@ -208,6 +208,62 @@ pub fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// Whether `dir` is a FUSE mount whose daemon is gone. Listing asks the
+/// daemon; `stat` could answer from the kernel's attribute cache.
+pub fn is_dead(dir: &Path) -> bool {
+    std::fs::read_dir(dir).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
+}
+
+/// Detaches a mount lazily: it disappears from the namespace at once, and
+/// its session ends when no process uses it any more. As root directly,
+/// else through fusermount3 (setuid).
+pub fn detach(dir: &Path) -> Result<(), String> {
+    if nix::unistd::geteuid().is_root()
+        && nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).is_ok()
+    {
+        return Ok(());
+    }
+    detach_with_fusermount(dir)
+}
+
+/// `fusermount3 -u -z DIR`: also detaches a dead mount, which `umount2`
+/// can refuse.
+pub fn detach_with_fusermount(dir: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(format!("fusermount3: {e}")),
+    }
+}
+
+/// The command a user runs to detach `dir`, quoted for a shell (a mount
+/// point may hold spaces).
+pub fn detach_command(dir: &Path) -> String {
+    format!("fusermount3 -u -z {}", shell_quote(&dir.to_string_lossy()))
+}
+
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:@%=,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The first `cmd` on `$PATH`.
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.exists())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +285,19 @@ mod tests {
         // The id, reused by another mount elsewhere, is not ours.
         assert_eq!(state_in(&e, 37, here, true), State::Detached);
         assert_eq!(state_in(&e, 36, Path::new("/x"), true), State::Detached);
+    }
+
+    #[test]
+    fn detach_commands_are_quoted_for_a_shell() {
+        assert_eq!(detach_command(Path::new("/a/b")), "fusermount3 -u -z /a/b");
+        assert_eq!(
+            detach_command(Path::new("/a/my agent")),
+            "fusermount3 -u -z '/a/my agent'"
+        );
+        assert_eq!(
+            detach_command(Path::new("/a/it's")),
+            "fusermount3 -u -z '/a/it'\\''s'"
+        );
     }
 
     #[test]

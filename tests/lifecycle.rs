@@ -279,9 +279,17 @@ fn entrypoint_runs_the_command_over_live_mounts_and_detaches() {
     assert_eq!(out.status.code(), Some(70));
 }
 
+/// The mount point holds a space: mountinfo shows it as `\040`, and
+/// doctor must name the real path (quoted for a shell).
 #[test]
 fn a_stale_mount_is_reported_by_doctor_and_cleared_by_the_next_mount() {
-    let (s, dir, mut d) = start();
+    let s = Scratch::new();
+    let dir = s.path("home/my agent/.hermes");
+    s.write(
+        "home/my agent/.hermes/config.yaml",
+        &hermes_yaml(&token("life", 32)),
+    );
+    let mut d = Daemon::start(&s, &hermes_config(&s, &dir), &[&dir]);
     let cfg = s.path("tokenfs.toml");
     let ok = Command::new(BIN)
         .args(["doctor", "--config"])
@@ -317,7 +325,9 @@ fn a_stale_mount_is_reported_by_doctor_and_cleared_by_the_next_mount() {
     let out = Command::new(BIN).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        !out.status.success() && text.contains(&format!("fusermount3 -u -z {}", dir.display())),
+        !out.status.success()
+            && text.contains(&format!("stale tokenfs mount at {}", dir.display()))
+            && text.contains(&format!("fusermount3 -u -z '{}'", dir.display())),
         "{text}"
     );
     // Mounting again clears it and serves.
