@@ -180,12 +180,10 @@ fn socket_of(target: &Target) -> Result<PathBuf, String> {
     }
 }
 
+/// One function per subcommand: `run` only dispatches.
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Mount { config } => {
-            let config = Config::load(&config).map_err(|e| e.to_string())?;
-            tokenfs::daemon::run(config)
-        }
+        Command::Mount { config } => mount(&config),
         Command::Init {
             preset,
             credential,
@@ -201,116 +199,19 @@ fn run(cli: Cli) -> Result<(), String> {
             force,
             via_proxy,
         }),
-        Command::Doctor { config } => {
-            let config = config
-                .map(|c| Config::load(&c))
-                .transpose()
-                .map_err(|e| e.to_string())?;
-            let checks = tokenfs::doctor::run(config.as_ref());
-            for c in &checks {
-                if c.ok {
-                    println!("ok   {}", c.what);
-                } else {
-                    println!("FIX  {}\n     → {}", c.what, c.fix);
-                }
-            }
-            match checks.iter().filter(|c| !c.ok).count() {
-                0 => Ok(()),
-                n => Err(format!("{n} problem(s) found")),
-            }
-        }
-        Command::Check { config } => {
-            let c = Config::load(&config).map_err(|e| e.to_string())?;
-            // What `mount` would refuse first.
-            if let Some(m) = c.mounts.iter().find(|m| !m.dir.is_dir()) {
-                return Err(format!(
-                    "mount dir {} does not exist: mkdir -p {}",
-                    m.dir.display(),
-                    m.dir.display()
-                ));
-            }
-            let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
-            println!(
-                "{}: ok ({}, {}, {}{})",
-                config.display(),
-                plural(c.credentials.len(), "credential", "credentials"),
-                plural(c.mounts.len(), "mount", "mounts"),
-                plural(files, "managed file", "managed files"),
-                match c.proxies.len() {
-                    0 => String::new(),
-                    n => format!(", {}", plural(n, "proxy", "proxies")),
-                },
-            );
-            Ok(())
-        }
+        Command::Doctor { config } => doctor(config.as_deref()),
+        Command::Check { config } => check(&config),
         Command::Status {
             target,
             json,
             ready,
-        } => {
-            let v = control::call(&socket_of(&target)?, &Request::Status)?;
-            if ready {
-                let s: control::Status = serde_json::from_value(v)
-                    .map_err(|e| format!("unexpected status reply: {e}"))?;
-                println!("{}", s.pid);
-                if s.mounts.is_empty() {
-                    return Err("the daemon serves no mounts".into());
-                }
-                if let Some(m) = s
-                    .mounts
-                    .iter()
-                    .find(|m| m.state != "live" && m.state != "files")
-                {
-                    return Err(format!("mount {} is {}", m.dir.display(), m.state));
-                }
-                return Ok(());
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                let s: control::Status = serde_json::from_value(v)
-                    .map_err(|e| format!("unexpected status reply: {e}"))?;
-                print!("{}", control::render_status(&s));
-            }
-            Ok(())
-        }
+        } => status(&target, json, ready),
         Command::Set {
             name,
             field,
             target,
-        } => {
-            let mut secret = String::new();
-            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                eprintln!("paste the secret for {name}, then press Enter and Ctrl-D:");
-            }
-            std::io::stdin()
-                .read_to_string(&mut secret)
-                .map_err(|e| format!("reading the secret from stdin: {e}"))?;
-            if secret.trim().is_empty() {
-                return Err(
-                    "no secret on standard input (usage: printf %s \"$TOKEN\" | tokenfs set NAME)"
-                        .into(),
-                );
-            }
-            let v = control::call(
-                &socket_of(&target)?,
-                &Request::Set {
-                    name: name.clone(),
-                    field: Some(field),
-                    secret,
-                },
-            )?;
-            eprintln!("{name}: published generation {}", v["generation"]);
-            Ok(())
-        }
-        Command::Rotate { name, target } => {
-            let v = control::call(
-                &socket_of(&target)?,
-                &Request::Rotate { name: name.clone() },
-            )?;
-            eprintln!("{name}: rotated, generation {}", v["generation"]);
-            Ok(())
-        }
+        } => set(&name, field, &target),
+        Command::Rotate { name, target } => rotate(&name, &target),
         Command::Unmount {
             dirs,
             restore,
@@ -326,17 +227,7 @@ fn run(cli: Cli) -> Result<(), String> {
             name,
             field,
             target,
-        } => {
-            let v = control::call(
-                &socket_of(&target)?,
-                &Request::Token {
-                    name,
-                    field: Some(field),
-                },
-            )?;
-            println!("{}", v["secret"].as_str().unwrap_or_default());
-            Ok(())
-        }
+        } => token(name, field, &target),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "tokenfs", &mut std::io::stdout());
@@ -346,6 +237,132 @@ fn run(cli: Cli) -> Result<(), String> {
             .render(&mut std::io::stdout())
             .map_err(|e| format!("writing the man page: {e}")),
     }
+}
+
+fn mount(config: &Path) -> Result<(), String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    tokenfs::daemon::run(config)
+}
+
+fn doctor(config: Option<&Path>) -> Result<(), String> {
+    let config = config
+        .map(Config::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let checks = tokenfs::doctor::run(config.as_ref());
+    for c in &checks {
+        if c.ok {
+            println!("ok   {}", c.what);
+        } else {
+            println!("FIX  {}\n     → {}", c.what, c.fix);
+        }
+    }
+    match checks.iter().filter(|c| !c.ok).count() {
+        0 => Ok(()),
+        n => Err(format!("{n} problem(s) found")),
+    }
+}
+
+/// Validates a config as `mount` would, without mounting.
+fn check(config: &Path) -> Result<(), String> {
+    let c = Config::load(config).map_err(|e| e.to_string())?;
+    // What `mount` would refuse first.
+    if let Some(m) = c.mounts.iter().find(|m| !m.dir.is_dir()) {
+        return Err(format!(
+            "mount dir {} does not exist: mkdir -p {}",
+            m.dir.display(),
+            m.dir.display()
+        ));
+    }
+    let files: usize = c.mounts.iter().map(|m| m.files.len()).sum();
+    println!(
+        "{}: ok ({}, {}, {}{})",
+        config.display(),
+        plural(c.credentials.len(), "credential", "credentials"),
+        plural(c.mounts.len(), "mount", "mounts"),
+        plural(files, "managed file", "managed files"),
+        match c.proxies.len() {
+            0 => String::new(),
+            n => format!(", {}", plural(n, "proxy", "proxies")),
+        },
+    );
+    Ok(())
+}
+
+fn status(target: &Target, json: bool, ready: bool) -> Result<(), String> {
+    let v = control::call(&socket_of(target)?, &Request::Status)?;
+    if json && !ready {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let s: control::Status =
+        serde_json::from_value(v).map_err(|e| format!("unexpected status reply: {e}"))?;
+    if !ready {
+        print!("{}", control::render_status(&s));
+        return Ok(());
+    }
+    // `--ready`: the pid, and success only once every mount is live.
+    println!("{}", s.pid);
+    if s.mounts.is_empty() {
+        return Err("the daemon serves no mounts".into());
+    }
+    match s
+        .mounts
+        .iter()
+        .find(|m| m.state != "live" && m.state != "files")
+    {
+        Some(m) => Err(format!("mount {} is {}", m.dir.display(), m.state)),
+        None => Ok(()),
+    }
+}
+
+/// Reads the secret from stdin (never from argv, where `ps` shows it).
+fn set(name: &str, field: String, target: &Target) -> Result<(), String> {
+    let mut secret = String::new();
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprintln!("paste the secret for {name}, then press Enter and Ctrl-D:");
+    }
+    std::io::stdin()
+        .read_to_string(&mut secret)
+        .map_err(|e| format!("reading the secret from stdin: {e}"))?;
+    if secret.trim().is_empty() {
+        return Err(
+            "no secret on standard input (usage: printf %s \"$TOKEN\" | tokenfs set NAME)".into(),
+        );
+    }
+    let v = control::call(
+        &socket_of(target)?,
+        &Request::Set {
+            name: name.to_owned(),
+            field: Some(field),
+            secret,
+        },
+    )?;
+    eprintln!("{name}: published generation {}", v["generation"]);
+    Ok(())
+}
+
+fn rotate(name: &str, target: &Target) -> Result<(), String> {
+    let v = control::call(
+        &socket_of(target)?,
+        &Request::Rotate {
+            name: name.to_owned(),
+        },
+    )?;
+    eprintln!("{name}: rotated, generation {}", v["generation"]);
+    Ok(())
+}
+
+fn token(name: String, field: String, target: &Target) -> Result<(), String> {
+    let v = control::call(
+        &socket_of(target)?,
+        &Request::Token {
+            name,
+            field: Some(field),
+        },
+    )?;
+    println!("{}", v["secret"].as_str().unwrap_or_default());
+    Ok(())
 }
 
 fn import(name: &str, from: &str, file: Option<PathBuf>, target: &Target) -> Result<(), String> {
