@@ -497,101 +497,9 @@ impl Config {
                 .map(expand_home)
                 .unwrap_or_else(default_state_dir),
         };
-        let mut credentials = BTreeMap::new();
-        let mut min_length = BTreeMap::new();
-        for (name, cred) in &raw.credentials {
-            let key = format!("credentials.{}", name.get_ref());
-            if name.get_ref().is_empty() || name.get_ref().contains(['.', ' ']) {
-                return Err(at.error(
-                    name.span(),
-                    &key,
-                    "a credential name may not be empty or contain '.' or spaces",
-                ));
-            }
-            let source = validate_source(cred.get_ref(), &key, at)?;
-            let source = match source {
-                SourceConfig::OAuth(_) => SourceConfig::OAuth(validate_oauth(
-                    cred.get_ref(),
-                    name.get_ref(),
-                    &key,
-                    &state_dir,
-                    at,
-                )?),
-                other => other,
-            };
-            if let Some(n) = &cred.get_ref().min_length {
-                if *n.get_ref() == 0 {
-                    return Err(at.error(
-                        n.span(),
-                        &format!("{key}.min_length"),
-                        "must be at least 1",
-                    ));
-                }
-                min_length.insert(name.get_ref().clone(), *n.get_ref());
-            }
-            credentials.insert(name.get_ref().clone(), source);
-        }
-        let max_size = match &raw.max_file_size {
-            Some(v) => parse_size(v.get_ref())
-                .filter(|n| *n >= 1024)
-                .ok_or_else(|| {
-                    at.error(
-                        v.span(),
-                        "max_file_size",
-                        "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
-                    )
-                })? as u64,
-            None => DEFAULT_MAX_FILE_SIZE,
-        };
-        let mut proxies: Vec<ProxyConfig> = Vec::new();
-        for (i, proxy) in raw.proxy.iter().enumerate() {
-            let key = format!("proxy[{i}]");
-            let p = validate_proxy(proxy.get_ref(), &key, &credentials, at)?;
-            let raw = proxy.get_ref();
-            if proxies.iter().any(|o| o.name == p.name) {
-                return Err(at.error(
-                    raw.name.span(),
-                    &format!("{key}.name"),
-                    &format!("a proxy named `{}` is already defined", p.name),
-                ));
-            }
-            if p.listen.port() != 0 && proxies.iter().any(|o| o.listen == p.listen) {
-                return Err(at.error(
-                    raw.listen.span(),
-                    &format!("{key}.listen"),
-                    &format!("{} is already used by another proxy", p.listen),
-                ));
-            }
-            proxies.push(p);
-        }
-        // A managed file may also bind a proxy's local key: `proxy.NAME.token`.
-        let mut bindable = credentials.clone();
-        for p in &proxies {
-            bindable.insert(
-                format!("proxy.{}", p.name),
-                SourceConfig::Push { initial_env: None },
-            );
-        }
-        let mut mounts: Vec<MountConfig> = Vec::new();
-        let mut origins: Vec<(Range<usize>, String, String)> = Vec::new();
-        for (i, mount) in raw.mount.iter().enumerate() {
-            let key = format!("mount[{i}]");
-            for mut m in validate_mount(mount, &key, &bindable, &proxies, at)? {
-                for f in &mut m.files {
-                    f.max_size = max_size;
-                }
-                let span = mount
-                    .get_ref()
-                    .dir
-                    .as_ref()
-                    .map_or(mount.span(), |d| d.span());
-                let written = m.dir.display().to_string();
-                m.dir = placement(&m.dir, &mounts, &origins)
-                    .map_err(|e| at.error(span.clone(), &format!("{key}.dir"), &e))?;
-                origins.push((span, key.clone(), written));
-                mounts.push(m);
-            }
-        }
+        let (credentials, min_length) = validate_credentials(&raw, &state_dir, at)?;
+        let proxies = validate_proxies(&raw, &credentials, at)?;
+        let mounts = validate_mounts(&raw, &credentials, &proxies, at)?;
         if mounts.is_empty() && proxies.is_empty() {
             return Err(at.error(
                 0..0,
@@ -599,25 +507,10 @@ impl Config {
                 "no [[mount]] or [[proxy]] tables: nothing to serve",
             ));
         }
-        let socket = match &raw.control.socket {
-            Some(s) => {
-                let p = expand_home(s.get_ref());
-                if !p.is_absolute() {
-                    let why = if s.get_ref().starts_with('~') {
-                        "HOME is not set, so `~` cannot be expanded: write an absolute path, e.g. socket = \"/run/tokenfs/control.sock\""
-                    } else {
-                        "must be an absolute path (or start with ~/), e.g. socket = \"/run/tokenfs/control.sock\": a relative one would depend on the directory each command runs in"
-                    };
-                    return Err(at.error(s.span(), "control.socket", why));
-                }
-                p
-            }
-            None => default_socket(),
-        };
         Ok(Config {
             path: at.file.to_owned(),
             mode: raw.mode.unwrap_or(Mode::Fuse),
-            socket,
+            socket: validate_socket(&raw, at)?,
             credentials,
             min_length,
             mounts,
@@ -625,6 +518,136 @@ impl Config {
             proxies,
         })
     }
+}
+
+type Credentials = BTreeMap<String, SourceConfig>;
+
+/// Every `[credentials.NAME]`, and the `min_length`s they set.
+fn validate_credentials(
+    raw: &RawConfig,
+    state_dir: &Path,
+    at: &Locator<'_>,
+) -> Result<(Credentials, BTreeMap<String, usize>), ConfigError> {
+    let mut credentials = BTreeMap::new();
+    let mut min_length = BTreeMap::new();
+    for (name, cred) in &raw.credentials {
+        let key = format!("credentials.{}", name.get_ref());
+        if name.get_ref().is_empty() || name.get_ref().contains(['.', ' ']) {
+            return Err(at.error(
+                name.span(),
+                &key,
+                "a credential name may not be empty or contain '.' or spaces",
+            ));
+        }
+        let source = validate_source(cred.get_ref(), name.get_ref(), &key, state_dir, at)?;
+        if let Some(n) = &cred.get_ref().min_length {
+            if *n.get_ref() == 0 {
+                return Err(at.error(n.span(), &format!("{key}.min_length"), "must be at least 1"));
+            }
+            min_length.insert(name.get_ref().clone(), *n.get_ref());
+        }
+        credentials.insert(name.get_ref().clone(), source);
+    }
+    Ok((credentials, min_length))
+}
+
+/// Every `[[proxy]]`: names and fixed listen addresses unique.
+fn validate_proxies(
+    raw: &RawConfig,
+    credentials: &Credentials,
+    at: &Locator<'_>,
+) -> Result<Vec<ProxyConfig>, ConfigError> {
+    let mut proxies: Vec<ProxyConfig> = Vec::new();
+    for (i, proxy) in raw.proxy.iter().enumerate() {
+        let key = format!("proxy[{i}]");
+        let p = validate_proxy(proxy.get_ref(), &key, credentials, at)?;
+        let raw = proxy.get_ref();
+        if proxies.iter().any(|o| o.name == p.name) {
+            return Err(at.error(
+                raw.name.span(),
+                &format!("{key}.name"),
+                &format!("a proxy named `{}` is already defined", p.name),
+            ));
+        }
+        if p.listen.port() != 0 && proxies.iter().any(|o| o.listen == p.listen) {
+            return Err(at.error(
+                raw.listen.span(),
+                &format!("{key}.listen"),
+                &format!("{} is already used by another proxy", p.listen),
+            ));
+        }
+        proxies.push(p);
+    }
+    Ok(proxies)
+}
+
+/// Every `[[mount]]` (presets expanded), each placed so that no two mounts
+/// overlap.
+fn validate_mounts(
+    raw: &RawConfig,
+    credentials: &Credentials,
+    proxies: &[ProxyConfig],
+    at: &Locator<'_>,
+) -> Result<Vec<MountConfig>, ConfigError> {
+    let max_size = match &raw.max_file_size {
+        Some(v) => parse_size(v.get_ref())
+            .filter(|n| *n >= 1024)
+            .ok_or_else(|| {
+                at.error(
+                    v.span(),
+                    "max_file_size",
+                    "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
+                )
+            })? as u64,
+        None => DEFAULT_MAX_FILE_SIZE,
+    };
+    // A managed file may also bind a proxy's local key: `proxy.NAME.token`.
+    let mut bindable = credentials.clone();
+    for p in proxies {
+        bindable.insert(
+            format!("proxy.{}", p.name),
+            SourceConfig::Push { initial_env: None },
+        );
+    }
+    let mut mounts: Vec<MountConfig> = Vec::new();
+    let mut origins: Vec<(Range<usize>, String, String)> = Vec::new();
+    for (i, mount) in raw.mount.iter().enumerate() {
+        let key = format!("mount[{i}]");
+        for mut m in validate_mount(mount, &key, &bindable, proxies, at)? {
+            for f in &mut m.files {
+                f.max_size = max_size;
+            }
+            let span = mount
+                .get_ref()
+                .dir
+                .as_ref()
+                .map_or(mount.span(), |d| d.span());
+            let written = m.dir.display().to_string();
+            m.dir = placement(&m.dir, &mounts, &origins)
+                .map_err(|e| at.error(span.clone(), &format!("{key}.dir"), &e))?;
+            origins.push((span, key.clone(), written));
+            mounts.push(m);
+        }
+    }
+    Ok(mounts)
+}
+
+/// `control.socket`: absolute (a relative one would depend on where each
+/// command runs), else the default.
+fn validate_socket(raw: &RawConfig, at: &Locator<'_>) -> Result<PathBuf, ConfigError> {
+    let Some(s) = &raw.control.socket else {
+        return Ok(default_socket());
+    };
+    let p = expand_home(s.get_ref());
+    if p.is_absolute() {
+        return Ok(p);
+    }
+    let why = if s.get_ref().starts_with('~') {
+        "HOME is not set, so `~` cannot be expanded: write an absolute path, e.g. socket = \"/run/tokenfs/control.sock\""
+    } else {
+        "must be an absolute path (or start with ~/), e.g. socket = \"/run/tokenfs/control.sock\": a relative one would depend on the directory each command runs in"
+    };
+    Err(at.error(s.span(), "control.socket", why))
 }
 
 /// `$XDG_STATE_HOME/tokenfs`, else `~/.local/state/tokenfs`.
@@ -641,83 +664,120 @@ fn validate_proxy(
     credentials: &BTreeMap<String, SourceConfig>,
     at: &Locator<'_>,
 ) -> Result<ProxyConfig, ConfigError> {
+    let f = Fields { at, key };
     let name = raw.name.get_ref();
     if name.is_empty() || name.contains(['.', ' ', '/']) {
-        return Err(at.error(
+        return Err(f.error(
             raw.name.span(),
-            &format!("{key}.name"),
+            "name",
             "a proxy name may not be empty or contain '.', '/' or spaces",
         ));
     }
+    let upstream = proxy_upstream(raw, &f)?;
+    let header = match &raw.header {
+        None => AuthHeader::Bearer,
+        Some(h) => validate_header(h.get_ref()).map_err(|e| f.error(h.span(), "header", &e))?,
+    };
+    let ca_file = match &raw.ca_file {
+        Some(p) if !upstream.https => {
+            return Err(f.error(p.span(), "ca_file", "only applies to an https:// upstream"));
+        }
+        Some(p) => Some(expand_home(p.get_ref())),
+        None => None,
+    };
+    let (retry_body_limit, max_connections) = proxy_limits(raw, &f)?;
+    Ok(ProxyConfig {
+        name: name.clone(),
+        listen: proxy_listen(raw, &f)?,
+        upstream,
+        slot: proxy_slot(raw, credentials, &f)?,
+        header,
+        connect_timeout: f.positive_duration(
+            &raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(10),
+        )?,
+        idle_timeout: f.positive_duration(
+            &raw.idle_timeout,
+            "idle_timeout",
+            Duration::from_secs(300),
+        )?,
+        timeout: f.positive_duration(&raw.timeout, "timeout", Duration::from_secs(1800))?,
+        retry_body_limit,
+        max_connections,
+        ca_file,
+    })
+}
+
+/// Loopback only, unless `allow_remote`: any local process may connect,
+/// but the local key keeps the others out; other machines are not asked.
+fn proxy_listen(raw: &RawProxy, f: &Fields<'_>) -> Result<SocketAddr, ConfigError> {
     let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|_| {
-        at.error(
+        f.error(
             raw.listen.span(),
-            &format!("{key}.listen"),
+            "listen",
             "must be IP:PORT, e.g. \"127.0.0.1:4000\" (port 0 picks a free one)",
         )
     })?;
     if !listen.ip().is_loopback() && !raw.allow_remote {
-        return Err(at.error(
-            raw.listen.span(),
-            &format!("{key}.listen"),
-            &format!(
-                "{} is not a loopback address: other machines could use the proxy; listen on 127.0.0.1 (or set allow_remote = true)",
-                listen.ip()
-            ),
-        ));
+        return Err(f.error(raw.listen.span(), "listen", &format!(
+            "{} is not a loopback address: other machines could use the proxy; listen on 127.0.0.1 (or set allow_remote = true)",
+            listen.ip()
+        )));
     }
+    Ok(listen)
+}
+
+/// https, or plain http to loopback (tests) or with `allow_http`.
+fn proxy_upstream(raw: &RawProxy, f: &Fields<'_>) -> Result<Upstream, ConfigError> {
     let upstream = parse_upstream(raw.upstream.get_ref())
-        .map_err(|e| at.error(raw.upstream.span(), &format!("{key}.upstream"), &e))?;
+        .map_err(|e| f.error(raw.upstream.span(), "upstream", &e))?;
     if !upstream.https && !raw.allow_http && !loopback_host(&upstream.authority) {
-        return Err(at.error(
-            raw.upstream.span(),
-            &format!("{key}.upstream"),
-            "plain http:// sends the token unencrypted: use https:// (http:// is allowed for loopback upstreams, or with allow_http = true)",
-        ));
+        return Err(f.error(raw.upstream.span(), "upstream",
+            "plain http:// sends the token unencrypted: use https:// (http:// is allowed for loopback upstreams, or with allow_http = true)"));
     }
+    Ok(upstream)
+}
+
+/// The credential (and field) the proxy injects.
+fn proxy_slot(
+    raw: &RawProxy,
+    credentials: &BTreeMap<String, SourceConfig>,
+    f: &Fields<'_>,
+) -> Result<SlotRef, ConfigError> {
+    let span = raw.credential.span();
     let mut slot = SlotRef::parse(raw.credential.get_ref())
-        .map_err(|e| at.error(raw.credential.span(), &format!("{key}.credential"), &e))?;
+        .map_err(|e| f.error(span.clone(), "credential", &e))?;
     if !credentials.contains_key(&slot.credential) {
-        return Err(at.error(
-            raw.credential.span(),
-            &format!("{key}.credential"),
+        return Err(f.error(
+            span,
+            "credential",
             &format!(
                 "unknown credential `{}` (define it in [credentials.{}])",
                 slot.credential, slot.credential
             ),
         ));
     }
-    if let Some(f) = &raw.field {
-        slot.field = f
+    if let Some(field) = &raw.field {
+        slot.field = field
             .get_ref()
             .parse()
-            .map_err(|e: String| at.error(f.span(), &format!("{key}.field"), &e))?;
+            .map_err(|e: String| f.error(field.span(), "field", &e))?;
     }
-    let header = match &raw.header {
-        None => AuthHeader::Bearer,
-        Some(h) => validate_header(h.get_ref())
-            .map_err(|e| at.error(h.span(), &format!("{key}.header"), &e))?,
-    };
-    let duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field {
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(d) if !d.is_zero() => Ok(d),
-            Ok(_) => Err(at.error(s.span(), &format!("{key}.{name}"), "must be above 0")),
-            Err(e) => Err(at.error(
-                s.span(),
-                &format!("{key}.{name}"),
-                &format!("{e} (write e.g. \"10s\" or \"5m\")"),
-            )),
-        },
-        None => Ok(default),
-    };
+    Ok(slot)
+}
+
+/// `retry_body_limit` (≤ 1 GiB, default 4 MiB) and `max_connections`
+/// (1..=65536, default 512).
+fn proxy_limits(raw: &RawProxy, f: &Fields<'_>) -> Result<(usize, usize), ConfigError> {
     let retry_body_limit = match &raw.retry_body_limit {
         None => 4 << 20,
         Some(s) => parse_size(s.get_ref())
             .filter(|n| *n <= 1 << 30)
             .ok_or_else(|| {
-                at.error(
+                f.error(
                     s.span(),
-                    &format!("{key}.retry_body_limit"),
+                    "retry_body_limit",
                     "must be a size up to 1GiB: bytes, or e.g. \"512KiB\", \"4MiB\"",
                 )
             })?,
@@ -726,43 +786,10 @@ fn validate_proxy(
         None => 512,
         Some(n) => match usize::try_from(*n.get_ref()) {
             Ok(v @ 1..=65_536) => v,
-            _ => {
-                return Err(at.error(
-                    n.span(),
-                    &format!("{key}.max_connections"),
-                    "must be between 1 and 65536",
-                ));
-            }
+            _ => return Err(f.error(n.span(), "max_connections", "must be between 1 and 65536")),
         },
     };
-    let ca_file = match &raw.ca_file {
-        Some(p) if !upstream.https => {
-            return Err(at.error(
-                p.span(),
-                &format!("{key}.ca_file"),
-                "only applies to an https:// upstream",
-            ));
-        }
-        Some(p) => Some(expand_home(p.get_ref())),
-        None => None,
-    };
-    Ok(ProxyConfig {
-        name: name.clone(),
-        listen,
-        upstream,
-        slot,
-        header,
-        connect_timeout: duration(
-            &raw.connect_timeout,
-            "connect_timeout",
-            Duration::from_secs(10),
-        )?,
-        idle_timeout: duration(&raw.idle_timeout, "idle_timeout", Duration::from_secs(300))?,
-        timeout: duration(&raw.timeout, "timeout", Duration::from_secs(1800))?,
-        retry_body_limit,
-        max_connections,
-        ca_file,
-    })
+    Ok((retry_body_limit, max_connections))
 }
 
 fn validate_header(raw: &RawHeader) -> Result<AuthHeader, String> {
@@ -873,140 +900,184 @@ fn parse_size(raw: &RawSize) -> Option<usize> {
     n.checked_mul(mult)
 }
 
+/// The keys each source takes (a key given to another source is an error:
+/// it would be silently ignored otherwise).
+const SOURCE_KEYS: [(&str, &[&str]); 4] = [
+    ("push", &["initial_env", "min_length"]),
+    ("file", &["path", "min_length"]),
+    (
+        "databricks",
+        &[
+            "initial_env",
+            "host",
+            "rotate_every",
+            "lifetime",
+            "revoke_grace",
+            "comment",
+            "cleanup_orphans",
+            "timeout",
+            "min_length",
+        ],
+    ),
+    (
+        "oauth",
+        &[
+            "provider",
+            "grant",
+            "token_url",
+            "client_id",
+            "client_secret_env",
+            "scope",
+            "body",
+            "refresh_before",
+            "state_file",
+            "probe_url",
+            "consumer_refresh_token",
+            "min_refresh_interval",
+            "timeout",
+            "min_length",
+        ],
+    ),
+];
+
 fn validate_source(
     raw: &RawCredential,
+    name: &str,
     key: &str,
+    state_dir: &Path,
     at: &Locator<'_>,
 ) -> Result<SourceConfig, ConfigError> {
+    let f = Fields { at, key };
     let source = raw.source.get_ref().as_str();
-    let only = |allowed: &[&str]| -> Result<(), ConfigError> {
-        match raw.given().into_iter().find(|k| !allowed.contains(k)) {
-            Some(k) => Err(at.error(
-                raw.source.span(),
-                &format!("{key}.{k}"),
-                &format!("`{k}` does not apply to source \"{source}\""),
-            )),
-            None => Ok(()),
-        }
+    let Some((_, allowed)) = SOURCE_KEYS.iter().find(|(s, _)| *s == source) else {
+        return Err(f.error(
+            raw.source.span(),
+            "source",
+            &format!("unknown source \"{source}\" (expected \"push\", \"file\", \"databricks\" or \"oauth\")"),
+        ));
     };
+    if let Some(k) = raw.given().into_iter().find(|k| !allowed.contains(k)) {
+        return Err(f.error(
+            raw.source.span(),
+            k,
+            &format!("`{k}` does not apply to source \"{source}\""),
+        ));
+    }
     match source {
-        "push" => {
-            only(&["initial_env", "min_length"])?;
-            Ok(SourceConfig::Push {
-                initial_env: raw.initial_env.clone(),
-            })
-        }
+        "push" => Ok(SourceConfig::Push {
+            initial_env: raw.initial_env.clone(),
+        }),
         "file" => {
-            only(&["path", "min_length"])?;
             let path = raw.path.as_ref().ok_or_else(|| {
-                at.error(
-                    raw.source.span(),
-                    &format!("{key}.path"),
-                    "source \"file\" needs `path`",
-                )
+                f.error(raw.source.span(), "path", "source \"file\" needs `path`")
             })?;
             Ok(SourceConfig::File {
                 path: expand_home(path.get_ref()),
             })
         }
-        "databricks" => {
-            only(&[
-                "initial_env",
-                "host",
-                "rotate_every",
-                "lifetime",
-                "revoke_grace",
-                "comment",
-                "cleanup_orphans",
-                "timeout",
-                "min_length",
-            ])?;
-            validate_databricks(raw, key, at).map(SourceConfig::Databricks)
+        "databricks" => validate_databricks(raw, &f).map(SourceConfig::Databricks),
+        _ => validate_oauth(raw, name, state_dir, &f).map(SourceConfig::OAuth),
+    }
+}
+
+/// Reads one table's fields, naming `key.field` in every error.
+struct Fields<'a> {
+    at: &'a Locator<'a>,
+    key: &'a str,
+}
+
+impl Fields<'_> {
+    fn error(&self, span: Range<usize>, field: &str, message: &str) -> ConfigError {
+        self.at
+            .error(span, &format!("{}.{field}", self.key), message)
+    }
+
+    /// One of `options`, or `None` when the field is absent.
+    fn choice<T: Copy>(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        options: &[(&str, T)],
+        expected: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        match options
+            .iter()
+            .find(|(name, _)| *name == v.get_ref().as_str())
+        {
+            Some((_, t)) => Ok(Some(*t)),
+            None => Err(self.error(v.span(), field, expected)),
         }
-        "oauth" => {
-            only(&[
-                "provider",
-                "grant",
-                "token_url",
-                "client_id",
-                "client_secret_env",
-                "scope",
-                "body",
-                "refresh_before",
-                "state_file",
-                "probe_url",
-                "consumer_refresh_token",
-                "min_refresh_interval",
-                "timeout",
-                "min_length",
-            ])?;
-            // Completed by `validate_oauth`, which knows the state dir.
-            Ok(SourceConfig::OAuth(OAuthConfig {
-                provider: String::new(),
-                grant: Grant::RefreshToken,
-                token_url: String::new(),
-                client_id: String::new(),
-                client_secret_env: None,
-                scope: None,
-                body: Body::Json,
-                refresh_before: Duration::ZERO,
-                state_file: PathBuf::new(),
-                probe_url: None,
-                consumer_refresh_token: ConsumerRefreshToken::Decoy,
-                timeout: Duration::ZERO,
-                min_refresh_interval: Duration::ZERO,
-            }))
+    }
+
+    fn url(&self, v: &Option<Spanned<String>>, field: &str) -> Result<Option<String>, ConfigError> {
+        let Some(u) = v else { return Ok(None) };
+        let t = u.get_ref().trim();
+        if t.starts_with("https://") || t.starts_with("http://") {
+            Ok(Some(t.to_owned()))
+        } else {
+            Err(self.error(
+                u.span(),
+                field,
+                "must start with https:// (or http:// for a local test server)",
+            ))
         }
-        other => Err(at.error(
-            raw.source.span(),
-            &format!("{key}.source"),
-            &format!("unknown source \"{other}\" (expected \"push\", \"file\", \"databricks\" or \"oauth\")"),
-        )),
+    }
+
+    fn positive_duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match (self.duration(v, field, default)?, v) {
+            (d, Some(s)) if d.is_zero() => Err(self.error(s.span(), field, "must be above 0")),
+            (d, _) => Ok(d),
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) => humantime::parse_duration(s.get_ref()).map_err(|e| {
+                self.error(
+                    s.span(),
+                    field,
+                    &format!("{e} (write e.g. \"15m\" or \"90s\")"),
+                )
+            }),
+            None => Ok(default),
+        }
     }
 }
 
 fn validate_databricks(
     raw: &RawCredential,
-    key: &str,
-    at: &Locator<'_>,
+    f: &Fields<'_>,
 ) -> Result<DatabricksConfig, ConfigError> {
-    let host = raw.host.as_ref().ok_or_else(|| {
-        at.error(
-            raw.source.span(),
-            &format!("{key}.host"),
+    let src = raw.source.span();
+    let host = f
+        .url(&raw.host, "host")?
+        .map(|h| h.trim_end_matches('/').to_owned());
+    let host = host.ok_or_else(|| {
+        f.error(
+            src.clone(),
+            "host",
             "source \"databricks\" needs `host` (the workspace URL)",
         )
     })?;
-    let h = host.get_ref().trim_end_matches('/');
-    if !(h.starts_with("https://") || h.starts_with("http://")) {
-        return Err(at.error(
-            host.span(),
-            &format!("{key}.host"),
-            "must start with https:// (or http:// for a local test server)",
-        ));
-    }
-    let duration =
-        |field: &Option<Spanned<String>>, name: &str, env: Option<&str>, default: Duration| {
-            if let Some(v) = env.and_then(|e| std::env::var(e).ok()) {
-                return humantime::parse_duration(&v).map_err(|e| {
-                    at.error(
-                        raw.source.span(),
-                        &format!("{key}.{name}"),
-                        &format!("${}: {e}", env.unwrap_or_default()),
-                    )
-                });
-            }
-            match field {
-                Some(s) => humantime::parse_duration(s.get_ref()).map_err(|e| {
-                    at.error(
-                        s.span(),
-                        &format!("{key}.{name}"),
-                        &format!("{e} (write e.g. \"10m\" or \"90s\")"),
-                    )
-                }),
-                None => Ok(default),
-            }
-        };
+    // The environment can shorten the schedule (tests, demos).
+    let duration = |v: &Option<Spanned<String>>, field: &str, env: Option<&str>, default| match env
+        .and_then(|e| std::env::var(e).ok().map(|v| (e, v)))
+    {
+        Some((e, v)) => humantime::parse_duration(&v)
+            .map_err(|err| f.error(src.clone(), field, &format!("${e}: {err}"))),
+        None => f.duration(v, field, default),
+    };
     let rotate_every = duration(
         &raw.rotate_every,
         "rotate_every",
@@ -1020,28 +1091,25 @@ fn validate_databricks(
         Duration::from_secs(900),
     )?;
     if lifetime <= rotate_every {
-        let span = raw
-            .lifetime
-            .as_ref()
-            .map_or(raw.source.span(), |s| s.span());
-        return Err(at.error(span, &format!("{key}.lifetime"), &format!(
+        let span = raw.lifetime.as_ref().map_or(src.clone(), |s| s.span());
+        return Err(f.error(span, "lifetime", &format!(
             "lifetime ({}) must be longer than rotate_every ({}), or tokens expire before they are replaced",
             humantime::format_duration(lifetime), humantime::format_duration(rotate_every))));
     }
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
+    let comment = raw.comment.clone().unwrap_or_else(|| {
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into());
+        format!("tokenfs-rotated:{hostname}")
+    });
     Ok(DatabricksConfig {
-        host: h.to_owned(),
+        host,
         initial_env: raw.initial_env.clone(),
         rotate_every,
         lifetime,
         revoke_grace: duration(&raw.revoke_grace, "revoke_grace", None, Duration::ZERO)?,
-        comment: raw
-            .comment
-            .clone()
-            .unwrap_or_else(|| format!("tokenfs-rotated:{hostname}")),
+        comment,
         cleanup_orphans: raw.cleanup_orphans.unwrap_or(false),
         timeout: duration(&raw.timeout, "timeout", None, Duration::from_secs(30))?,
     })
@@ -1080,131 +1148,38 @@ pub fn provider_preset(name: &str) -> Option<ProviderPreset> {
 fn validate_oauth(
     raw: &RawCredential,
     name: &str,
-    key: &str,
     state_dir: &Path,
-    at: &Locator<'_>,
+    f: &Fields<'_>,
 ) -> Result<OAuthConfig, ConfigError> {
-    let err = |span: Range<usize>, k: &str, m: &str| at.error(span, &format!("{key}.{k}"), m);
     let src = raw.source.span();
-    let grant = match raw.grant.as_ref().map(|g| (g.get_ref().as_str(), g.span())) {
-        None | Some(("refresh_token", _)) => Grant::RefreshToken,
-        Some(("client_credentials", _)) => Grant::ClientCredentials,
-        Some((_, span)) => {
-            return Err(err(
-                span,
-                "grant",
-                "expected \"refresh_token\" (the default) or \"client_credentials\"",
-            ));
-        }
-    };
-    let provider = raw.provider.as_ref().map(|p| p.get_ref().as_str());
-    let preset = match (provider, &raw.provider) {
-        (None | Some("custom"), _) => None,
-        (Some(p), Some(spanned)) => Some(provider_preset(p).ok_or_else(|| {
-            err(
-                spanned.span(),
-                "provider",
-                &format!("unknown provider \"{p}\" (expected \"anthropic\", \"openai\" or \"custom\" with token_url and client_id)"),
-            )
-        })?),
-        (Some(_), None) => None,
-    };
-    let url = |v: &Option<Spanned<String>>, k: &str| -> Result<Option<String>, ConfigError> {
-        match v {
-            None => Ok(None),
-            Some(u) => {
-                let t = u.get_ref().trim();
-                if t.starts_with("https://") || t.starts_with("http://") {
-                    Ok(Some(t.to_owned()))
-                } else {
-                    Err(err(
-                        u.span(),
-                        k,
-                        "must start with https:// (or http:// for a local test server)",
-                    ))
-                }
-            }
-        }
-    };
-    let token_url = match (url(&raw.token_url, "token_url")?, &preset) {
-        (Some(u), _) => u,
-        (None, Some(p)) => p.token_url.to_owned(),
-        (None, None) => {
-            return Err(err(
-                src,
-                "token_url",
-                "source \"oauth\" needs `token_url` (or provider = \"anthropic\" | \"openai\")",
-            ));
-        }
-    };
-    let client_id = match (&raw.client_id, &preset) {
-        (Some(c), _) if !c.get_ref().trim().is_empty() => c.get_ref().trim().to_owned(),
-        (Some(c), _) => return Err(err(c.span(), "client_id", "may not be empty")),
-        (None, Some(p)) => p.client_id.to_owned(),
-        (None, None) => {
-            return Err(err(
-                src,
-                "client_id",
-                "source \"oauth\" needs `client_id` (or provider = \"anthropic\" | \"openai\")",
-            ));
-        }
-    };
+    let grant = oauth_grant(raw, f)?;
+    let preset = oauth_provider(raw, f)?;
+    let (token_url, client_id) = oauth_endpoint(raw, f, preset.as_ref())?;
     if grant == Grant::ClientCredentials && raw.client_secret_env.is_none() {
-        return Err(err(
-            src,
-            "client_secret_env",
-            "grant = \"client_credentials\" needs `client_secret_env` (the variable holding the client secret)",
-        ));
+        return Err(f.error(src, "client_secret_env",
+            "grant = \"client_credentials\" needs `client_secret_env` (the variable holding the client secret)"));
     }
-    let body = match raw.body.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
-        Some(("json", _)) => Body::Json,
-        Some(("form", _)) => Body::Form,
-        Some((_, span)) => return Err(err(span, "body", "expected \"json\" or \"form\"")),
-        None => match (&preset, grant) {
-            (Some(p), Grant::RefreshToken) => p.body,
-            _ => Body::Form,
-        },
-    };
-    let consumer_refresh_token = match raw
-        .consumer_refresh_token
-        .as_ref()
-        .map(|b| (b.get_ref().as_str(), b.span()))
-    {
-        None | Some(("decoy", _)) => ConsumerRefreshToken::Decoy,
-        Some(("real", _)) => ConsumerRefreshToken::Real,
-        Some((_, span)) => {
-            return Err(err(
-                span,
-                "consumer_refresh_token",
-                "expected \"decoy\" (the default) or \"real\"",
-            ));
-        }
-    };
-    let duration = |v: &Option<Spanned<String>>, k: &str, default: Duration| match v {
-        Some(s) => humantime::parse_duration(s.get_ref())
-            .map_err(|e| err(s.span(), k, &format!("{e} (write e.g. \"15m\" or \"90s\")"))),
-        None => Ok(default),
-    };
-    let timeout = duration(&raw.timeout, "timeout", Duration::from_secs(30))?;
+    let timeout = f.duration(&raw.timeout, "timeout", Duration::from_secs(30))?;
     if timeout.is_zero() {
-        return Err(err(src, "timeout", "must be more than 0"));
+        return Err(f.error(src, "timeout", "must be more than 0"));
     }
+    let scope = raw.scope.clone().or_else(|| match grant {
+        Grant::RefreshToken => preset.as_ref().and_then(|p| p.scope.map(String::from)),
+        Grant::ClientCredentials => None,
+    });
     Ok(OAuthConfig {
-        provider: provider.unwrap_or("custom").to_owned(),
+        provider: raw
+            .provider
+            .as_ref()
+            .map_or("custom", |p| p.get_ref())
+            .to_owned(),
         grant,
         token_url,
         client_id,
         client_secret_env: raw.client_secret_env.clone(),
-        scope: raw
-            .scope
-            .clone()
-            .or_else(|| match grant {
-                Grant::RefreshToken => preset.as_ref().and_then(|p| p.scope.map(String::from)),
-                Grant::ClientCredentials => None,
-            })
-            .filter(|s| !s.trim().is_empty()),
-        body,
-        refresh_before: duration(
+        scope: scope.filter(|s| !s.trim().is_empty()),
+        body: oauth_body(raw, f, preset.as_ref(), grant)?,
+        refresh_before: f.duration(
             &raw.refresh_before,
             "refresh_before",
             Duration::from_secs(900),
@@ -1214,15 +1189,107 @@ fn validate_oauth(
             .as_ref()
             .map(|p| expand_home(p.get_ref()))
             .unwrap_or_else(|| state_dir.join(format!("{name}.oauth.json"))),
-        probe_url: url(&raw.probe_url, "probe_url")?,
-        consumer_refresh_token,
+        probe_url: f.url(&raw.probe_url, "probe_url")?,
+        consumer_refresh_token: oauth_consumer_refresh_token(raw, f)?,
         timeout,
-        min_refresh_interval: duration(
+        min_refresh_interval: f.duration(
             &raw.min_refresh_interval,
             "min_refresh_interval",
             Duration::from_secs(30),
         )?,
     })
+}
+
+fn oauth_grant(raw: &RawCredential, f: &Fields<'_>) -> Result<Grant, ConfigError> {
+    Ok(f.choice(
+        &raw.grant,
+        "grant",
+        &[
+            ("refresh_token", Grant::RefreshToken),
+            ("client_credentials", Grant::ClientCredentials),
+        ],
+        "expected \"refresh_token\" (the default) or \"client_credentials\"",
+    )?
+    .unwrap_or(Grant::RefreshToken))
+}
+
+/// How the token request is encoded: given, else the provider's for a
+/// refresh, else a form (RFC 6749).
+fn oauth_body(
+    raw: &RawCredential,
+    f: &Fields<'_>,
+    preset: Option<&ProviderPreset>,
+    grant: Grant,
+) -> Result<Body, ConfigError> {
+    let default = match (preset, grant) {
+        (Some(p), Grant::RefreshToken) => p.body,
+        _ => Body::Form,
+    };
+    let options = [("json", Body::Json), ("form", Body::Form)];
+    Ok(
+        f.choice(&raw.body, "body", &options, "expected \"json\" or \"form\"")?
+            .unwrap_or(default),
+    )
+}
+
+/// `token_url` and `client_id`: given, or the provider preset's.
+fn oauth_endpoint(
+    raw: &RawCredential,
+    f: &Fields<'_>,
+    preset: Option<&ProviderPreset>,
+) -> Result<(String, String), ConfigError> {
+    let needs = |field: &str| {
+        f.error(
+            raw.source.span(),
+            field,
+            &format!("source \"oauth\" needs `{field}` (or provider = \"anthropic\" | \"openai\")"),
+        )
+    };
+    let token_url = match (f.url(&raw.token_url, "token_url")?, preset) {
+        (Some(u), _) => u,
+        (None, Some(p)) => p.token_url.to_owned(),
+        (None, None) => return Err(needs("token_url")),
+    };
+    let client_id = match (&raw.client_id, preset) {
+        (Some(c), _) if !c.get_ref().trim().is_empty() => c.get_ref().trim().to_owned(),
+        (Some(c), _) => return Err(f.error(c.span(), "client_id", "may not be empty")),
+        (None, Some(p)) => p.client_id.to_owned(),
+        (None, None) => return Err(needs("client_id")),
+    };
+    Ok((token_url, client_id))
+}
+
+fn oauth_consumer_refresh_token(
+    raw: &RawCredential,
+    f: &Fields<'_>,
+) -> Result<ConsumerRefreshToken, ConfigError> {
+    Ok(f.choice(
+        &raw.consumer_refresh_token,
+        "consumer_refresh_token",
+        &[
+            ("decoy", ConsumerRefreshToken::Decoy),
+            ("real", ConsumerRefreshToken::Real),
+        ],
+        "expected \"decoy\" (the default) or \"real\"",
+    )?
+    .unwrap_or(ConsumerRefreshToken::Decoy))
+}
+
+/// `provider`: a preset's endpoints, or none for `custom`.
+fn oauth_provider(
+    raw: &RawCredential,
+    f: &Fields<'_>,
+) -> Result<Option<ProviderPreset>, ConfigError> {
+    match &raw.provider {
+        None => Ok(None),
+        Some(p) if p.get_ref() == "custom" => Ok(None),
+        Some(p) => provider_preset(p.get_ref()).map(Some).ok_or_else(|| {
+            f.error(p.span(), "provider", &format!(
+                "unknown provider \"{}\" (expected \"anthropic\", \"openai\" or \"custom\" with token_url and client_id)",
+                p.get_ref()
+            ))
+        }),
+    }
 }
 
 fn validate_mount(
