@@ -1300,108 +1300,27 @@ fn validate_mount(
     at: &Locator<'_>,
 ) -> Result<Vec<MountConfig>, ConfigError> {
     let raw = spanned.get_ref();
-    let dir = match &raw.dir {
-        Some(d) => {
-            let dir = expand_home(d.get_ref());
-            if !dir.is_absolute() {
-                let why = if d.get_ref().starts_with('~') {
-                    format!(
-                        "HOME is not set, so `{}` cannot be expanded: write the absolute path (or set HOME)",
-                        d.get_ref()
-                    )
-                } else {
-                    format!(
-                        "must be an absolute path (or start with ~/): write dir = \"~/{}\" or the full path",
-                        d.get_ref().trim_start_matches("./")
-                    )
-                };
-                return Err(at.error(d.span(), &format!("{key}.dir"), &why));
-            }
-            Some(dir)
-        }
-        None if raw.preset.is_some() => None,
-        None => {
-            return Err(at.error(
-                spanned.span(),
-                &format!("{key}.dir"),
-                "missing `dir` (or a `preset`)",
-            ));
-        }
-    };
+    let f = Fields { at, key };
+    let dir = mount_dir(spanned, &f)?;
     let mut files: Vec<ManagedConfig> = Vec::new();
     for (j, file) in raw.file.iter().enumerate() {
         let fkey = format!("{key}.file[{j}]");
-        let f = validate_file(file.get_ref(), &fkey, raw.replace, credentials, at)?;
-        if files.iter().any(|o| o.path == f.path) {
-            return Err(at.error(
-                file.get_ref().path.span(),
-                &format!("{fkey}.path"),
-                "listed twice in this mount",
-            ));
+        let m = validate_file(file.get_ref(), &fkey, raw.replace, credentials, at)?;
+        if files.iter().any(|o| o.path == m.path) {
+            let span = file.get_ref().path.span();
+            return Err(at.error(span, &format!("{fkey}.path"), "listed twice in this mount"));
         }
-        files.push(f);
+        files.push(m);
     }
     let Some(preset) = &raw.preset else {
-        let dir = dir.unwrap_or_default();
         return Ok(vec![MountConfig {
-            dir,
+            dir: dir.unwrap_or_default(),
             allow_other: raw.allow_other,
             files,
             notes: Vec::new(),
         }]);
     };
-    let credential = raw
-        .credential
-        .as_ref()
-        .map_or("databricks", |c| c.get_ref().as_str());
-    if !credentials.contains_key(credential) {
-        let span = raw.credential.as_ref().map_or(preset.span(), |c| c.span());
-        return Err(at.error(
-            span,
-            &format!("{key}.credential"),
-            &format!("unknown credential `{credential}` (define it in [credentials.{credential}])"),
-        ));
-    }
-    let opts = crate::preset::Options {
-        credential: credential.to_owned(),
-        dir,
-        create: raw.create,
-        profile: raw.profile.clone(),
-        providers: raw.providers.clone(),
-        oauth: raw.oauth,
-        replace: raw.replace,
-        oauth_source: matches!(credentials.get(credential), Some(SourceConfig::OAuth(_))),
-        via_proxy: match &raw.via_proxy {
-            None => None,
-            Some(name) => {
-                let p = proxies
-                    .iter()
-                    .find(|p| &p.name == name.get_ref())
-                    .ok_or_else(|| {
-                        at.error(
-                            name.span(),
-                            &format!("{key}.via_proxy"),
-                            &format!("no [[proxy]] named `{}`", name.get_ref()),
-                        )
-                    })?;
-                Some(crate::preset::ViaProxy {
-                    name: p.name.clone(),
-                    upstream: p.upstream.to_string(),
-                })
-            }
-        },
-    };
-    let expanded = crate::preset::expand(preset.get_ref(), &opts)
-        .map_err(|e| at.error(preset.span(), &format!("{key}.preset"), &e))?;
-    let mut mounts: Vec<MountConfig> = expanded
-        .into_iter()
-        .map(|m| MountConfig {
-            dir: m.dir,
-            allow_other: raw.allow_other,
-            files: m.files,
-            notes: m.notes,
-        })
-        .collect();
+    let mut mounts = preset_mounts(raw, preset, dir, credentials, proxies, &f)?;
     // Files listed next to a preset join its first mount.
     if let Some(first) = mounts.first_mut() {
         first
@@ -1412,6 +1331,106 @@ fn validate_mount(
     Ok(mounts)
 }
 
+/// `dir`: absolute after `~` expansion; absent only with a preset (which
+/// knows where its agent keeps its files).
+fn mount_dir(spanned: &Spanned<RawMount>, f: &Fields<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    let raw = spanned.get_ref();
+    let Some(d) = &raw.dir else {
+        return match raw.preset {
+            Some(_) => Ok(None),
+            None => Err(f.error(spanned.span(), "dir", "missing `dir` (or a `preset`)")),
+        };
+    };
+    let dir = expand_home(d.get_ref());
+    if dir.is_absolute() {
+        return Ok(Some(dir));
+    }
+    let why = if d.get_ref().starts_with('~') {
+        format!(
+            "HOME is not set, so `{}` cannot be expanded: write the absolute path (or set HOME)",
+            d.get_ref()
+        )
+    } else {
+        format!(
+            "must be an absolute path (or start with ~/): write dir = \"~/{}\" or the full path",
+            d.get_ref().trim_start_matches("./")
+        )
+    };
+    Err(f.error(d.span(), "dir", &why))
+}
+
+/// `via_proxy = "NAME"`: a `[[proxy]]` of that name.
+fn via_proxy(
+    raw: &RawMount,
+    proxies: &[ProxyConfig],
+    f: &Fields<'_>,
+) -> Result<Option<crate::preset::ViaProxy>, ConfigError> {
+    let Some(name) = &raw.via_proxy else {
+        return Ok(None);
+    };
+    let p = proxies
+        .iter()
+        .find(|p| &p.name == name.get_ref())
+        .ok_or_else(|| {
+            f.error(
+                name.span(),
+                "via_proxy",
+                &format!("no [[proxy]] named `{}`", name.get_ref()),
+            )
+        })?;
+    Ok(Some(crate::preset::ViaProxy {
+        name: p.name.clone(),
+        upstream: p.upstream.to_string(),
+    }))
+}
+
+/// A `preset` mount: its credential and proxy checked, then expanded by
+/// the preset (which reads the agent's files to see what they hold).
+fn preset_mounts(
+    raw: &RawMount,
+    preset: &Spanned<String>,
+    dir: Option<PathBuf>,
+    credentials: &BTreeMap<String, SourceConfig>,
+    proxies: &[ProxyConfig],
+    f: &Fields<'_>,
+) -> Result<Vec<MountConfig>, ConfigError> {
+    let credential = raw
+        .credential
+        .as_ref()
+        .map_or("databricks", |c| c.get_ref().as_str());
+    if !credentials.contains_key(credential) {
+        let span = raw.credential.as_ref().map_or(preset.span(), |c| c.span());
+        return Err(f.error(
+            span,
+            "credential",
+            &format!("unknown credential `{credential}` (define it in [credentials.{credential}])"),
+        ));
+    }
+    let via_proxy = via_proxy(raw, proxies, f)?;
+    let opts = crate::preset::Options {
+        credential: credential.to_owned(),
+        dir,
+        create: raw.create,
+        profile: raw.profile.clone(),
+        providers: raw.providers.clone(),
+        oauth: raw.oauth,
+        replace: raw.replace,
+        oauth_source: matches!(credentials.get(credential), Some(SourceConfig::OAuth(_))),
+        via_proxy,
+    };
+    let expanded = crate::preset::expand(preset.get_ref(), &opts)
+        .map_err(|e| f.error(preset.span(), "preset", &e))?;
+    Ok(expanded
+        .into_iter()
+        .map(|m| MountConfig {
+            dir: m.dir,
+            allow_other: raw.allow_other,
+            files: m.files,
+            notes: m.notes,
+        })
+        .collect())
+}
+
 fn validate_file(
     raw: &RawFile,
     key: &str,
@@ -1419,6 +1438,7 @@ fn validate_file(
     credentials: &BTreeMap<String, SourceConfig>,
     at: &Locator<'_>,
 ) -> Result<ManagedConfig, ConfigError> {
+    let f = Fields { at, key };
     let written = PathBuf::from(raw.path.get_ref());
     // `./a.yaml` is `a.yaml`.
     let normal = written
@@ -1429,70 +1449,22 @@ fn validate_file(
         .filter(|c| matches!(c, Component::Normal(_)))
         .collect();
     if !normal || path.as_os_str().is_empty() {
-        return Err(at.error(
+        return Err(f.error(
             raw.path.span(),
-            &format!("{key}.path"),
+            "path",
             "must be a relative path inside the mount dir (no '..', no leading '/')",
         ));
     }
     let format = match &raw.format {
-        Some(f) => f.get_ref().parse::<Format>().map_err(|e| at.error(f.span(), &format!("{key}.format"), &e.to_string()))?,
-        None => guess_format(&path).ok_or_else(|| at.error(raw.path.span(), &format!("{key}.format"),
+        Some(v) => v.get_ref().parse::<Format>().map_err(|e| f.error(v.span(), "format", &e.to_string()))?,
+        None => guess_format(&path).ok_or_else(|| f.error(raw.path.span(), "format",
             "cannot tell the format from the file name: set format = \"yaml\" | \"json\" | \"toml\" | \"dotenv\" | \"ini\" | \"raw\""))?,
     };
-    let mut bindings = Vec::new();
-    for (k, v) in &raw.bind {
-        let bkey = format!("{key}.bind.\"{}\"", k.get_ref());
-        let keypath: KeyPath = k
-            .get_ref()
-            .parse()
-            .map_err(|e| at.error(k.span(), &bkey, &format!("bad key path: {e}")))?;
-        let (slot, prefix, suffix, kind) = match v.get_ref() {
-            RawBind::Slot(s) => (s.as_str(), String::new(), String::new(), None),
-            RawBind::Full {
-                slot,
-                prefix,
-                suffix,
-                kind,
-            } => (
-                slot.as_str(),
-                prefix.clone(),
-                suffix.clone(),
-                kind.as_deref(),
-            ),
-        };
-        let kind = match kind {
-            None | Some("secret") => Kind::Secret,
-            Some("value") => Kind::Value,
-            Some("number") => Kind::Number,
-            Some(other) => {
-                return Err(at.error(
-                    v.span(),
-                    &bkey,
-                    &format!(
-                        "unknown type \"{other}\" (expected \"secret\", \"value\" or \"number\")"
-                    ),
-                ));
-            }
-        };
-        let slot = SlotRef::parse(slot).map_err(|e| at.error(v.span(), &bkey, &e))?;
-        if !credentials.contains_key(&slot.credential) {
-            return Err(at.error(
-                v.span(),
-                &bkey,
-                &format!(
-                    "unknown credential `{}` (define it in [credentials.{}])",
-                    slot.credential, slot.credential
-                ),
-            ));
-        }
-        bindings.push(Binding {
-            prefix,
-            suffix,
-            kind,
-            ..Binding::new(keypath, slot.to_string())
-        });
-    }
+    let bindings = raw
+        .bind
+        .iter()
+        .map(|(k, v)| validate_binding(k, v, key, credentials, at))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ManagedConfig {
         path,
         format,
@@ -1500,6 +1472,65 @@ fn validate_file(
         create: raw.create,
         replace: raw.replace.unwrap_or(mount_replace),
         max_size: DEFAULT_MAX_FILE_SIZE,
+    })
+}
+
+/// One `bind` entry: `"key.path" = "credential.field"`, or a table with a
+/// prefix, suffix and type.
+fn validate_binding(
+    k: &Spanned<String>,
+    v: &Spanned<RawBind>,
+    key: &str,
+    credentials: &BTreeMap<String, SourceConfig>,
+    at: &Locator<'_>,
+) -> Result<Binding, ConfigError> {
+    let bkey = format!("{key}.bind.\"{}\"", k.get_ref());
+    let keypath: KeyPath = k
+        .get_ref()
+        .parse()
+        .map_err(|e| at.error(k.span(), &bkey, &format!("bad key path: {e}")))?;
+    let (slot, prefix, suffix, kind) = match v.get_ref() {
+        RawBind::Slot(s) => (s.as_str(), String::new(), String::new(), None),
+        RawBind::Full {
+            slot,
+            prefix,
+            suffix,
+            kind,
+        } => (
+            slot.as_str(),
+            prefix.clone(),
+            suffix.clone(),
+            kind.as_deref(),
+        ),
+    };
+    let kind = match kind {
+        None | Some("secret") => Kind::Secret,
+        Some("value") => Kind::Value,
+        Some("number") => Kind::Number,
+        Some(other) => {
+            return Err(at.error(
+                v.span(),
+                &bkey,
+                &format!("unknown type \"{other}\" (expected \"secret\", \"value\" or \"number\")"),
+            ));
+        }
+    };
+    let slot = SlotRef::parse(slot).map_err(|e| at.error(v.span(), &bkey, &e))?;
+    if !credentials.contains_key(&slot.credential) {
+        return Err(at.error(
+            v.span(),
+            &bkey,
+            &format!(
+                "unknown credential `{}` (define it in [credentials.{}])",
+                slot.credential, slot.credential
+            ),
+        ));
+    }
+    Ok(Binding {
+        prefix,
+        suffix,
+        kind,
+        ..Binding::new(keypath, slot.to_string())
     })
 }
 
@@ -1577,21 +1608,35 @@ fn placement(
             "{shown} is a system directory: mount the directory that holds the agent's config files instead (e.g. dir = \"~/.hermes\")"
         ));
     }
+    match overlap(&canon, &shown, earlier, origins) {
+        Some(why) => Err(why),
+        None => Ok(canon),
+    }
+}
+
+/// Why `canon` cannot be mounted beside the mounts before it: the same
+/// directory, or one inside the other.
+fn overlap(
+    canon: &Path,
+    shown: &str,
+    earlier: &[MountConfig],
+    origins: &[(Range<usize>, String, String)],
+) -> Option<String> {
     for (other, (_, key, written)) in earlier.iter().zip(origins) {
         if other.dir == canon {
-            return Err(format!(
+            return Some(format!(
                 "{shown} is the same directory as {key}.dir (\"{written}\"): list it once"
             ));
         }
         let (outer, inner, outer_key) = if canon.starts_with(&other.dir) {
-            (&other.dir, &canon, key.as_str())
-        } else if other.dir.starts_with(&canon) {
-            (&canon, &other.dir, "this mount")
+            (other.dir.as_path(), canon, key.as_str())
+        } else if other.dir.starts_with(canon) {
+            (canon, other.dir.as_path(), "this mount")
         } else {
             continue;
         };
         let rel = inner.strip_prefix(outer).unwrap_or(inner);
-        return Err(format!(
+        return Some(format!(
             "{shown} and {key}.dir (\"{written}\") are nested: {} is inside {}; mounts cannot be nested, so mount only {} ({outer_key}) and list the files below it by relative path, e.g. path = \"{}/config.yaml\"",
             inner.display(),
             outer.display(),
@@ -1599,7 +1644,7 @@ fn placement(
             rel.display()
         ));
     }
-    Ok(canon)
+    None
 }
 
 /// The canonical form of `p`: its longest existing ancestor resolved by
