@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -152,75 +153,14 @@ impl State {
             .store
             .health()
             .into_iter()
-            .map(|(name, h)| {
-                let cred = snap.credentials.get(&name);
-                let oauth = self.sources.oauth_status(&name);
-                CredentialStatus {
-                    oauth,
-                    fields: cred
-                        .map(|c| {
-                            c.fields
-                                .iter()
-                                .map(|(f, s)| (f.to_string(), s.fingerprint()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    updated_at: unix(cred.and_then(|c| c.updated_at)),
-                    expires_at: unix(cred.and_then(|c| c.expires_at)),
-                    name,
-                    source: h.source,
-                    state: serde_json::to_value(h.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
-                    last_success: unix(h.last_success),
-                    last_error: h.last_error,
-                    last_error_at: unix(h.last_error_at),
-                    next_attempt: unix(h.next_attempt),
-                }
-            })
+            .map(|(name, h)| self.credential_status(&snap, name, h))
             .collect();
         let table = crate::mounts::entries();
         let mounts = self
             .mounts
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                let last_error = m.last_error.lock().clone();
-                let state = match self.lives.get(i) {
-                    Some(l) => crate::mounts::state_in(
-                        &table,
-                        l.id.load(Ordering::Acquire),
-                        &m.dir,
-                        l.running.load(Ordering::Acquire),
-                    )
-                    .as_str(),
-                    None => "files",
-                };
-                MountStatus {
-                    state: state.to_owned(),
-                    dir: m.dir.clone(),
-                    notes: m.notes.clone(),
-                    kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
-                    last_error_at: unix(last_error.as_ref().map(|(_, at)| *at)),
-                    last_error: last_error.map(|(e, _)| e),
-                    files: m
-                        .files
-                        .iter()
-                        .map(|f| {
-                            let h = f.health();
-                            FileStatus {
-                                path: f.rel().to_owned(),
-                                format: f.format().to_string(),
-                                present: h.present,
-                                last_write: unix(h.last_write),
-                                last_error: h.last_error,
-                                last_error_at: unix(h.last_error_at),
-                            }
-                        })
-                        .collect(),
-                }
-            })
+            .map(|(i, m)| self.mount_status(&table, i, m))
             .collect();
         Status {
             pid: std::process::id(),
@@ -229,6 +169,79 @@ impl State {
             credentials,
             mounts,
             proxies: self.proxies.iter().map(|p| p.status()).collect(),
+        }
+    }
+
+    /// Fingerprints only: status never carries a secret.
+    fn credential_status(
+        &self,
+        snap: &crate::store::Snapshot,
+        name: String,
+        h: crate::store::Health,
+    ) -> CredentialStatus {
+        let cred = snap.credentials.get(&name);
+        CredentialStatus {
+            oauth: self.sources.oauth_status(&name),
+            fields: cred
+                .map(|c| {
+                    c.fields
+                        .iter()
+                        .map(|(f, s)| (f.to_string(), s.fingerprint()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            updated_at: unix(cred.and_then(|c| c.updated_at)),
+            expires_at: unix(cred.and_then(|c| c.expires_at)),
+            name,
+            source: h.source,
+            state: serde_json::to_value(h.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            last_success: unix(h.last_success),
+            last_error: h.last_error,
+            last_error_at: unix(h.last_error_at),
+            next_attempt: unix(h.next_attempt),
+        }
+    }
+
+    /// A mount's state comes from the kernel's mount table, not from what
+    /// the daemon believes (`fusermount -u` tells it nothing).
+    fn mount_status(&self, table: &[crate::mounts::Entry], i: usize, m: &MountInfo) -> MountStatus {
+        let last_error = m.last_error.lock().clone();
+        let state = match self.lives.get(i) {
+            Some(l) => crate::mounts::state_in(
+                table,
+                l.id.load(Ordering::Acquire),
+                &m.dir,
+                l.running.load(Ordering::Acquire),
+            )
+            .as_str(),
+            None => "files",
+        };
+        let files = m
+            .files
+            .iter()
+            .map(|f| {
+                let h = f.health();
+                FileStatus {
+                    path: f.rel().to_owned(),
+                    format: f.format().to_string(),
+                    present: h.present,
+                    last_write: unix(h.last_write),
+                    last_error: h.last_error,
+                    last_error_at: unix(h.last_error_at),
+                }
+            })
+            .collect();
+        MountStatus {
+            state: state.to_owned(),
+            dir: m.dir.clone(),
+            notes: m.notes.clone(),
+            kernel_passthrough: m.kernel_passthrough.load(Ordering::Relaxed),
+            last_error_at: unix(last_error.as_ref().map(|(_, at)| *at)),
+            last_error: last_error.map(|(e, _)| e),
+            files,
         }
     }
 
@@ -246,29 +259,10 @@ impl State {
                 let secret = Secret::new(secret);
                 field(f)
                     .and_then(|f| self.sources.set(&name, f, secret))
-                    .map(|g| serde_json::json!({ "generation": g }))
+                    .map(generation)
             }
-            Request::Rotate { name } => self
-                .sources
-                .rotate(&name)
-                .map(|g| serde_json::json!({ "generation": g })),
-            Request::Token { name, field: f } => field(f).and_then(|f| {
-                let known = self.store.health();
-                let snap = self.store.snapshot();
-                // Proxies publish their local keys as `proxy.NAME`.
-                if !known.contains_key(&name) && !snap.credentials.contains_key(&name) {
-                    let names: Vec<&str> = known.keys().map(String::as_str).collect();
-                    return Err(format!(
-                        "no such credential `{name}` (this daemon serves: {})",
-                        names.join(", ")
-                    ));
-                }
-                snap.credentials
-                    .get(&name)
-                    .and_then(|c| c.fields.get(&f))
-                    .map(|s| serde_json::json!({ "secret": s.expose_str() }))
-                    .ok_or_else(|| format!("credential `{name}` has no {f} yet"))
-            }),
+            Request::Rotate { name } => self.sources.rotate(&name).map(generation),
+            Request::Token { name, field: f } => field(f).and_then(|f| self.token(&name, f)),
             Request::Import {
                 name,
                 from,
@@ -283,9 +277,7 @@ impl State {
                     id_token: id_token.map(Secret::new),
                     account_id: account_id.map(Secret::new),
                 };
-                self.sources
-                    .import(&name, session, &from)
-                    .map(|g| serde_json::json!({ "generation": g }))
+                self.sources.import(&name, session, &from).map(generation)
             }
             Request::Unmount { dirs, restore } => self.unmount(&dirs, restore),
         };
@@ -301,7 +293,30 @@ impl State {
     }
 }
 
+fn generation(g: u64) -> serde_json::Value {
+    serde_json::json!({ "generation": g })
+}
+
 impl State {
+    /// `tokenfs token`: one field's current value (proxies publish their
+    /// local keys as `proxy.NAME`).
+    fn token(&self, name: &str, f: Field) -> Result<serde_json::Value, String> {
+        let known = self.store.health();
+        let snap = self.store.snapshot();
+        if !known.contains_key(name) && !snap.credentials.contains_key(name) {
+            let names: Vec<&str> = known.keys().map(String::as_str).collect();
+            return Err(format!(
+                "no such credential `{name}` (this daemon serves: {})",
+                names.join(", ")
+            ));
+        }
+        snap.credentials
+            .get(name)
+            .and_then(|c| c.fields.get(&f))
+            .map(|s| serde_json::json!({ "secret": s.expose_str() }))
+            .ok_or_else(|| format!("credential `{name}` has no {f} yet"))
+    }
+
     /// `tokenfs unmount`: restores the files when asked, then detaches. The
     /// detach runs a moment later on its own thread, so this reply is sent
     /// before the daemon, left without mounts, exits.
@@ -422,7 +437,7 @@ pub fn serve(path: &Path, state: Arc<State>) -> Result<(), String> {
     info!(socket = %shown, "control socket ready");
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || accept_loop(listener, tx))
+        .spawn(move || Acceptor::new(listener, tx).run())
         .map_err(|e| format!("cannot start the control thread: {e}"))?;
     Ok(())
 }
@@ -479,130 +494,181 @@ fn tell(stream: &UnixStream, why: &str) {
 /// One thread reads every connection's request line with `poll`: idle and
 /// slow clients cost a slot, never a thread. Complete lines go to the
 /// workers.
-fn accept_loop(listener: UnixListener, tx: std::sync::mpsc::SyncSender<(UnixStream, Vec<u8>)>) {
-    let me = nix::unistd::geteuid().as_raw();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut refusals = Refusals {
-        count: 0,
-        logged: None,
-    };
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
+type Jobs = std::sync::mpsc::SyncSender<(UnixStream, Vec<u8>)>;
+
+/// The control socket's one reader thread: accepts connections, checks the
+/// peer's uid, and collects each request line without blocking on any one
+/// client (a client that never finishes its line is dropped after
+/// `LINE_DEADLINE`); complete lines go to the bounded worker pool.
+struct Acceptor {
+    listener: UnixListener,
+    me: u32,
+    pending: Vec<Pending>,
+    refusals: Refusals,
+    chunk: Vec<u8>,
+    jobs: Jobs,
+}
+
+impl Acceptor {
+    fn new(listener: UnixListener, jobs: Jobs) -> Acceptor {
+        Acceptor {
+            listener,
+            me: nix::unistd::geteuid().as_raw(),
+            pending: Vec::new(),
+            refusals: Refusals {
+                count: 0,
+                logged: None,
+            },
+            chunk: vec![0u8; 16 * 1024],
+            jobs,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let Some((listener_ready, ready)) = self.wait() else {
+                continue;
+            };
+            // Newest index first, so removals keep the others valid.
+            for i in ready.into_iter().rev() {
+                self.on_readable(i);
+            }
+            self.expire();
+            if listener_ready {
+                self.accept_some();
+            }
+        }
+    }
+
+    /// Polls the listener and every pending client until one is readable
+    /// or the oldest line's deadline comes: whether the listener is ready,
+    /// and the indices of the ready clients.
+    fn wait(&self) -> Option<(bool, Vec<usize>)> {
         let now = Instant::now();
-        let timeout = pending
+        let timeout = self
+            .pending
             .iter()
             .map(|p| (p.since + LINE_DEADLINE).saturating_duration_since(now))
             .min()
-            .map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
-        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
-            .chain(pending.iter().map(|p| p.stream.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map_or(PollTimeout::NONE, |d| {
+                PollTimeout::try_from(d.min(Duration::from_secs(60)) + Duration::from_millis(1))
+                    .unwrap_or(PollTimeout::MAX)
+            });
+        let mut fds: Vec<PollFd<'_>> = std::iter::once(self.listener.as_fd())
+            .chain(self.pending.iter().map(|p| p.stream.as_fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .collect();
-        // SAFETY: `fds` is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+        if let Err(e) = poll(&mut fds, timeout) {
+            if e != nix::errno::Errno::EINTR {
                 warn!("control socket: poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            continue;
+            return None;
         }
-        // Requests that arrived (or clients that left), newest index first
-        // so removals keep the other indices valid.
-        let ready: Vec<usize> = fds
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let clients = fds
             .iter()
             .enumerate()
             .skip(1)
-            .filter(|(_, f)| f.revents != 0)
+            .filter(|(_, f)| ready(f))
             .map(|(i, _)| i - 1)
             .collect();
-        for i in ready.into_iter().rev() {
-            let Some(p) = pending.get_mut(i) else {
-                continue;
-            };
-            match read_some(p, &mut chunk) {
-                Progress::More => {}
-                Progress::Closed => {
-                    pending.swap_remove(i);
-                }
-                Progress::TooLong => {
-                    let p = pending.swap_remove(i);
-                    refuse(
-                        &p.stream,
-                        &format!("request line over {} KiB", MAX_LINE / 1024),
-                        &mut refusals,
-                    );
-                }
-                Progress::Line(line) => {
-                    let p = pending.swap_remove(i);
-                    let stream = match p.stream.try_clone() {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!("control socket: {e}");
-                            continue;
-                        }
-                    };
-                    drop(p);
-                    if let Err(e) = tx.try_send((stream, line)) {
-                        let (stream, mut line) = match e {
-                            std::sync::mpsc::TrySendError::Full(j)
-                            | std::sync::mpsc::TrySendError::Disconnected(j) => j,
-                        };
-                        zeroize::Zeroize::zeroize(&mut line);
-                        refuse(
-                            &stream,
-                            "the daemon is busy with other control requests; try again",
-                            &mut refusals,
-                        );
-                    }
-                }
+        Some((fds.first().is_some_and(ready), clients))
+    }
+
+    /// Reads what client `i` sent (or sees it leave).
+    fn on_readable(&mut self, i: usize) {
+        let Some(p) = self.pending.get_mut(i) else {
+            return;
+        };
+        match read_some(p, &mut self.chunk) {
+            Progress::More => {}
+            Progress::Closed => {
+                self.pending.swap_remove(i);
             }
-        }
-        let now = Instant::now();
-        pending.retain(|p| {
-            let late = now.duration_since(p.since) >= LINE_DEADLINE;
-            if late {
-                refuse(
-                    &p.stream,
-                    "no complete request line within 5 s",
-                    &mut refusals,
-                );
+            Progress::TooLong => {
+                let p = self.pending.swap_remove(i);
+                let why = format!("request line over {} KiB", MAX_LINE / 1024);
+                refuse(&p.stream, &why, &mut self.refusals);
             }
-            !late
-        });
-        if fds.first().is_some_and(|f| f.revents != 0) {
-            accept_some(&listener, me, &mut pending, &mut refusals);
+            Progress::Line(line) => {
+                let p = self.pending.swap_remove(i);
+                self.dispatch(p, line);
+            }
         }
     }
-}
 
-fn accept_some(
-    listener: &UnixListener,
-    me: u32,
-    pending: &mut Vec<Pending>,
-    refusals: &mut Refusals,
-) {
-    for _ in 0..MAX_PENDING {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+    /// Hands a complete line to a worker, or says the daemon is busy.
+    fn dispatch(&mut self, p: Pending, line: Vec<u8>) {
+        let stream = match p.stream.try_clone() {
+            Ok(s) => s,
             Err(e) => {
-                // EMFILE leaves the connection queued: retrying at once
-                // would spin. Wait a little, then take it.
-                warn!("cannot accept a control connection: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+                warn!("control socket: {e}");
                 return;
             }
         };
-        let peer =
-            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+        drop(p);
+        if let Err(e) = self.jobs.try_send((stream, line)) {
+            let (stream, mut line) = match e {
+                std::sync::mpsc::TrySendError::Full(j)
+                | std::sync::mpsc::TrySendError::Disconnected(j) => j,
+            };
+            zeroize::Zeroize::zeroize(&mut line);
+            let why = "the daemon is busy with other control requests; try again";
+            refuse(&stream, why, &mut self.refusals);
+        }
+    }
+
+    /// Drops clients that did not finish their line in time.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let refusals = &mut self.refusals;
+        self.pending.retain(|p| {
+            let late = now.duration_since(p.since) >= LINE_DEADLINE;
+            if late {
+                refuse(&p.stream, "no complete request line within 5 s", refusals);
+            }
+            !late
+        });
+    }
+
+    fn accept_some(&mut self) {
+        for _ in 0..MAX_PENDING {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE leaves the connection queued: retrying at once
+                    // would spin. Wait a little, then take it.
+                    warn!("cannot accept a control connection: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    return;
+                }
+            };
+            if !self.allowed(&stream) {
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(true) {
+                warn!("control socket: {e}");
+                continue;
+            }
+            if self.pending.len() >= MAX_PENDING {
+                self.drop_oldest();
+            }
+            self.pending.push(Pending {
+                stream,
+                buf: Vec::new(),
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Only this uid and root may talk to the daemon.
+    fn allowed(&mut self, stream: &UnixStream) -> bool {
+        let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials);
+        let me = self.me;
         match peer {
-            Ok(c) if c.uid() == me || c.uid() == 0 => {}
+            Ok(c) if c.uid() == me || c.uid() == 0 => true,
             Ok(c) => {
                 warn!(
                     uid = c.uid(),
@@ -610,43 +676,30 @@ fn accept_some(
                     "refused a control connection from another user"
                 );
                 tell(
-                    &stream,
+                    stream,
                     &format!(
                         "not allowed: this tokenfs serves uid {me} (and root) only; you are uid {}",
                         c.uid()
                     ),
                 );
-                continue;
+                false
             }
             Err(e) => {
-                refuse(
-                    &stream,
-                    &format!("refused: cannot read your credentials: {e}"),
-                    refusals,
-                );
-                continue;
+                let why = format!("refused: cannot read your credentials: {e}");
+                refuse(stream, &why, &mut self.refusals);
+                false
             }
         }
-        if let Err(e) = stream.set_nonblocking(true) {
-            warn!("control socket: {e}");
-            continue;
+    }
+
+    /// At the limit, the oldest waiter is the likeliest to be idle.
+    fn drop_oldest(&mut self) {
+        let oldest = self.pending.iter().enumerate().min_by_key(|(_, p)| p.since);
+        if let Some((i, _)) = oldest {
+            let p = self.pending.swap_remove(i);
+            let why = "too many control connections waiting; closed the oldest";
+            refuse(&p.stream, why, &mut self.refusals);
         }
-        if pending.len() >= MAX_PENDING {
-            // The oldest waiter is the likeliest to be idle.
-            if let Some((oldest, _)) = pending.iter().enumerate().min_by_key(|(_, p)| p.since) {
-                let p = pending.swap_remove(oldest);
-                refuse(
-                    &p.stream,
-                    "too many control connections waiting; closed the oldest",
-                    refusals,
-                );
-            }
-        }
-        pending.push(Pending {
-            stream,
-            buf: Vec::new(),
-            since: Instant::now(),
-        });
     }
 }
 
@@ -714,54 +767,20 @@ fn patience(req: &Request) -> Duration {
 /// the daemon is stopped) and says which process is not answering.
 pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + patience(req);
-    let not_answering = || {
-        let pid = crate::lock::holder(&crate::lock::socket_lock_path(socket));
-        let who = match pid {
-            Some(pid) => match crate::mounts::process_state(pid) {
-                Some(st) => format!("pid {pid}, state {st}{}", state_words(st)),
-                None => format!("pid {pid}, gone"),
-            },
-            None => "no daemon holds its lock".to_string(),
-        };
-        format!(
-            "the daemon at {} is not answering ({who})",
-            socket.display()
-        )
-    };
     let stream = connect(socket, deadline).map_err(|e| match e {
         Connect::Refused(e) => format!(
             "cannot reach the tokenfs daemon at {}: {e} (is `tokenfs mount` running? pass --config or --socket)",
             socket.display()
         ),
-        Connect::Timeout => not_answering(),
+        Connect::Timeout => not_answering(socket),
     })?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    let _ = stream.set_write_timeout(Some(
-        deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1)),
-    ));
-    let sent = (&stream).write_all(&line);
+    let sent = send(&stream, &line, socket, deadline);
     zeroize::Zeroize::zeroize(&mut line);
-    if let Err(e) = sent {
-        return Err(match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => not_answering(),
-            // A daemon that turns a client away says why, then closes:
-            // the reason may be waiting even though the write failed.
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                let soon = Instant::now() + Duration::from_millis(500);
-                read_reply(&stream, socket, soon)
-                    .ok()
-                    .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-                    .unwrap_or_else(|| format!("control socket {}: {e}", socket.display()))
-            }
-            _ => format!("control socket {}: {e}", socket.display()),
-        });
-    }
+    sent?;
     let reply = read_reply(&stream, socket, deadline).map_err(|e| match e {
-        None => not_answering(),
+        None => not_answering(socket),
         Some(e) => e,
     })?;
     let v: serde_json::Value = serde_json::from_slice(&reply)
@@ -769,12 +788,51 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
     if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
         Ok(v)
     } else {
-        Err(v
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("unknown error")
-            .to_string())
+        Err(error_of(&v).unwrap_or("unknown error").to_string())
     }
+}
+
+fn error_of(v: &serde_json::Value) -> Option<&str> {
+    v.get("error").and_then(|e| e.as_str())
+}
+
+/// Writes the request line before the deadline.
+fn send(stream: &UnixStream, line: &[u8], socket: &Path, deadline: Instant) -> Result<(), String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_write_timeout(Some(left.max(Duration::from_millis(1))));
+    let Err(e) = (&*stream).write_all(line) else {
+        return Ok(());
+    };
+    Err(match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => not_answering(socket),
+        // A daemon that turns a client away says why, then closes: the
+        // reason may be waiting even though the write failed.
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+            let soon = Instant::now() + Duration::from_millis(500);
+            read_reply(stream, socket, soon)
+                .ok()
+                .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok())
+                .and_then(|v| error_of(&v).map(String::from))
+                .unwrap_or_else(|| format!("control socket {}: {e}", socket.display()))
+        }
+        _ => format!("control socket {}: {e}", socket.display()),
+    })
+}
+
+/// Says who holds the socket and what state that process is in.
+fn not_answering(socket: &Path) -> String {
+    let pid = crate::lock::holder(&crate::lock::socket_lock_path(socket));
+    let who = match pid {
+        Some(pid) => match crate::mounts::process_state(pid) {
+            Some(st) => format!("pid {pid}, state {st}{}", state_words(st)),
+            None => format!("pid {pid}, gone"),
+        },
+        None => "no daemon holds its lock".to_string(),
+    };
+    format!(
+        "the daemon at {} is not answering ({who})",
+        socket.display()
+    )
 }
 
 fn state_words(st: char) -> &'static str {
@@ -878,12 +936,7 @@ fn read_reply(
 
 /// Formats a status as a table for humans.
 pub fn render_status(s: &Status) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let ago = |t: Option<f64>| t.map_or("-".to_string(), |t| human(now - t, "ago"));
-    let until = |t: Option<f64>| t.map_or("-".to_string(), |t| human(t - now, "left"));
+    let clock = Clock::now();
     let mut out = format!(
         "tokenfs pid {}  generation {}  up {}s\n\n",
         s.pid, s.generation, s.uptime_secs
@@ -893,108 +946,142 @@ pub fn render_status(s: &Status) -> String {
         "CREDENTIAL", "SOURCE", "STATE", "FINGERPRINT", "AGE", "EXPIRES", "LAST ERROR"
     ));
     for c in &s.credentials {
-        let fps: Vec<String> = c
-            .fields
-            .iter()
-            .map(|(f, fp)| {
-                if f == "token" {
-                    fp.clone()
-                } else {
-                    format!("{f}={fp}")
-                }
-            })
-            .collect();
-        let fp = if fps.is_empty() {
-            "(no value)".to_string()
-        } else {
-            fps.join(" ")
-        };
-        out.push_str(&format!(
-            "{:<14} {:<8} {:<17} {:<26} {:<10} {:<10}  {}\n",
-            c.name,
-            c.source,
-            c.state,
-            fp,
-            ago(c.updated_at),
-            until(c.expires_at),
-            c.last_error
-                .as_deref()
-                .map(|e| format!("{} ({})", e, ago(c.last_error_at)))
-                .unwrap_or_else(|| "-".into())
-        ));
-        if let Some(o) = &c.oauth {
-            out.push_str(&format!(
-                "{:<14} oauth {} ({}), consumers see the {} refresh token; refreshed {} ({} times), next {}{}\n",
-                "",
-                o.provider,
-                o.grant,
-                o.consumer_refresh_token,
-                ago(o.last_refresh),
-                o.refresh_count,
-                until(o.next_refresh),
-                if o.relogin_required {
-                    "; RELOGIN REQUIRED"
-                } else {
-                    ""
-                }
-            ));
-        }
+        render_credential(&mut out, c, &clock);
     }
     for m in &s.mounts {
-        let mode = if m.kernel_passthrough {
-            "kernel passthrough"
-        } else {
-            "forwarded"
-        };
-        let state = if m.state.is_empty() {
-            "?"
-        } else {
-            m.state.as_str()
-        };
-        out.push_str(&format!(
-            "\nmount {}  {state}  (other files: {mode})\n",
-            m.dir.display()
-        ));
-        for n in &m.notes {
-            out.push_str(&format!("  note: {n}\n"));
-        }
-        if let Some(e) = &m.last_error {
-            out.push_str(&format!("  last error: {e} ({})\n", ago(m.last_error_at)));
-        }
-        for f in &m.files {
-            out.push_str(&format!(
-                "  {:<28} {:<7} {:<8} written {:<10} {}\n",
-                f.path.display(),
-                f.format,
-                if f.present { "present" } else { "absent" },
-                ago(f.last_write),
-                f.last_error
-                    .as_deref()
-                    .map(|e| format!("last error: {e} ({})", ago(f.last_error_at)))
-                    .unwrap_or_default()
-            ));
-        }
+        render_mount(&mut out, m, &clock);
     }
     for p in &s.proxies {
-        out.push_str(&format!(
-            "\nproxy {}  {} → {}  ({})\n  requests {}  refused {}  upstream errors {}  auth failures {}  retries {}  connections {} open / {} total\n",
-            p.name,
-            p.url,
-            p.upstream,
-            p.credential,
-            p.requests,
-            p.refused,
-            p.upstream_errors,
-            p.auth_failures,
-            p.retries,
-            p.active_connections,
-            p.connections
-        ));
-        if let Some(e) = &p.last_error {
-            out.push_str(&format!("  last error: {e} ({})\n", ago(p.last_error_at)));
-        }
+        render_proxy(&mut out, p, &clock);
     }
     out
+}
+
+/// Times in `status` are shown relative to now.
+struct Clock {
+    now: f64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Clock { now }
+    }
+
+    fn ago(&self, t: Option<f64>) -> String {
+        t.map_or("-".to_string(), |t| human(self.now - t, "ago"))
+    }
+
+    fn until(&self, t: Option<f64>) -> String {
+        t.map_or("-".to_string(), |t| human(t - self.now, "left"))
+    }
+
+    fn error(&self, e: Option<&str>, at: Option<f64>) -> Option<String> {
+        e.map(|e| format!("{e} ({})", self.ago(at)))
+    }
+}
+
+fn render_credential(out: &mut String, c: &CredentialStatus, clock: &Clock) {
+    let fps: Vec<String> = c
+        .fields
+        .iter()
+        .map(|(f, fp)| {
+            if f == "token" {
+                fp.clone()
+            } else {
+                format!("{f}={fp}")
+            }
+        })
+        .collect();
+    let fp = if fps.is_empty() {
+        "(no value)".to_string()
+    } else {
+        fps.join(" ")
+    };
+    out.push_str(&format!(
+        "{:<14} {:<8} {:<17} {:<26} {:<10} {:<10}  {}\n",
+        c.name,
+        c.source,
+        c.state,
+        fp,
+        clock.ago(c.updated_at),
+        clock.until(c.expires_at),
+        clock
+            .error(c.last_error.as_deref(), c.last_error_at)
+            .unwrap_or_else(|| "-".into())
+    ));
+    if let Some(o) = &c.oauth {
+        out.push_str(&format!(
+            "{:<14} oauth {} ({}), consumers see the {} refresh token; refreshed {} ({} times), next {}{}\n",
+            "",
+            o.provider,
+            o.grant,
+            o.consumer_refresh_token,
+            clock.ago(o.last_refresh),
+            o.refresh_count,
+            clock.until(o.next_refresh),
+            if o.relogin_required { "; RELOGIN REQUIRED" } else { "" }
+        ));
+    }
+}
+
+fn render_mount(out: &mut String, m: &MountStatus, clock: &Clock) {
+    let mode = if m.kernel_passthrough {
+        "kernel passthrough"
+    } else {
+        "forwarded"
+    };
+    let state = if m.state.is_empty() {
+        "?"
+    } else {
+        m.state.as_str()
+    };
+    out.push_str(&format!(
+        "\nmount {}  {state}  (other files: {mode})\n",
+        m.dir.display()
+    ));
+    for n in &m.notes {
+        out.push_str(&format!("  note: {n}\n"));
+    }
+    if let Some(e) = clock.error(m.last_error.as_deref(), m.last_error_at) {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    for f in &m.files {
+        out.push_str(&format!(
+            "  {:<28} {:<7} {:<8} written {:<10} {}\n",
+            f.path.display(),
+            f.format,
+            if f.present { "present" } else { "absent" },
+            clock.ago(f.last_write),
+            clock
+                .error(f.last_error.as_deref(), f.last_error_at)
+                .map(|e| format!("last error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+}
+
+fn render_proxy(out: &mut String, p: &ProxyStatus, clock: &Clock) {
+    out.push_str(&format!(
+        "\nproxy {}  {} → {}  ({})\n  requests {}  refused {}  upstream errors {}  auth failures {}  retries {}  connections {} open / {} total\n",
+        p.name,
+        p.url,
+        p.upstream,
+        p.credential,
+        p.requests,
+        p.refused,
+        p.upstream_errors,
+        p.auth_failures,
+        p.retries,
+        p.active_connections,
+        p.connections
+    ));
+    if let Some(e) = clock.error(p.last_error.as_deref(), p.last_error_at) {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
 }
 
 fn human(secs: f64, suffix: &str) -> String {
