@@ -131,8 +131,13 @@ fn config_checks(c: &Config, out: &mut Vec<Check>) {
             format!("mkdir -p {}", d.display()),
         ));
     }
-    // Processes inside a directory that is not mounted yet would keep
-    // seeing its hidden originals once it is.
+    busy_dirs(c, out);
+    permission_checks(c, out);
+}
+
+/// Processes inside a directory that is not mounted yet would keep seeing
+/// its hidden originals once it is.
+fn busy_dirs(c: &Config, out: &mut Vec<Check>) {
     let unmounted: Vec<std::path::PathBuf> = c
         .mounts
         .iter()
@@ -160,6 +165,11 @@ fn config_checks(c: &Config, out: &mut Vec<Check>) {
             ),
         ));
     }
+}
+
+/// The socket's directory and the config must not be writable by others;
+/// the socket must be owner-only.
+fn permission_checks(c: &Config, out: &mut Vec<Check>) {
     if let Some(dir) = c.socket.parent().filter(|d| d.exists()) {
         let mode = std::fs::metadata(dir)
             .map(|m| m.permissions().mode() & 0o7777)

@@ -302,16 +302,7 @@ impl FileCopy {
     /// it has none; later, a value a program wrote is offered to its source.
     fn convert(&self, store: &Store, adopt: &dyn Adopt, bytes: &[u8], startup: bool) -> Template {
         let snap = store.snapshot();
-        let mut known: Vec<(String, Secret)> = Vec::new();
-        for slot in &self.slots {
-            known.extend(snap.get(slot).cloned().map(|s| (slot.to_string(), s)));
-            known.extend(
-                store
-                    .recent(slot)
-                    .into_iter()
-                    .map(|s| (slot.to_string(), s)),
-            );
-        }
+        let known = self.known(store, &snap);
         let refs: Vec<(&str, &[u8])> = known
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose()))
@@ -324,31 +315,11 @@ impl FileCopy {
             warn!(file = %self.path.display(), line = s.line, key = %s.key, fingerprint = %s.fingerprint,
                 "a token is stored outside the bound keys: bind that key or remove it");
         }
-        if startup && !self.replace {
-            let conflict = conv.found.iter().filter(|f| !f.known).find(|f| {
-                let Ok(slot) = SlotRef::parse(&f.slot) else {
-                    return false;
-                };
-                let differs = snap.get(&slot).is_some_and(|c| *c != f.value);
-                differs && !adopt.validates(&slot) && adopt.plausible(&slot, &f.value).is_ok()
-            });
-            if let Some(f) = conflict {
-                let msg = format!(
-                    "{}: key {} holds {}, a different token than credential {}: left as it is (set replace = true to let the credential take over)",
-                    self.path.display(),
-                    f.key,
-                    f.value,
-                    f.slot
-                );
-                error!("{msg}");
-                let mut h = self.health.lock();
-                h.last_error = Some(msg);
-                h.last_error_at = Some(SystemTime::now());
-                return render::template(self.format, bytes.to_vec(), &[]);
-            }
+        if startup && !self.replace && self.conflict(&snap, adopt, &conv.found) {
+            return render::template(self.format, bytes.to_vec(), &[]);
         }
+        let origin = self.path.display().to_string();
         if !startup {
-            let origin = self.path.display().to_string();
             for (slot, _) in &conv.blanked {
                 if let Ok(slot) = SlotRef::parse(slot) {
                     adopt.blanked(&slot, &origin);
@@ -360,17 +331,55 @@ impl FileCopy {
                 continue;
             };
             if !startup || snap.get(&slot).is_none() || adopt.validates(&slot) {
-                match adopt.offer(&slot, found.value, &self.path.display().to_string()) {
+                match adopt.offer(&slot, found.value, &origin) {
                     Ok(()) => {
-                        info!(file = %self.path.display(), slot = %slot, "adopted a value found in the file")
+                        info!(file = %origin, slot = %slot, "adopted a value found in the file")
                     }
-                    Err(why) => {
-                        warn!(file = %self.path.display(), slot = %slot, "not adopted: {why}")
-                    }
+                    Err(why) => warn!(file = %origin, slot = %slot, "not adopted: {why}"),
                 }
             }
         }
         render::template(self.format, conv.template, &self.bindings)
+    }
+
+    /// The values (current and recent) this file's slots have had.
+    fn known(&self, store: &Store, snap: &Snapshot) -> Vec<(String, Secret)> {
+        let mut known = Vec::new();
+        for slot in &self.slots {
+            known.extend(snap.get(slot).cloned().map(|s| (slot.to_string(), s)));
+            known.extend(
+                store
+                    .recent(slot)
+                    .into_iter()
+                    .map(|s| (slot.to_string(), s)),
+            );
+        }
+        known
+    }
+
+    /// At start, a bound key holding a different token than its credential
+    /// leaves the whole file alone (nothing lost), reported: whether so.
+    fn conflict(&self, snap: &Snapshot, adopt: &dyn Adopt, found: &[render::Found]) -> bool {
+        let conflict = found.iter().filter(|f| !f.known).find(|f| {
+            let Ok(slot) = SlotRef::parse(&f.slot) else {
+                return false;
+            };
+            let differs = snap.get(&slot).is_some_and(|c| *c != f.value);
+            differs && !adopt.validates(&slot) && adopt.plausible(&slot, &f.value).is_ok()
+        });
+        let Some(f) = conflict else { return false };
+        let msg = format!(
+            "{}: key {} holds {}, a different token than credential {}: left as it is (set replace = true to let the credential take over)",
+            self.path.display(),
+            f.key,
+            f.value,
+            f.slot
+        );
+        error!("{msg}");
+        let mut h = self.health.lock();
+        h.last_error = Some(msg);
+        h.last_error_at = Some(SystemTime::now());
+        true
     }
 
     /// temp file + fsync + rename + fsync(dir), keeping mode and owner.

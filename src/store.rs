@@ -128,6 +128,29 @@ pub struct Credential {
     pub expires_at: Option<SystemTime>,
 }
 
+impl Credential {
+    /// Applies an update: the fields it replaced (with their previous
+    /// values), or `None` when nothing changed.
+    fn apply(&mut self, update: Update) -> Option<Vec<(Field, Secret)>> {
+        let mut changed = false;
+        let mut replaced = Vec::new();
+        for (field, secret) in update.fields {
+            if self.fields.get(&field) == Some(&secret) {
+                continue;
+            }
+            if let Some(previous) = self.fields.insert(field, secret) {
+                replaced.push((field, previous));
+            }
+            changed = true;
+        }
+        if update.expires_at.is_some() && update.expires_at != self.expires_at {
+            self.expires_at = update.expires_at;
+            changed = true;
+        }
+        changed.then_some(replaced)
+    }
+}
+
 /// An immutable view of every credential. Cheap to clone (`Arc`).
 #[derive(Debug)]
 pub struct Snapshot {
@@ -219,6 +242,23 @@ struct Recent {
     by_slot: HashMap<SlotRef, VecDeque<Secret>>,
 }
 
+impl Recent {
+    /// Keeps replaced values, newest first, so a program writing back a
+    /// copy it read a moment ago is seen to carry *our* token.
+    fn remember(&mut self, name: &str, replaced: Vec<(Field, Secret)>) {
+        for (field, previous) in replaced {
+            let slot = SlotRef {
+                credential: name.to_owned(),
+                field,
+            };
+            let ring = self.by_slot.entry(slot).or_default();
+            ring.retain(|s| s != &previous);
+            ring.push_front(previous);
+            ring.truncate(RECENT_PER_SLOT);
+        }
+    }
+}
+
 impl Store {
     /// A store knowing these credential names (with their source kinds), all
     /// without values yet.
@@ -281,24 +321,9 @@ impl Store {
             .get(name)
             .map(|c| Credential::clone(c))
             .unwrap_or_default();
-        let mut changed = false;
-        let mut replaced = Vec::new();
-        for (field, secret) in update.fields {
-            if cred.fields.get(&field) == Some(&secret) {
-                continue;
-            }
-            if let Some(previous) = cred.fields.insert(field, secret) {
-                replaced.push((field, previous));
-            }
-            changed = true;
-        }
-        if update.expires_at.is_some() && update.expires_at != cred.expires_at {
-            cred.expires_at = update.expires_at;
-            changed = true;
-        }
-        if !changed {
+        let Some(replaced) = cred.apply(update) else {
             return Ok(None);
-        }
+        };
         if let Err(why) = self
             .validators
             .read()
@@ -314,16 +339,7 @@ impl Store {
             );
             return Err(why);
         }
-        for (field, previous) in replaced {
-            let slot = SlotRef {
-                credential: name.to_owned(),
-                field,
-            };
-            let ring = recent.by_slot.entry(slot).or_default();
-            ring.retain(|s| s != &previous);
-            ring.push_front(previous);
-            ring.truncate(RECENT_PER_SLOT);
-        }
+        recent.remember(name, replaced);
         let now = SystemTime::now();
         cred.updated_at = Some(now);
         let mut credentials = old.credentials.clone();
