@@ -11,7 +11,6 @@
 //! short is finished on the next run, and a config identical to the one it
 //! would write is not an error.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -337,17 +336,15 @@ fn config_text(args: &Args, plans: &[Planned], groups: &[Group], proxies: &[Prox
          # memory; `tokenfs unmount --restore` writes them back.",
         args.output.display()
     );
-    let mut credentials: BTreeMap<&str, ()> = BTreeMap::new();
-    for p in plans {
-        credentials.insert(&p.credential, ());
-    }
-    for c in credentials.keys() {
+    let credentials: std::collections::BTreeSet<&str> =
+        plans.iter().map(|p| p.credential.as_str()).collect();
+    for c in credentials {
         let _ = writeln!(s, "\n[credentials.{c}]");
         let _ = writeln!(
             s,
             "source = \"push\"   # a token found in the files is its first value"
         );
-        if *c == "databricks" {
+        if c == "databricks" {
             let _ = writeln!(
                 s,
                 "initial_env = \"DATABRICKS_TOKEN\"  # or source = \"databricks\" with host = \"https://…\" to rotate PATs here"
@@ -362,44 +359,50 @@ fn config_text(args: &Args, plans: &[Planned], groups: &[Group], proxies: &[Prox
         );
     }
     for p in plans {
-        let shared = groups
-            .iter()
-            .find(|g| g.credential == p.credential)
-            .is_some_and(|g| g.places.len() > 1);
-        let _ = writeln!(s, "\n[[mount]]");
-        match &p.databricks_file {
-            Some(file) => {
-                let dir = file.parent().unwrap_or(Path::new("/"));
-                let name = file
-                    .file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    s,
-                    "# ~/.databrickscfg links here (dotfiles): served where it is\ndir = \"{}\"\n[[mount.file]]\npath = \"{name}\"\nformat = \"ini\"\nbind = {{ \"DEFAULT.token\" = \"{}.token\" }}",
-                    dir.display(),
-                    p.credential
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    s,
-                    "preset = \"{}\"\ncredential = \"{}\"",
-                    p.preset, p.credential
-                );
-            }
-        }
-        if p.databricks_file.is_none() && proxies.iter().any(|x| x.credential == p.credential) {
-            let _ = writeln!(s, "via_proxy = \"{}\"", p.credential);
-        }
-        if shared || p.credential == "databricks" {
+        mount_text(&mut s, p, groups, proxies);
+    }
+    s
+}
+
+/// One plan's `[[mount]]`: its preset, or a dotfiles `~/.databrickscfg`
+/// served where it lives.
+fn mount_text(s: &mut String, p: &Planned, groups: &[Group], proxies: &[ProxyPlan]) {
+    let shared = groups
+        .iter()
+        .find(|g| g.credential == p.credential)
+        .is_some_and(|g| g.places.len() > 1);
+    let _ = writeln!(s, "\n[[mount]]");
+    match &p.databricks_file {
+        Some(file) => {
+            let dir = file.parent().unwrap_or(Path::new("/"));
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "replace = true   # this key is the credential's: a newer value takes over (the file is backed up first)"
+                "# ~/.databrickscfg links here (dotfiles): served where it is\ndir = \"{}\"\n[[mount.file]]\npath = \"{name}\"\nformat = \"ini\"\nbind = {{ \"DEFAULT.token\" = \"{}.token\" }}",
+                dir.display(),
+                p.credential
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "preset = \"{}\"\ncredential = \"{}\"",
+                p.preset, p.credential
             );
         }
     }
-    s
+    if p.databricks_file.is_none() && proxies.iter().any(|x| x.credential == p.credential) {
+        let _ = writeln!(s, "via_proxy = \"{}\"", p.credential);
+    }
+    if shared || p.credential == "databricks" {
+        let _ = writeln!(
+            s,
+            "replace = true   # this key is the credential's: a newer value takes over (the file is backed up first)"
+        );
+    }
 }
 
 /// Writes the config; an identical existing one is fine, a different one
