@@ -30,11 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
-use fuser::{INodeNo, Notifier};
 use parking_lot::Mutex;
 use tracing::debug;
 
 use super::inode::{Inodes, Node};
+use super::kernel::Kernel;
 use super::managed::{ManagedFile, Rendering};
 
 pub struct View {
@@ -84,11 +84,10 @@ struct Table {
 }
 
 /// The views of one mount.
-#[derive(Default)]
-pub struct Views {
+pub struct Views<K: Kernel> {
     table: Mutex<Table>,
-    /// Set once the session exists (the notifier comes from it).
-    notifier: OnceLock<Notifier>,
+    /// Where invalidations go (the FUSE session, or a test's recorder).
+    pub(super) kernel: Arc<K>,
 }
 
 /// Whether this thread serves FUSE requests (see `fs::request`): an
@@ -99,9 +98,12 @@ fn in_request() -> bool {
     super::request::inside()
 }
 
-impl Views {
-    pub fn set_notifier(&self, notifier: Notifier) {
-        let _ = self.notifier.set(notifier);
+impl<K: Kernel> Views<K> {
+    pub fn new(kernel: Arc<K>) -> Views<K> {
+        Views {
+            table: Mutex::new(Table::default()),
+            kernel,
+        }
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<View>> {
@@ -232,16 +234,13 @@ impl Views {
     /// a publishing thread (so a rotation is done only when every next open
     /// will look up the new view), on a helper thread from inside a request.
     fn invalidate(&self, views: Vec<Arc<View>>, scope: Scope) {
-        let Some(notifier) = self.notifier.get().cloned() else {
-            return;
-        };
         let job = Job {
-            notifier,
+            kernel: self.kernel.clone(),
             views,
             scope,
         };
         if in_request() {
-            let _ = deferred().send(job);
+            let _ = deferred().send(Box::new(move || job.run()));
         } else {
             job.run();
         }
@@ -254,33 +253,35 @@ enum Scope {
     NameAndAttributes,
 }
 
-struct Job {
-    notifier: Notifier,
+struct Job<K: Kernel> {
+    kernel: Arc<K>,
     views: Vec<Arc<View>>,
     scope: Scope,
 }
 
+type Deferred = Box<dyn FnOnce() + Send>;
+
 /// One thread for invalidations caused by requests; started on first use.
-fn deferred() -> &'static mpsc::Sender<Job> {
-    static TX: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+fn deferred() -> &'static mpsc::Sender<Deferred> {
+    static TX: OnceLock<mpsc::Sender<Deferred>> = OnceLock::new();
     TX.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Deferred>();
         let spawned = std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    job.run();
+                    job();
                 }
             });
         if let Err(e) = spawned {
-            // Without it, names expire on their own (MANAGED_ENTRY_TTL).
+            // Without it, names expire on their own (`VIEW_TTL`).
             tracing::warn!("cannot start the invalidation thread: {e}");
         }
         tx
     })
 }
 
-impl Job {
+impl<K: Kernel> Job<K> {
     /// The name, so the next open looks up again, and the attributes only
     /// (offset -1: the page cache stays, the view's old handles still read
     /// it). ENOENT means the kernel had already forgotten it.
@@ -288,11 +289,11 @@ impl Job {
         for v in &self.views {
             if self.scope == Scope::NameAndAttributes {
                 let name = OsStr::from_bytes(v.file.name.as_bytes());
-                if let Err(e) = self.notifier.inval_entry(INodeNo(v.file.dir.id), name) {
+                if let Err(e) = self.kernel.inval_entry(v.file.dir.id, name) {
                     debug!(file = %v.file.shown.display(), "name invalidation: {e}");
                 }
             }
-            if let Err(e) = self.notifier.inval_inode(INodeNo(v.id), -1, 0) {
+            if let Err(e) = self.kernel.inval_inode(v.id) {
                 debug!(file = %v.file.shown.display(), "attribute invalidation: {e}");
             }
         }
