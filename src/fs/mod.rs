@@ -6,7 +6,7 @@
 //!   lives there: which names are managed, what unlinking or renaming one
 //!   means, when setuid bits are cleared, when a writer's bytes are saved,
 //!   cache lifetimes. It talks to the kernel only through [`Kernel`], so it
-//!   can be tested on a tempdir without mounting.
+//!   is tested on a tempdir in plain `cargo test` (`tests`).
 //! - The adapter (`adapter`) implements `fuser::Filesystem`: each callback
 //!   calls the core once and replies, and it is the one place where errors
 //!   are logged (op, node, errno) and recorded in `status`.
@@ -25,6 +25,8 @@ mod ops;
 mod passthrough;
 mod request;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 pub mod view;
 
 use std::collections::{HashMap, HashSet};
