@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::error::{Context as _, FsError, FsResult};
-use super::inode::{Inodes, Node};
+use super::inode::Node;
 use super::kernel::Kernel;
 use super::managed::{ManagedFile, TMP_PREFIX};
 use super::passthrough::{AttrChange, apply_meta};
@@ -225,12 +225,9 @@ impl<K: Kernel> TokenFs<K> {
     /// TTL 0 makes the kernel ask GETATTR (the stable `st_ino`) before
     /// showing it.
     pub(super) fn lookup_managed(&self, m: &Arc<ManagedFile>) -> FsResult<Entry> {
-        let v = self
-            .views
-            .lookup(m, &self.inodes)
-            .ok_or(FsError::new(libc::ENOENT))?;
+        let v = self.views.lookup(m).ok_or(FsError::new(libc::ENOENT))?;
         let Some(stat) = m.stat_of(&v.rendering) else {
-            self.views.forget(v.id, 1);
+            self.inodes.forget(v.id, 1);
             return Err(FsError::new(libc::ENOENT));
         };
         Ok(Entry {
@@ -339,9 +336,7 @@ impl<K: Kernel> TokenFs<K> {
         let rename = || sys::rename_at(p.fd(), &c_old, np.fd(), &c_new, flags.bits());
         match managed {
             (None, None) => rename().context("rename"),
-            (None, Some(dst)) => {
-                rename_onto_managed(p, name, &dst, flags, &self.views, &self.inodes)
-            }
+            (None, Some(dst)) => rename_onto_managed(p, name, &dst, flags, &self.views),
             (Some(_), None) if flags.contains(RenameFlags::RENAME_EXCHANGE) => {
                 Err(FsError::new(libc::EXDEV))
             }
@@ -372,7 +367,7 @@ impl<K: Kernel> TokenFs<K> {
             .and_then(|fd| sys::stat_fd(fd.as_fd()).map(|st| (fd, st)));
         match opened {
             Ok((fd, st)) => {
-                self.inodes.take_over(id, fd, &st, || self.views.take(id));
+                self.inodes.become_plain(id, fd, &st);
             }
             Err(e) => {
                 warn!(mount = %self.dir.display(), "a managed file renamed away: cannot follow its new name: {e}")
@@ -437,7 +432,7 @@ impl<K: Kernel> TokenFs<K> {
             info!(file = %m.shown.display(), "managed file created by a program");
         }
         let fh = self.open_managed(m, flags, tid)?;
-        let view = self.views.lookup(m, &self.inodes);
+        let view = self.views.lookup(m);
         let st = view.as_ref().and_then(|v| m.stat_of(&v.rendering));
         let (Some(v), Some(stat)) = (view, st) else {
             self.handles.lock().remove(&fh);
@@ -481,7 +476,6 @@ pub(super) fn rename_onto_managed<K: Kernel>(
     dst: &Arc<ManagedFile>,
     flags: RenameFlags,
     views: &Views<K>,
-    inodes: &Inodes,
 ) -> FsResult<()> {
     if flags.contains(RenameFlags::RENAME_EXCHANGE) {
         return Err(FsError::new(libc::EXDEV));
@@ -506,7 +500,7 @@ pub(super) fn rename_onto_managed<K: Kernel>(
         warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
     }
     if st.st_nlink == 1 {
-        inodes.hand_over((st.st_dev, st.st_ino), |node, n| views.alias(node, dst, n));
+        views.alias((st.st_dev, st.st_ino), dst);
     }
     Ok(())
 }

@@ -72,6 +72,7 @@ const VIEW_TTL: Duration = Duration::from_secs(10);
 /// (the FUSE session, or a test's recorder).
 pub struct TokenFs<K: Kernel = FuseKernel> {
     pub dir: PathBuf,
+    /// Every node id the kernel knows: plain nodes and views.
     inodes: Arc<Inodes>,
     managed: Managed,
     /// Kernel inodes of managed files, one per rendering.
@@ -286,11 +287,12 @@ impl<K: Kernel> TokenFs<K> {
             warn!(mount = %cfg.dir.display(), "{note}");
         }
         let info = Arc::new(MountInfo::new(cfg.dir.clone(), cfg.notes.clone(), files));
+        let inodes = Arc::new(inodes);
         Ok(TokenFs {
             dir: cfg.dir.clone(),
-            inodes: Arc::new(inodes),
+            inodes: inodes.clone(),
             managed,
-            views: Arc::new(Views::new(kernel)),
+            views: Arc::new(Views::new(inodes, kernel)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kernel_passthrough: AtomicBool::new(false),

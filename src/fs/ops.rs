@@ -89,9 +89,7 @@ impl<K: Kernel> TokenFs<K> {
 
     /// FORGET: the kernel dropped `n` references to node `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        if !self.views.forget(ino, n) {
-            self.inodes.forget(ino, n);
-        }
+        self.inodes.forget(ino, n);
     }
 
     pub fn getattr(&self, caller: &Caller, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
@@ -207,9 +205,9 @@ impl<K: Kernel> TokenFs<K> {
         let dst = self.managed.find(&np, newname).cloned();
         if let (None, Some(dst)) = (&src, &dst) {
             let (name, dst) = (name.to_owned(), dst.clone());
-            let (views, inodes) = (self.views.clone(), self.inodes.clone());
+            let views = self.views.clone();
             return Ok(Step::Later(Box::new(move || {
-                rename_onto_managed(&p, &name, &dst, flags, &views, &inodes)
+                rename_onto_managed(&p, &name, &dst, flags, &views)
             })));
         }
         self.rename_now((&p, name), (&np, newname), flags, (src, dst))

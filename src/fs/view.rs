@@ -23,14 +23,12 @@
 //! rendering, exactly as if views did not exist. Correctness never depends on
 //! an invalidation arriving: only speed does.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
 use tracing::debug;
 
 use super::inode::{Inodes, Node};
@@ -75,17 +73,10 @@ impl View {
     }
 }
 
-#[derive(Default)]
-struct Table {
-    /// Node id → (view, the kernel's lookup count).
-    by_id: HashMap<u64, (Arc<View>, u64)>,
-    /// Managed file id → its current view.
-    current: HashMap<u64, Arc<View>>,
-}
-
-/// The views of one mount.
+/// The views of one mount: their invalidations. The views themselves are
+/// entries of the one node table (`inode::Inodes`).
 pub struct Views<K: Kernel> {
-    table: Mutex<Table>,
+    nodes: Arc<Inodes>,
     /// Where invalidations go (the FUSE session, or a test's recorder).
     pub(super) kernel: Arc<K>,
 }
@@ -98,109 +89,74 @@ fn in_request() -> bool {
     super::request::inside()
 }
 
-impl<K: Kernel> Views<K> {
-    pub fn new(kernel: Arc<K>) -> Views<K> {
-        Views {
-            table: Mutex::new(Table::default()),
-            kernel,
-        }
-    }
-
-    pub fn get(&self, id: u64) -> Option<Arc<View>> {
-        self.table.lock().by_id.get(&id).map(|(v, _)| v.clone())
-    }
-
-    /// The current view of `file` for a LOOKUP or CREATE reply (counted as
-    /// one kernel reference), made if the current one is stale. `None`: the
-    /// file is absent.
-    pub fn lookup(&self, file: &Arc<ManagedFile>, inodes: &Inodes) -> Option<Arc<View>> {
-        let mut t = self.table.lock();
-        let previous = t.current.get(&file.id).cloned();
-        if let Some(v) = previous.as_ref().filter(|v| v.is_current()) {
-            if let Some(entry) = t.by_id.get_mut(&v.id) {
-                entry.1 += 1;
-                return Some(v.clone());
-            }
-        }
-        if let Some(old) = previous {
-            // Replaced before a publish hook got to it: its cached attributes
-            // must go (its name is being replaced by this very lookup).
-            old.retire();
-            self.invalidate(vec![old], Scope::Attributes);
-        }
-        let rendering = file.rendering()?;
-        let view = Arc::new(View {
-            id: inodes.synthetic_id(),
+impl View {
+    /// A new current view of `file`'s `rendering` as node `id`.
+    fn new(id: u64, file: &Arc<ManagedFile>, rendering: Rendering) -> View {
+        View {
+            id,
             file: file.clone(),
             rendering,
             retired: AtomicBool::new(false),
             cached_opens: AtomicUsize::new(0),
             _pinned: None,
-        });
-        t.by_id.insert(view.id, (view.clone(), 1));
-        t.current.insert(file.id, view.clone());
-        Some(view)
+        }
+    }
+}
+
+impl<K: Kernel> Views<K> {
+    pub fn new(nodes: Arc<Inodes>, kernel: Arc<K>) -> Views<K> {
+        Views { nodes, kernel }
     }
 
-    /// `node`, a plain file the kernel holds `lookups` references to, was
-    /// just renamed over `file`. After the rename the kernel's cached name of
-    /// `file` points at that node until the invalidation of the name arrives,
-    /// so the node becomes a view of `file` that is not current: an open
-    /// through it gets the current rendering, as through any stale name.
-    /// `false` if the file has no rendering to show.
-    pub fn alias(&self, node: &Arc<Node>, file: &Arc<ManagedFile>, lookups: u64) -> bool {
-        let Some(rendering) = file.rendering() else {
-            return false;
-        };
-        let view = Arc::new(View {
-            id: node.id,
-            file: file.clone(),
-            rendering,
-            retired: AtomicBool::new(true),
-            cached_opens: AtomicUsize::new(0),
-            _pinned: Some(node.clone()),
-        });
-        self.table.lock().by_id.insert(node.id, (view, lookups));
-        true
+    pub fn get(&self, id: u64) -> Option<Arc<View>> {
+        self.nodes.view(id)
+    }
+
+    /// The current view of `file` for a LOOKUP or CREATE reply (counted as
+    /// one kernel reference), made if the current one is stale. `None`: the
+    /// file is absent.
+    pub fn lookup(&self, file: &Arc<ManagedFile>) -> Option<Arc<View>> {
+        // Rendered before the table's lock is taken: a first render after a
+        // rotation must not hold up every other request.
+        let rendering = file.rendering();
+        let (view, replaced) = self
+            .nodes
+            .lookup_view(file.id, |id| rendering.map(|r| View::new(id, file, r)));
+        if let Some(old) = replaced {
+            // Replaced before a publish hook got to it: its cached attributes
+            // must go (its name is being replaced by this very lookup).
+            old.retire();
+            self.invalidate(vec![old], Scope::Attributes);
+        }
+        view
+    }
+
+    /// The plain file of inode `key` was just renamed over `file`. After
+    /// the rename the kernel's cached name of `file` points at that node
+    /// until the invalidation of the name arrives, so the node becomes a
+    /// view of `file` that is not current: an open through it gets the
+    /// current rendering, as through any stale name. It keeps the node, so
+    /// its inode number (the node id) is not reused meanwhile.
+    pub fn alias(&self, key: (u64, u64), file: &Arc<ManagedFile>) -> bool {
+        self.nodes.become_view(key, |node| {
+            let rendering = file.rendering()?;
+            Some(View {
+                retired: AtomicBool::new(true),
+                _pinned: Some(node.clone()),
+                ..View::new(node.id, file, rendering)
+            })
+        })
     }
 
     /// The node id of `file`'s current view, if the kernel has one.
     pub fn current_id(&self, file: &ManagedFile) -> Option<u64> {
-        self.table.lock().current.get(&file.id).map(|v| v.id)
-    }
-
-    /// Gives up view `id` and the kernel's lookup count of it: the managed
-    /// file was renamed away, and its node id now names the plain file.
-    pub fn take(&self, id: u64) -> Option<u64> {
-        let mut t = self.table.lock();
-        let (view, lookups) = t.by_id.remove(&id)?;
-        if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
-            t.current.remove(&view.file.id);
-        }
-        Some(lookups)
-    }
-
-    /// The kernel dropped `n` references; `false` if `id` is not a view.
-    pub fn forget(&self, id: u64, n: u64) -> bool {
-        let mut t = self.table.lock();
-        let Some(entry) = t.by_id.get_mut(&id) else {
-            return false;
-        };
-        entry.1 = entry.1.saturating_sub(n);
-        if entry.1 == 0 {
-            if let Some((view, _)) = t.by_id.remove(&id) {
-                if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
-                    t.current.remove(&view.file.id);
-                }
-            }
-        }
-        true
+        self.nodes.current_id(file.id)
     }
 
     /// Retires `file`'s current view (a writer opened it, or it was saved,
     /// unlinked or renamed) and has the kernel drop its name and attributes.
     pub fn retire(&self, file: &ManagedFile) {
-        let view = self.table.lock().current.remove(&file.id);
+        let view = self.nodes.take_current(file.id);
         if let Some(v) = view {
             v.retire();
             self.invalidate(vec![v], Scope::NameAndAttributes);
@@ -216,15 +172,10 @@ impl<K: Kernel> Views<K> {
     /// After a publish: retires every current view whose rendering is no
     /// longer what an open would render, and invalidates them.
     pub fn retire_stale(&self) {
-        let mut stale = Vec::new();
-        self.table.lock().current.retain(|_, v| {
-            let keep = v.is_current();
-            if !keep {
-                v.retire();
-                stale.push(v.clone());
-            }
-            keep
-        });
+        let stale = self.nodes.retain_current(|v| v.is_current());
+        for v in &stale {
+            v.retire();
+        }
         if !stale.is_empty() {
             self.invalidate(stale, Scope::NameAndAttributes);
         }
