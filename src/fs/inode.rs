@@ -1,4 +1,8 @@
-//! The inode table: FUSE node ids ↔ inodes of the hidden original directory.
+//! The node table: every FUSE node id the kernel knows, each either a plain
+//! node (an inode of the hidden original directory) or a view (one
+//! rendering of a managed file, see `view`), under one lock with one lookup
+//! count. A rename onto or away from a managed file changes an entry's kind
+//! in place, so no request ever sees an id in neither state.
 //!
 //! Each known inode is held by one `O_PATH` fd, keyed by `(st_dev, st_ino)`,
 //! as virtiofsd and libfuse's `passthrough_hp` do, instead of by path: a
@@ -16,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+
+use super::view::View;
 
 pub const ROOT_ID: u64 = 1;
 /// Start of the synthetic id range.
@@ -74,16 +80,26 @@ impl Node {
     }
 }
 
+/// What a node id names.
+#[derive(Clone)]
+pub enum Kind {
+    Plain(Arc<Node>),
+    View(Arc<View>),
+}
+
 struct Entry {
-    node: Arc<Node>,
-    /// The kernel's lookup count: the node is dropped when `forget` brings it to 0.
+    kind: Kind,
+    /// The kernel's lookup count: the entry is dropped when `forget` brings it to 0.
     lookups: u64,
 }
 
 #[derive(Default)]
 struct Table {
     by_id: HashMap<u64, Entry>,
+    /// Inode → node id, for plain nodes.
     by_key: HashMap<(u64, u64), u64>,
+    /// Managed file id → its current view.
+    current: HashMap<u64, Arc<View>>,
 }
 
 pub struct Inodes {
@@ -100,7 +116,8 @@ impl Inodes {
         let mut table = Table::default();
         table.by_key.insert(key, ROOT_ID);
         // The root is never forgotten: one lookup the kernel never returns.
-        table.by_id.insert(ROOT_ID, Entry { node, lookups: 1 });
+        let kind = Kind::Plain(node);
+        table.by_id.insert(ROOT_ID, Entry { kind, lookups: 1 });
         Inodes {
             table: Mutex::new(table),
             root_dev: root_stat.st_dev,
@@ -113,8 +130,20 @@ impl Inodes {
         self.next_synthetic.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The plain node `id`, if it is one.
     pub fn get(&self, id: u64) -> Option<Arc<Node>> {
-        self.table.lock().by_id.get(&id).map(|e| e.node.clone())
+        match &self.table.lock().by_id.get(&id)?.kind {
+            Kind::Plain(node) => Some(node.clone()),
+            Kind::View(_) => None,
+        }
+    }
+
+    /// The view `id`, if it is one.
+    pub fn view(&self, id: u64) -> Option<Arc<View>> {
+        match &self.table.lock().by_id.get(&id)?.kind {
+            Kind::View(v) => Some(v.clone()),
+            Kind::Plain(_) => None,
+        }
     }
 
     pub fn root(&self) -> Option<Arc<Node>> {
@@ -128,9 +157,13 @@ impl Inodes {
         let key = (st.st_dev, st.st_ino);
         let mut table = self.table.lock();
         if let Some(&id) = table.by_key.get(&key) {
-            if let Some(entry) = table.by_id.get_mut(&id) {
-                entry.lookups += 1;
-                return entry.node.clone();
+            if let Some(Entry {
+                kind: Kind::Plain(node),
+                lookups,
+            }) = table.by_id.get_mut(&id)
+            {
+                *lookups += 1;
+                return node.clone();
             }
         }
         let id = if st.st_dev == self.root_dev && st.st_ino > ROOT_ID && st.st_ino < SYNTHETIC_BASE
@@ -141,17 +174,12 @@ impl Inodes {
         };
         let node = Arc::new(Node::new(id, fd, key, st.st_mode & libc::S_IFMT, false));
         table.by_key.insert(key, id);
-        table.by_id.insert(
-            id,
-            Entry {
-                node: node.clone(),
-                lookups: 1,
-            },
-        );
+        let kind = Kind::Plain(node.clone());
+        table.by_id.insert(id, Entry { kind, lookups: 1 });
         node
     }
 
-    /// The kernel dropped `n` references to `id`.
+    /// The kernel dropped `n` references to `id` (a plain node or a view).
     pub fn forget(&self, id: u64, n: u64) {
         if id == ROOT_ID {
             return;
@@ -164,59 +192,114 @@ impl Inodes {
             }
             None => false,
         };
-        if gone {
-            if let Some(entry) = table.by_id.remove(&id) {
-                table.unmap_key(&entry.node.key, id);
-            }
+        if !gone {
+            return;
+        }
+        match table.by_id.remove(&id).map(|e| e.kind) {
+            Some(Kind::Plain(node)) => table.unmap_key(&node.key, id),
+            Some(Kind::View(v)) => table.uncurrent(&v, id),
+            None => {}
         }
     }
+}
 
-    /// Hands node `id` of the inode `key` to `to` with the kernel's lookup
-    /// count, and forgets it here. A rename gives a node id another meaning
-    /// (a plain file renamed over a managed one); `to` runs under this
-    /// table's lock, so no request sees the id in neither place. Returns
-    /// whether `to` took it.
-    ///
-    /// `to` gets the node itself too, and must keep it while the kernel
-    /// knows the id: its fd keeps the inode allocated, so a new file cannot
-    /// get the same inode number (which is the node id) meanwhile.
-    pub fn hand_over(&self, key: (u64, u64), to: impl FnOnce(&Arc<Node>, u64) -> bool) -> bool {
-        let mut table = self.table.lock();
-        let Some(&id) = table.by_key.get(&key) else {
-            return false;
-        };
-        let Some((node, lookups)) = table.by_id.get(&id).map(|e| (e.node.clone(), e.lookups))
-        else {
-            return false;
-        };
-        if id == ROOT_ID || !to(&node, lookups) {
-            return false;
+/// The views' side of the table (see `view::Views`, which adds the
+/// invalidations).
+impl Inodes {
+    /// `file`'s current view, counted as one more kernel reference, if it
+    /// is still current; else a new one from `make` (given a fresh id),
+    /// which becomes current. Also returns the view it replaced, if any.
+    pub fn lookup_view(
+        &self,
+        file_id: u64,
+        make: impl FnOnce(u64) -> Option<View>,
+    ) -> (Option<Arc<View>>, Option<Arc<View>>) {
+        let mut t = self.table.lock();
+        let previous = t.current.get(&file_id).cloned();
+        if let Some(v) = previous.as_ref().filter(|v| v.is_current()) {
+            if let Some(entry) = t.by_id.get_mut(&v.id) {
+                entry.lookups += 1;
+                return (Some(v.clone()), None);
+            }
         }
-        table.by_id.remove(&id);
-        table.unmap_key(&key, id);
+        let Some(view) = make(self.synthetic_id()) else {
+            return (None, previous);
+        };
+        let view = Arc::new(view);
+        let kind = Kind::View(view.clone());
+        t.by_id.insert(view.id, Entry { kind, lookups: 1 });
+        t.current.insert(file_id, view.clone());
+        (Some(view), previous)
+    }
+
+    /// The node id of `file`'s current view, if the kernel has one.
+    pub fn current_id(&self, file_id: u64) -> Option<u64> {
+        self.table.lock().current.get(&file_id).map(|v| v.id)
+    }
+
+    /// Makes `file`'s current view no longer current; returns it.
+    pub fn take_current(&self, file_id: u64) -> Option<Arc<View>> {
+        self.table.lock().current.remove(&file_id)
+    }
+
+    /// Drops every current view `keep` says no to; returns them.
+    pub fn retain_current(&self, mut keep: impl FnMut(&Arc<View>) -> bool) -> Vec<Arc<View>> {
+        let mut dropped = Vec::new();
+        self.table.lock().current.retain(|_, v| {
+            let k = keep(v);
+            if !k {
+                dropped.push(v.clone());
+            }
+            k
+        });
+        dropped
+    }
+
+    /// A plain file (inode `key`) was renamed over a managed file: its node
+    /// becomes the view `make` builds from it, keeping its id and the
+    /// kernel's lookup count (the kernel's moved name still points at it).
+    /// `false` if the kernel does not know the inode, or `make` declines.
+    pub fn become_view(
+        &self,
+        key: (u64, u64),
+        make: impl FnOnce(&Arc<Node>) -> Option<View>,
+    ) -> bool {
+        let mut t = self.table.lock();
+        let Some(&id) = t.by_key.get(&key).filter(|&&id| id != ROOT_ID) else {
+            return false;
+        };
+        let Some(Kind::Plain(node)) = t.by_id.get(&id).map(|e| &e.kind) else {
+            return false;
+        };
+        let Some(view) = make(node).map(Arc::new) else {
+            return false;
+        };
+        t.unmap_key(&key, id);
+        if let Some(entry) = t.by_id.get_mut(&id) {
+            entry.kind = Kind::View(view);
+        }
         true
     }
 
-    /// Takes over node id `id` for the inode behind `fd` (`st`) from `from`,
-    /// which gives up the kernel's lookup count of it (a managed file renamed
-    /// away: its view's node id now names the plain file). `from` runs under
-    /// this table's lock. The id keeps its meaning for the kernel, so `stat`
-    /// shows it as the inode number.
-    pub fn take_over(
-        &self,
-        id: u64,
-        fd: OwnedFd,
-        st: &libc::stat,
-        from: impl FnOnce() -> Option<u64>,
-    ) -> bool {
-        let mut table = self.table.lock();
-        let Some(lookups) = from() else {
+    /// A managed file was renamed away: its view `id` becomes the plain
+    /// node of the inode behind `fd` (`st`), the placeholder copy, keeping
+    /// the id and the kernel's lookup count. Its page cache held the
+    /// rendering, so the node's next cached open drops it.
+    pub fn become_plain(&self, id: u64, fd: OwnedFd, st: &libc::stat) -> bool {
+        let mut guard = self.table.lock();
+        let t = &mut *guard;
+        let Some(entry) = t.by_id.get_mut(&id) else {
             return false;
         };
+        let Kind::View(view) = &entry.kind else {
+            return false;
+        };
+        let view = view.clone();
         let key = (st.st_dev, st.st_ino);
         let node = Arc::new(Node::new(id, fd, key, st.st_mode & libc::S_IFMT, true));
-        table.by_key.entry(key).or_insert(id);
-        table.by_id.insert(id, Entry { node, lookups });
+        entry.kind = Kind::Plain(node);
+        t.uncurrent(&view, id);
+        t.by_key.entry(key).or_insert(id);
         true
     }
 }
@@ -226,6 +309,13 @@ impl Table {
     fn unmap_key(&mut self, key: &(u64, u64), id: u64) {
         if self.by_key.get(key) == Some(&id) {
             self.by_key.remove(key);
+        }
+    }
+
+    /// `v` (node id `id`) is no longer its file's current view.
+    fn uncurrent(&mut self, v: &View, id: u64) {
+        if self.current.get(&v.file.id).is_some_and(|c| c.id == id) {
+            self.current.remove(&v.file.id);
         }
     }
 }

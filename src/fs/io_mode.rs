@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Weak};
 
-use fuser::BackingId;
 use parking_lot::Mutex;
 use tracing::warn;
 
@@ -33,8 +32,9 @@ pub const SMALL_FILE: u64 = 1 << 20;
 pub struct CachedUse;
 
 /// The I/O of one open; held by its handle, it keeps the inode's mode.
-pub enum Io {
-    Passthrough(Arc<BackingId>),
+/// `B`: the kernel's registered backing file (see `kernel::Kernel`).
+pub enum Io<B> {
+    Passthrough(Arc<B>),
     Cached(#[allow(dead_code)] Arc<CachedUse>),
 }
 
@@ -45,21 +45,30 @@ pub enum Want {
     Cached,
 }
 
-#[derive(Default)]
-struct Modes {
+struct Modes<B> {
     /// One backing file per inode, shared by its passthrough opens (the
     /// kernel refuses a second one while the first is in use).
-    backing: HashMap<u64, Weak<BackingId>>,
+    backing: HashMap<u64, Weak<B>>,
     cached: HashMap<u64, Weak<CachedUse>>,
 }
 
 /// The I/O mode of every open plain file of one mount, by node id.
-#[derive(Default)]
-pub struct IoModes {
-    modes: Mutex<Modes>,
+pub struct IoModes<B> {
+    modes: Mutex<Modes<B>>,
 }
 
-impl IoModes {
+impl<B> Default for IoModes<B> {
+    fn default() -> Self {
+        IoModes {
+            modes: Mutex::new(Modes {
+                backing: HashMap::new(),
+                cached: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<B> IoModes<B> {
     /// The I/O of a new open of node `id`: whatever the inode's open handles
     /// already use, else what `want` says (asked only then: it may `fstat`).
     /// `register` makes the backing file for a first passthrough open; if
@@ -68,8 +77,8 @@ impl IoModes {
         &self,
         id: u64,
         want: impl FnOnce() -> Want,
-        register: impl FnOnce() -> io::Result<BackingId>,
-    ) -> Io {
+        register: impl FnOnce() -> io::Result<B>,
+    ) -> Io<B> {
         let mut m = self.modes.lock();
         if let Some(b) = m.backing.get(&id).and_then(Weak::upgrade) {
             return Io::Passthrough(b);
@@ -101,13 +110,13 @@ impl IoModes {
 mod tests {
     use super::*;
 
-    fn refused() -> io::Result<BackingId> {
+    fn refused() -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     }
 
     #[test]
     fn an_inode_keeps_one_mode_while_it_has_opens() {
-        let modes = IoModes::default();
+        let modes = IoModes::<()>::default();
         let first = modes.choose(7, || Want::Cached, refused);
         assert!(matches!(first, Io::Cached(_)));
         // A writer arriving while a cached reader is open stays cached

@@ -1,19 +1,32 @@
-//! The FUSE filesystem: translates kernel requests into operations on managed
-//! files ([`managed`]) or on the hidden original directory ([`passthrough`]).
+//! The filesystem: a FUSE-free core and a thin adapter.
 //!
-//! No policy lives here: which files are managed, how they render and what a
-//! write means are decided by [`managed::ManagedFile`]; this layer only maps
-//! node ids and handles, picks cache lifetimes, and turns `io::Error`s into
-//! errnos. Nothing here panics on input: every failure becomes an errno.
+//! - The core ([`TokenFs`], its requests in `ops`, managed files in
+//!   `managed_io`, plain files in `passthrough`) takes a [`Caller`] and
+//!   returns typed results or one error type ([`FsError`]). Every decision
+//!   lives there: which names are managed, what unlinking or renaming one
+//!   means, when setuid bits are cleared, when a writer's bytes are saved,
+//!   cache lifetimes. It talks to the kernel only through [`Kernel`], so it
+//!   is tested on a tempdir in plain `cargo test` (`tests`).
+//! - The adapter (`adapter`) implements `fuser::Filesystem`: each callback
+//!   calls the core once and replies, and it is the one place where errors
+//!   are logged (op, node, errno) and recorded in `status`.
+//!
+//! Nothing here panics on input: every failure becomes an errno.
 
+mod adapter;
+pub mod error;
 pub mod inode;
 mod io_mode;
+pub mod kernel;
 pub mod managed;
+mod managed_io;
 mod offload;
 mod ops;
 mod passthrough;
 mod request;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 pub mod view;
 
 use std::collections::{HashMap, HashSet};
@@ -27,16 +40,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use fuser::{Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, ReplyEntry, Request};
+use fuser::FopenFlags;
 use parking_lot::Mutex;
 use tracing::warn;
+
+pub use self::adapter::FuseKernel;
+pub use self::error::{FsError, FsResult, Level};
+pub use self::kernel::{Caller, Kernel, OpenBacking};
+pub use self::passthrough::AttrChange;
 
 use self::inode::{Inodes, Node};
 use self::io_mode::{Io, IoModes};
 use self::managed::{Context, ManagedFile};
-use self::view::{View, Views};
+use self::managed_io::ManagedHandle;
+use self::view::Views;
 use crate::config::MountConfig;
-use crate::secret::SecretBytes;
 
 /// Attribute and entry lifetime for passthrough inodes. Every change to them
 /// arrives through this mount, and the kernel drops its cached attributes of
@@ -46,26 +64,49 @@ const PASSTHROUGH_TTL: Duration = Duration::from_secs(1);
 const NO_CACHE: Duration = Duration::ZERO;
 /// How long the kernel keeps a managed name → its current view, and the
 /// attributes of a current view. Every change (a publish, a write) drops
-/// both at once through the notifier; this only bounds the cost if a
-/// notification is lost, and never correctness (see `view`).
+/// both at once through the kernel; this only bounds the cost if an
+/// invalidation is lost, and never correctness (see `view`).
 const VIEW_TTL: Duration = Duration::from_secs(10);
 
-/// One mounted directory.
-pub struct TokenFs {
+/// One mounted directory: the core. `K`: the kernel it invalidates through
+/// (the FUSE session, or a test's recorder).
+pub struct TokenFs<K: Kernel = FuseKernel> {
     pub dir: PathBuf,
+    /// Every node id the kernel knows: plain nodes and views.
     inodes: Arc<Inodes>,
     managed: Managed,
     /// Kernel inodes of managed files, one per rendering.
-    pub views: Arc<Views>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    pub views: Arc<Views<K>>,
+    handles: Mutex<HashMap<u64, Arc<Handle<K::Backing>>>>,
     next_fh: AtomicU64,
     /// Whether the kernel accepted FUSE passthrough for this session.
     kernel_passthrough: AtomicBool,
     /// Whether the kernel leaves clearing setuid/setgid bits to us
     /// (`FUSE_HANDLE_KILLPRIV_V2`, see `passthrough::drop_setid`).
     kill_priv: AtomicBool,
-    io: IoModes,
+    /// The environment switches, read once at construction (`Switches`).
+    switches: Switches,
+    io: IoModes<K::Backing>,
     pub info: Arc<MountInfo>,
+}
+
+/// Switches read from the environment, to measure what a feature costs.
+#[derive(Clone, Copy, Debug)]
+struct Switches {
+    /// `TOKENFS_KILLPRIV=off`: leave clearing setuid bits to the kernel.
+    killpriv: bool,
+    /// `TOKENFS_KERNEL_PASSTHROUGH=off`: forward every read and write.
+    kernel_passthrough: bool,
+}
+
+impl Switches {
+    fn from_env() -> Switches {
+        let on = |name: &str| std::env::var_os(name).is_none_or(|v| v != "off");
+        Switches {
+            killpriv: on("TOKENFS_KILLPRIV"),
+            kernel_passthrough: on("TOKENFS_KERNEL_PASSTHROUGH"),
+        }
+    }
 }
 
 /// What status shows about a mount (shared with the control server).
@@ -76,6 +117,8 @@ pub struct MountInfo {
     pub kernel_passthrough: AtomicBool,
     /// The last failure of the mount itself (not of one managed file).
     pub last_error: Mutex<Option<(String, SystemTime)>>,
+    /// The errno and message of `last_error`, to tell a repeat.
+    last_key: Mutex<Option<(i32, String)>>,
 }
 
 impl MountInfo {
@@ -86,24 +129,30 @@ impl MountInfo {
             files,
             kernel_passthrough: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            last_key: Mutex::new(None),
         }
     }
 
-    /// Records a failure for `status`, logging it when it is new or has not
-    /// been logged for a minute (a full fd table fails every lookup).
-    fn note_error(&self, msg: String) {
+    /// Records a failure for `status`. `true` if it should be logged: it is
+    /// new, or the same failure (errno and message) has not been logged for
+    /// a minute (a full fd table fails every lookup, each of another name).
+    pub fn note_error(&self, errno: i32, message: &str, shown: String) -> bool {
         let now = SystemTime::now();
         let mut last = self.last_error.lock();
-        let quiet = last.as_ref().is_some_and(|(m, at)| {
-            *m == msg
-                && now
-                    .duration_since(*at)
-                    .is_ok_and(|d| d < Duration::from_secs(60))
+        let mut key = self.last_key.lock();
+        let same = key
+            .as_ref()
+            .is_some_and(|(e, m)| *e == errno && m == message);
+        let recent = last.as_ref().is_some_and(|(_, at)| {
+            now.duration_since(*at)
+                .is_ok_and(|d| d < Duration::from_secs(60))
         });
+        let quiet = same && recent;
         if !quiet {
-            tracing::error!(mount = %self.dir.display(), "{msg}");
-            *last = Some((msg, now));
+            *key = Some((errno, message.to_owned()));
+            *last = Some((shown, now));
         }
+        !quiet
     }
 }
 
@@ -143,9 +192,8 @@ type NameKey = ((u64, u64), Vec<u8>);
 #[derive(Default)]
 struct Managed {
     by_name: HashMap<NameKey, Arc<ManagedFile>>,
-    /// Directories that hold managed files. Names there get entry TTL 0: after
-    /// a program renames its temp file over a managed file, the kernel's
-    /// cached name must not keep pointing at the temp file's inode.
+    /// Directories that hold managed files: our temp files there are hidden,
+    /// and names of files with other hard links are not cached.
     parents: HashSet<(u64, u64)>,
 }
 
@@ -158,195 +206,129 @@ impl Managed {
     }
 }
 
-enum Handle {
+/// An open file or directory.
+enum Handle<B> {
     File {
         file: File,
         /// Keeps the inode's I/O mode (and backing file) while open.
-        _io: Io,
+        _io: Io<B>,
     },
     Dir(Mutex<File>),
     Managed(ManagedHandle),
 }
 
-/// An open managed file: the rendering it saw at `open()`, and for writers a
-/// private copy that is committed on `flush`/`fsync`/`release`.
-struct ManagedHandle {
-    file: Arc<ManagedFile>,
-    snapshot: Arc<SecretBytes>,
-    write: Option<Mutex<WriteBuf>>,
-    /// The view whose bytes this handle reads through the page cache, if it
-    /// was opened while that view was current.
-    cached: Option<Arc<View>>,
+/// A name's entry: its node id and `stat`, and how long the kernel may keep
+/// each. Node id 0 is a negative entry ("no such name", cached as a name).
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub id: u64,
+    pub stat: libc::stat,
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
 }
 
-struct WriteBuf {
-    /// May hold secrets (the rendering it started from): zeroed on drop.
-    data: Vec<u8>,
-    dirty: bool,
-    append: bool,
+/// A node's attributes (`stat` with the node's `st_ino`) and their lifetime.
+#[derive(Clone, Copy)]
+pub struct Attr {
+    pub id: u64,
+    pub stat: libc::stat,
+    pub ttl: Duration,
 }
 
-impl Drop for WriteBuf {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.data);
-    }
+/// An open: its handle, its open flags, and the backing file when the
+/// kernel does its I/O (kernel passthrough).
+pub struct Opened<B> {
+    pub fh: u64,
+    pub flags: FopenFlags,
+    pub backing: Option<Arc<B>>,
 }
 
-fn errno(e: &io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+/// A CREATE: the new name's entry and its open.
+pub struct Created<B> {
+    pub entry: Entry,
+    pub open: Opened<B>,
 }
 
-fn file_type(mode: libc::mode_t) -> FileType {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFIFO => FileType::NamedPipe,
-        libc::S_IFSOCK => FileType::Socket,
-        libc::S_IFCHR => FileType::CharDevice,
-        libc::S_IFBLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
+/// What a request that may wait on the disk gives back: its answer now, or
+/// the work to do on a thread that may block (`offload`), which answers.
+pub enum Step<T> {
+    Done(T),
+    Later(Box<dyn FnOnce() -> FsResult<T> + Send>),
 }
 
-fn dirent_type(t: u8) -> FileType {
-    match t {
-        libc::DT_DIR => FileType::Directory,
-        libc::DT_LNK => FileType::Symlink,
-        libc::DT_FIFO => FileType::NamedPipe,
-        libc::DT_SOCK => FileType::Socket,
-        libc::DT_CHR => FileType::CharDevice,
-        libc::DT_BLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
+/// Where a directory listing goes (the kernel's reply buffer, or a test's
+/// list). `add` returns `true` when the buffer is full.
+pub trait DirSink {
+    fn add(&mut self, ino: u64, next_offset: u64, dirent_type: u8, name: &OsStr) -> bool;
 }
 
-fn to_attr(id: u64, st: &libc::stat) -> FileAttr {
-    let t = managed::to_time;
-    FileAttr {
-        ino: INodeNo(id),
-        size: st.st_size.max(0) as u64,
-        blocks: st.st_blocks.max(0) as u64,
-        atime: t(st.st_atime, st.st_atime_nsec),
-        mtime: t(st.st_mtime, st.st_mtime_nsec),
-        ctime: t(st.st_ctime, st.st_ctime_nsec),
-        crtime: SystemTime::UNIX_EPOCH,
-        kind: file_type(st.st_mode),
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        rdev: st.st_rdev as u32,
-        blksize: st.st_blksize as u32,
-        flags: 0,
-    }
-}
-
-impl TokenFs {
+impl TokenFs<FuseKernel> {
     /// Builds the filesystem for one mount from the directory fd opened before
     /// mounting, loading (and converting) its managed files.
-    pub fn new(cfg: &MountConfig, root: OwnedFd, ctx: Arc<Context>) -> Result<TokenFs, String> {
+    pub fn new(cfg: &MountConfig, root: OwnedFd, ctx: Arc<Context>) -> Result<Self, String> {
+        TokenFs::with_kernel(cfg, root, ctx, Arc::new(FuseKernel::default()))
+    }
+}
+
+impl<K: Kernel> TokenFs<K> {
+    /// [`TokenFs::new`] with another kernel (a test's recorder).
+    pub fn with_kernel(
+        cfg: &MountConfig,
+        root: OwnedFd,
+        ctx: Arc<Context>,
+        kernel: Arc<K>,
+    ) -> Result<Self, String> {
         let shown = cfg.dir.display().to_string();
         let root_stat =
             sys::stat_fd(std::os::fd::AsFd::as_fd(&root)).map_err(|e| format!("{shown}: {e}"))?;
         let inodes = Inodes::new(root, &root_stat);
-        let mut managed = Managed::default();
-        let mut files = Vec::new();
-        for fcfg in &cfg.files {
-            let parent = resolve_parent(&inodes, &fcfg.path).map_err(|e| {
-                format!(
-                    "{}: the directory of a managed file must exist: {e}",
-                    cfg.dir.join(&fcfg.path).display()
-                )
-            })?;
-            let id = inodes.synthetic_id();
-            let file = Arc::new(ManagedFile::load(
-                id,
-                parent.clone(),
-                &cfg.dir,
-                fcfg,
-                ctx.clone(),
-            )?);
-            let weak = Arc::downgrade(&file);
-            ctx.store.on_validate(move |name, cred| {
-                weak.upgrade().map_or(Ok(()), |f| f.carries(name, cred))
-            });
-            managed.parents.insert(parent.key);
-            managed
-                .by_name
-                .insert((parent.key, file.name.as_bytes().to_vec()), file.clone());
-            files.push(file as Arc<dyn ServedFile>);
-        }
+        let (managed, files) = load_managed(cfg, &inodes, &ctx)?;
         for note in &cfg.notes {
             warn!(mount = %cfg.dir.display(), "{note}");
         }
         let info = Arc::new(MountInfo::new(cfg.dir.clone(), cfg.notes.clone(), files));
+        let inodes = Arc::new(inodes);
         Ok(TokenFs {
             dir: cfg.dir.clone(),
-            inodes: Arc::new(inodes),
+            inodes: inodes.clone(),
             managed,
-            views: Arc::new(Views::default()),
+            views: Arc::new(Views::new(inodes, kernel)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kernel_passthrough: AtomicBool::new(false),
             kill_priv: AtomicBool::new(false),
+            switches: Switches::from_env(),
             io: IoModes::default(),
             info,
         })
     }
 
-    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
-        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
+        self.inodes.get(ino).ok_or(FsError::new(libc::ENOENT))
     }
 
-    /// `stat` of a view, and how long the kernel may keep it. A current view
-    /// is immutable; a stale one answers for its cached readers while any is
-    /// open, then for whoever opens it now (a bind mount, a raced lookup).
-    fn view_stat(
-        &self,
-        v: &View,
-        tid: u32,
-        fh: Option<FileHandle>,
-    ) -> Result<(libc::stat, Duration), Errno> {
-        let own = || v.file.stat_of(&v.rendering).ok_or(Errno::ENOENT);
-        if v.is_current() {
-            return Ok((own()?, VIEW_TTL));
-        }
-        if v.has_cached_opens() {
-            return Ok((own()?, NO_CACHE));
-        }
-        let st = v.file.stat(tid, fh.map(|f| f.0)).ok_or(Errno::ENOENT)?;
-        Ok((st, NO_CACHE))
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// How long the kernel may keep a name in `parent` (`st`: what it
-    /// names; `None`: nothing). Every change arrives through this mount, so
-    /// names are cached, also beside managed files, where programs keep the
-    /// rest of their state: a plain file renamed over a managed one hands its
-    /// node to the managed file (`rename_onto_managed`), so the kernel's moved
-    /// name stays right. The exception is a file with other hard links,
-    /// whose node must stay plain: beside a managed file its names are asked
-    /// again every time.
-    fn entry_ttl(&self, parent: &Node, st: Option<&libc::stat>) -> Duration {
-        let linked =
-            st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1);
-        if linked && self.managed.parents.contains(&parent.key) {
-            NO_CACHE
-        } else {
-            PASSTHROUGH_TTL
-        }
-    }
-
-    fn add_handle(&self, h: Handle) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+    fn insert_handle(&self, fh: u64, h: Handle<K::Backing>) {
         self.handles.lock().insert(fh, Arc::new(h));
+    }
+
+    fn add_handle(&self, h: Handle<K::Backing>) -> u64 {
+        let fh = self.new_fh();
+        self.insert_handle(fh, h);
         fh
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
-        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle<K::Backing>>> {
+        self.handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::new(libc::EBADF))
     }
 
-    /// Registers a newly created or found inode with the kernel's lookup.
     /// EMFILE once nodes fill the fd budget (`sys::fd_budget`): lookups
     /// fail, while saves and the control socket keep the fds they need.
     fn fd_room(&self) -> io::Result<()> {
@@ -356,6 +338,7 @@ impl TokenFs {
         Ok(())
     }
 
+    /// Registers one more kernel reference to the inode `parent`/`name`.
     fn remember(&self, parent: &Node, name: &OsStr) -> io::Result<(Arc<Node>, libc::stat)> {
         self.fd_room()?;
         let cname = sys::cname(name)?;
@@ -363,96 +346,43 @@ impl TokenFs {
         let st = sys::stat_fd(std::os::fd::AsFd::as_fd(&fd))?;
         Ok((self.inodes.remember(fd, &st), st))
     }
+}
 
-    /// Files created by another uid (with `allow_other`) belong to that uid,
-    /// as they would on the original filesystem.
-    fn chown_to_caller(&self, req: &Request, parent: &Node, name: &OsStr) {
-        let euid = sys::euid();
-        if euid != 0 || (req.uid() == euid && req.gid() == sys::egid()) {
-            return;
-        }
-        let res = sys::cname(name)
-            .and_then(|c| sys::open_path(parent.fd(), &c))
-            .and_then(|fd| {
-                sys::chown_fd(
-                    std::os::fd::AsFd::as_fd(&fd),
-                    Some(req.uid()),
-                    Some(req.gid()),
-                )
-            });
-        if let Err(e) = res {
-            warn!(mount = %self.dir.display(), "cannot give a new file to uid {}: {e}", req.uid());
-        }
-    }
-
-    /// mknod/mkdir/symlink: refuse managed names, create, give the new inode
-    /// to the caller, and answer with its entry.
-    fn make_entry(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        reply: ReplyEntry,
-        make: impl FnOnce(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> io::Result<()>,
-    ) {
-        let made = self.node(parent).and_then(|p| {
-            self.not_managed_name(&p, name)?;
-            let c = sys::cname(name).map_err(|e| errno(&e))?;
-            make(p.fd(), &c).map_err(|e| errno(&e))?;
-            Ok(p)
+/// Loads every managed file of a mount, registering each as a validator of
+/// the values it must carry.
+fn load_managed(
+    cfg: &MountConfig,
+    inodes: &Inodes,
+    ctx: &Arc<Context>,
+) -> Result<(Managed, Vec<Arc<dyn ServedFile>>), String> {
+    let mut managed = Managed::default();
+    let mut files = Vec::new();
+    for fcfg in &cfg.files {
+        let parent = resolve_parent(inodes, &fcfg.path).map_err(|e| {
+            format!(
+                "{}: the directory of a managed file must exist: {e}",
+                cfg.dir.join(&fcfg.path).display()
+            )
+        })?;
+        let id = inodes.synthetic_id();
+        let file = Arc::new(ManagedFile::load(
+            id,
+            parent.clone(),
+            &cfg.dir,
+            fcfg,
+            ctx.clone(),
+        )?);
+        let weak = Arc::downgrade(&file);
+        ctx.store.on_validate(move |name, cred| {
+            weak.upgrade().map_or(Ok(()), |f| f.carries(name, cred))
         });
-        match made {
-            Ok(p) => {
-                self.chown_to_caller(req, &p, name);
-                self.reply_entry(&p, name, reply);
-            }
-            Err(e) => reply.error(e),
-        }
+        managed.parents.insert(parent.key);
+        managed
+            .by_name
+            .insert((parent.key, file.name.as_bytes().to_vec()), file.clone());
+        files.push(file as Arc<dyn ServedFile>);
     }
-
-    /// A LOOKUP: like [`Self::reply_entry`], but a name that does not exist
-    /// gets a negative entry the kernel may keep as long as a positive one.
-    /// Every creation goes through this mount (the original directory is
-    /// hidden under it), and the kernel replaces a cached negative entry
-    /// itself when one does, so this only saves the lookup before a `creat`.
-    fn reply_lookup(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
-        self.answer_entry(parent, name, reply, true);
-    }
-
-    /// The entry of a name just made or linked.
-    fn reply_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry) {
-        self.answer_entry(parent, name, reply, false);
-    }
-
-    /// The errno of a failure to open or look up. Out of file descriptors
-    /// is the daemon's failure, not the caller's: it goes to the log and to
-    /// `status` as well as to the caller.
-    fn fd_errno(&self, e: io::Error) -> Errno {
-        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-            self.info.note_error(format!(
-                "out of file descriptors ({e}): lookups and opens fail until the kernel forgets inodes; raise the open file limit"
-            ));
-        }
-        errno(&e)
-    }
-
-    fn answer_entry(&self, parent: &Node, name: &OsStr, reply: ReplyEntry, negative: bool) {
-        match self.remember(parent, name) {
-            Ok((node, st)) => reply.entry_with_ttls(
-                &PASSTHROUGH_TTL,
-                &self.entry_ttl(parent, Some(&st)),
-                &to_attr(node.id, &st),
-                Generation(0),
-            ),
-            Err(e) if negative && e.raw_os_error() == Some(libc::ENOENT) => {
-                // Node id 0: "no such name", cached like a name.
-                let none = to_attr(0, &managed::empty_stat());
-                let ttl = self.entry_ttl(parent, None);
-                reply.entry_with_ttls(&NO_CACHE, &ttl, &none, Generation(0))
-            }
-            Err(e) => reply.error(self.fd_errno(e)),
-        }
-    }
+    Ok((managed, files))
 }
 
 /// Walks from the root to the directory that holds `path`.

@@ -1,10 +1,11 @@
 //! Requests that wait on the disk (an `fsync`, a managed file's atomic save,
-//! a large `fallocate` or `copy_file_range`) run here and reply from here.
+//! a large `fallocate` or `copy_file_range`) run here and reply from here:
+//! the core hands them back as `Step::Later`, and the adapter runs them.
 //!
-//! Why: each mount has one FUSE request thread (one thread is measurably
-//! faster per request than two that take turns), and that thread must never
-//! block, or a config read would queue behind an agent's `fsync`. The kernel
-//! matches replies by request id, so a reply may come from any thread.
+//! Why: each mount has only two FUSE request threads (see `daemon::mount`),
+//! and neither may block, or a config read would queue behind an agent's
+//! `fsync`. The kernel matches replies by request id, so a reply may come
+//! from any thread.
 
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};

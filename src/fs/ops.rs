@@ -1,795 +1,502 @@
-//! `impl fuser::Filesystem`: one short method per kernel request, each
-//! deciding only whether the name or node is managed and delegating.
+//! The core's requests: one method per kernel request, each taking a
+//! [`Caller`] (when who asks matters) and returning a typed answer or an
+//! [`FsError`]. This is where every decision is made; the adapter only
+//! translates. Managed names are handed to `managed_io`, plain ones to
+//! `passthrough` and `sys`.
 
-use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::ffi::{CStr, OsStr};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
-use std::time::SystemTime;
+use std::sync::atomic::Ordering;
 
-use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, FopenFlags, Generation, INodeNo, InitFlags,
-    IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
-};
-use tracing::{debug, info};
+use fuser::{InitFlags, RenameFlags};
+use parking_lot::Mutex;
 
-use super::passthrough::rename_onto_managed;
-use super::{Handle, NO_CACHE, PASSTHROUGH_TTL, TokenFs, VIEW_TTL, errno, sys, to_attr};
-use super::{offload, request};
-use crate::fs::managed::TMP_PREFIX;
+use super::error::{Context as _, FsError, FsResult};
+use super::kernel::{Caller, Kernel, OpenBacking};
+use super::managed_io::rename_onto_managed;
+use super::passthrough::{AttrChange, read_into_scratch};
+use super::{Attr, Created, DirSink, Entry, Handle, Opened, PASSTHROUGH_TTL, Step, TokenFs, sys};
 
-/// Replies with an error, or runs the success path.
-macro_rules! tri {
-    ($reply:expr, $e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(e) => return $reply.error(e.into()),
-        }
-    };
+/// What the core asks of the kernel at INIT.
+pub struct Negotiation {
+    /// Capabilities to enable (already limited to what the kernel offers).
+    pub capabilities: InitFlags,
+    /// Whether to ask for kernel passthrough (it needs CAP_SYS_ADMIN).
+    pub try_passthrough: bool,
 }
 
-fn answer(reply: ReplyEmpty, r: Result<(), Errno>) {
-    match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(e),
-    }
+fn err<T>(errno: i32) -> FsResult<T> {
+    Err(FsError::new(errno))
 }
 
-fn io_errno(e: std::io::Error) -> Errno {
-    errno(&e)
-}
-
-/// Runs `f` with this thread's read buffer of `size` bytes. A forwarded
-/// READ is up to 1 MiB; a fresh `Vec` per request would be mmap'd and
-/// unmapped each time (it is above glibc's mmap threshold), and every
-/// munmap of a multi-threaded process sends TLB-flush IPIs to the other
-/// CPUs. Stale bytes past what `pread` fills are never sent.
-fn read_into_scratch(size: usize, f: impl FnOnce(&mut [u8])) {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|buf| {
-        if buf.len() < size {
-            buf.resize(size, 0);
-        }
-        f(&mut buf[..size]);
-    });
-}
-
-impl fuser::Filesystem for TokenFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        request::mark();
-        // DIRECT_IO_ALLOW_MMAP: writers and stale views use direct I/O, and
-        // programs that mmap a config would otherwise get ENODEV.
-        // ATOMIC_O_TRUNC: without it, open(O_TRUNC) arrives as a SETATTR
-        // without a handle, indistinguishable from truncate(2) by path, and
-        // readers would see the file empty until the writer closes.
-        // HANDLE_KILLPRIV_V2: the kernel then stops asking for
-        // security.capability before every write (once per inode instead),
-        // and leaves clearing setuid/setgid bits to us (`drop_setid`).
-        // TOKENFS_KILLPRIV=off leaves it to the kernel (to measure it).
+impl<K: Kernel> TokenFs<K> {
+    /// INIT: what to enable of what the kernel offers.
+    /// - DIRECT_IO_ALLOW_MMAP: writers and stale views use direct I/O, and
+    ///   programs that mmap a config would otherwise get ENODEV.
+    /// - ATOMIC_O_TRUNC: without it, open(O_TRUNC) arrives as a SETATTR
+    ///   without a handle, indistinguishable from truncate(2) by path, and
+    ///   readers would see the file empty until the writer closes.
+    /// - HANDLE_KILLPRIV_V2: the kernel then stops asking for
+    ///   security.capability before every write (once per inode instead),
+    ///   and leaves clearing setuid/setgid bits to us (`drop_setid`).
+    ///   `TOKENFS_KILLPRIV=off` leaves it to the kernel (to measure it).
+    /// - Kernel passthrough needs root (CAP_SYS_ADMIN registers backing
+    ///   files); `TOKENFS_KERNEL_PASSTHROUGH=off` forwards instead.
+    pub fn negotiate(&self, offered: InitFlags) -> Negotiation {
         let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
-        if std::env::var_os("TOKENFS_KILLPRIV").is_some_and(|v| v == "off") {
+        if !self.switches.killpriv {
             wanted.remove(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         }
-        let granted = wanted & config.capabilities();
-        let _ = config.add_capabilities(granted);
-        let kill_priv = granted.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        self.kill_priv
-            .store(kill_priv, std::sync::atomic::Ordering::Relaxed);
-        // Kernel passthrough needs CAP_SYS_ADMIN to register backing files;
-        // stack depth 2 lets the backing directory itself be on overlayfs
-        // (as a container's root is).
-        // TOKENFS_KERNEL_PASSTHROUGH=off forwards instead (to measure it).
-        let allowed = std::env::var_os("TOKENFS_KERNEL_PASSTHROUGH").is_none_or(|v| v != "off");
-        let passthrough = allowed
-            && nix::unistd::geteuid().is_root()
-            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
-            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(2).is_ok();
+        let capabilities = wanted & offered;
+        let kill_priv = capabilities.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        self.kill_priv.store(kill_priv, Ordering::Relaxed);
+        let try_passthrough = self.switches.kernel_passthrough
+            && sys::euid() == 0
+            && offered.contains(InitFlags::FUSE_PASSTHROUGH);
+        Negotiation {
+            capabilities,
+            try_passthrough,
+        }
+    }
+
+    /// INIT is done: whether the kernel accepted passthrough.
+    pub fn started(&self, kernel_passthrough: bool) {
         self.kernel_passthrough
-            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+            .store(kernel_passthrough, Ordering::Relaxed);
         self.info
             .kernel_passthrough
-            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
-        info!(mount = %self.dir.display(), kernel_passthrough = passthrough, abi = %format!("{:?}", config.kernel_abi()), "mounted");
+            .store(kernel_passthrough, Ordering::Relaxed);
+    }
+
+    /// LOOKUP: a managed name finds its current view; our temp files are
+    /// not there; anything else is the backing file.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let p = self.node(parent)?;
+        if let Some(m) = self.managed.find(&p, name) {
+            return self.lookup_managed(m);
+        }
+        if self.hides(&p, name) {
+            return err(libc::ENOENT);
+        }
+        self.entry_of(&p, name, true)
+    }
+
+    /// FORGET: the kernel dropped `n` references to node `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub fn getattr(&self, caller: &Caller, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(v) = self.views.get(ino) {
+            return self.view_attr(&v, caller.pid, fh);
+        }
+        let node = self.node(ino)?;
+        let stat = sys::stat_fd(node.fd()).context("fstat")?;
+        Ok(Attr {
+            id: node.id,
+            stat,
+            ttl: PASSTHROUGH_TTL,
+        })
+    }
+
+    pub fn setattr(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        change: &AttrChange,
+        fh: Option<u64>,
+    ) -> FsResult<Attr> {
+        if let Some(v) = self.views.get(ino) {
+            self.managed_setattr(&v.file, change, fh)?;
+            return self.view_attr(&v, caller.pid, fh);
+        }
+        let node = self.node(ino)?;
+        let stat = self.passthrough_setattr(&node, change, fh, caller)?;
+        Ok(Attr {
+            id: node.id,
+            stat,
+            ttl: PASSTHROUGH_TTL,
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let node = self.node(ino)?;
+        sys::readlink_fd(node.fd()).context("readlink")
+    }
+
+    pub fn mknod(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> FsResult<Entry> {
+        self.make_entry(c, parent, name, |dir, n| {
+            sys::mknod_at(dir, n, mode, rdev as libc::dev_t).context("mknod")
+        })
+    }
+
+    pub fn mkdir(&self, c: &Caller, parent: u64, name: &OsStr, mode: u32) -> FsResult<Entry> {
+        self.make_entry(c, parent, name, |dir, n| {
+            sys::mkdir_at(dir, n, mode).context("mkdir")
+        })
+    }
+
+    pub fn symlink(&self, c: &Caller, parent: u64, name: &OsStr, target: &Path) -> FsResult<Entry> {
+        let t = sys::cname(target.as_os_str())?;
+        self.make_entry(c, parent, name, |dir, n| {
+            sys::symlink_at(&t, dir, n).context("symlink")
+        })
+    }
+
+    /// mknod/mkdir/symlink: refuse managed names, create, give the new inode
+    /// to the caller, and answer with its entry.
+    fn make_entry(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &OsStr,
+        make: impl FnOnce(BorrowedFd<'_>, &CStr) -> FsResult<()>,
+    ) -> FsResult<Entry> {
+        let p = self.node(parent)?;
+        self.not_managed_name(&p, name)?;
+        make(p.fd(), &sys::cname(name)?)?;
+        self.chown_to_caller(caller, &p, name);
+        self.entry_of(&p, name, false)
+    }
+
+    /// UNLINK: unlinking a managed file removes its backing file; the name
+    /// is absent until a program creates it again.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let p = self.node(parent)?;
+        sys::unlink_at(p.fd(), &sys::cname(name)?, 0).context("unlink")?;
+        if let Some(m) = self.managed.find(&p, name) {
+            self.unlinked_managed(m);
+        }
         Ok(())
     }
 
-    fn destroy(&mut self) {
-        request::mark();
-        debug!(mount = %self.dir.display(), "session destroyed");
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let p = self.node(parent)?;
+        sys::unlink_at(p.fd(), &sys::cname(name)?, libc::AT_REMOVEDIR).context("rmdir")
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        request::mark();
-        let p = tri!(reply, self.node(parent));
-        if let Some(m) = self.managed.find(&p, name) {
-            let v = tri!(
-                reply,
-                self.views.lookup(m, &self.inodes).ok_or(Errno::ENOENT)
-            );
-            let Some(st) = m.stat_of(&v.rendering) else {
-                self.views.forget(v.id, 1);
-                return reply.error(Errno::ENOENT);
-            };
-            // fuser sends the node id as st_ino here: attribute TTL 0 makes
-            // the kernel ask GETATTR (the stable st_ino) before showing it.
-            return reply.entry_with_ttls(&NO_CACHE, &VIEW_TTL, &to_attr(v.id, &st), Generation(0));
-        }
-        if self.managed.parents.contains(&p.key)
-            && name.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes())
-        {
-            return reply.error(Errno::ENOENT);
-        }
-        self.reply_lookup(&p, name, reply);
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        request::mark();
-        if !self.views.forget(ino.0, nlookup) {
-            self.inodes.forget(ino.0, nlookup);
-        }
-    }
-
-    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        request::mark();
-        if let Some(v) = self.views.get(ino.0) {
-            let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
-            return reply.attr(&ttl, &to_attr(v.file.id, &st));
-        }
-        let node = tri!(reply, self.node(ino));
-        let st = tri!(reply, sys::stat_fd(node.fd()).map_err(io_errno));
-        reply.attr(&PASSTHROUGH_TTL, &to_attr(node.id, &st));
-    }
-
-    fn setattr(
+    /// RENAME. A plain file renamed over a managed one is a program's
+    /// atomic save: an fsynced save of our own, on a thread that may wait
+    /// on the disk. The rest is `rename_now`.
+    pub fn rename(
         &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        request::mark();
-        let change = super::passthrough::AttrChange {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-        };
-        if let Some(v) = self.views.get(ino.0) {
-            tri!(reply, self.managed_setattr(&v.file, &change, fh));
-            let (st, ttl) = tri!(reply, self.view_stat(&v, req.pid(), fh));
-            return reply.attr(&ttl, &to_attr(v.file.id, &st));
-        }
-        let node = tri!(reply, self.node(ino));
-        let st = tri!(
-            reply,
-            self.passthrough_setattr(&node, &change, fh, req.uid() != 0)
-        );
-        reply.attr(&PASSTHROUGH_TTL, &to_attr(node.id, &st));
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        request::mark();
-        let node = tri!(reply, self.node(ino));
-        let target = tri!(reply, sys::readlink_fd(node.fd()).map_err(io_errno));
-        reply.data(&target);
-    }
-
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
+        parent: u64,
         name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        request::mark();
-        self.make_entry(req, parent, name, reply, |dir, c| {
-            sys::mknod_at(dir, c, mode, rdev as libc::dev_t)
-        });
-    }
-
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        request::mark();
-        self.make_entry(req, parent, name, reply, |dir, c| {
-            sys::mkdir_at(dir, c, mode)
-        });
-    }
-
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        request::mark();
-        let p = tri!(reply, self.node(parent));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(reply, sys::unlink_at(p.fd(), &c, 0).map_err(io_errno));
-        if let Some(m) = self.managed.find(&p, name) {
-            info!(file = %m.shown.display(), "managed file unlinked; it reappears when a program creates it");
-            m.set_absent();
-            self.views.retire(m);
-        }
-        reply.ok();
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        request::mark();
-        let p = tri!(reply, self.node(parent));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(
-            reply,
-            sys::unlink_at(p.fd(), &c, libc::AT_REMOVEDIR).map_err(io_errno)
-        );
-        reply.ok();
-    }
-
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        request::mark();
-        let t = tri!(reply, sys::cname(target.as_os_str()).map_err(io_errno));
-        self.make_entry(req, parent, link_name, reply, |dir, c| {
-            sys::symlink_at(&t, dir, c)
-        });
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
+        newparent: u64,
         newname: &OsStr,
         flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let p = tri!(reply, self.node(parent));
-        let np = tri!(reply, self.node(newparent));
+    ) -> FsResult<Step<()>> {
+        let p = self.node(parent)?;
+        let np = self.node(newparent)?;
         let src = self.managed.find(&p, name).cloned();
         let dst = self.managed.find(&np, newname).cloned();
         if let (None, Some(dst)) = (&src, &dst) {
-            // A program's atomic save: an fsynced save of our own.
             let (name, dst) = (name.to_owned(), dst.clone());
-            let (views, inodes) = (self.views.clone(), self.inodes.clone());
-            return offload::run(move || {
-                let renamed = rename_onto_managed(&p, &name, &dst, flags, &views, &inodes);
-                answer(reply, renamed)
-            });
+            let views = self.views.clone();
+            return Ok(Step::Later(Box::new(move || {
+                rename_onto_managed(&p, &name, &dst, flags, &views)
+            })));
         }
-        answer(
-            reply,
-            self.rename_any(&p, name, &np, newname, flags, (src, dst)),
-        );
+        self.rename_now((&p, name), (&np, newname), flags, (src, dst))
+            .map(Step::Done)
     }
 
-    fn link(
+    /// LINK. A second name for a managed file would show its placeholders
+    /// (EPERM), and a managed name cannot become a link to something else.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        if self.views.get(ino).is_some() {
+            return err(libc::EPERM);
+        }
+        let node = self.node(ino)?;
+        let np = self.node(newparent)?;
+        self.not_managed_name(&np, newname)?;
+        sys::link_fd(node.fd(), np.fd(), &sys::cname(newname)?).context("link")?;
+        self.entry_of(&np, newname, false)
+    }
+
+    /// OPEN. An unprivileged `O_TRUNC` clears setuid/setgid as the kernel
+    /// would (`drop_setid`).
+    pub fn open(
         &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        request::mark();
-        if self.views.get(ino.0).is_some() {
-            // A second name for a managed file would show its placeholders.
-            return reply.error(Errno::EPERM);
+        caller: &Caller,
+        ino: u64,
+        flags: i32,
+        backer: &impl OpenBacking<K::Backing>,
+    ) -> FsResult<Opened<K::Backing>> {
+        if let Some(v) = self.views.get(ino) {
+            return self.open_view(&v, flags, caller.pid);
         }
-        let node = tri!(reply, self.node(ino));
-        let np = tri!(reply, self.node(newparent));
-        tri!(reply, self.not_managed_name(&np, newname));
-        let c = tri!(reply, sys::cname(newname).map_err(io_errno));
-        tri!(
-            reply,
-            sys::link_fd(node.fd(), np.fd(), &c).map_err(io_errno)
-        );
-        self.reply_entry(&np, newname, reply);
-    }
-
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        request::mark();
-        if let Some(v) = self.views.get(ino.0) {
-            let (fh, open_flags) = tri!(reply, self.open_view(&v, flags.0, req.pid()));
-            return reply.opened(FileHandle(fh), open_flags);
-        }
-        let node = tri!(reply, self.node(ino));
-        let file = tri!(
-            reply,
-            sys::reopen(node.fd(), flags.0).map_err(|e| self.fd_errno(e))
-        );
-        if flags.0 & libc::O_TRUNC != 0 && req.uid() != 0 {
+        let node = self.node(ino)?;
+        let file = sys::reopen(node.fd(), flags).context("open")?;
+        if flags & libc::O_TRUNC != 0 && !caller.privileged() {
             self.drop_setid(file.as_fd());
         }
-        let (fh, open_flags, backing) =
-            self.open_plain(&node, file, flags.0, |f| reply.open_backing(f));
-        match backing {
-            Some(id) => reply.opened_passthrough(fh, open_flags, &id),
-            None => reply.opened(fh, open_flags),
-        }
+        Ok(self.open_plain(&node, file, flags, backer))
     }
 
-    fn read(
+    /// CREATE: a managed name is created (or opened) as that file; any
+    /// other name as a plain file owned by the caller.
+    pub fn create(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
-        match &*h {
-            Handle::Managed(mh) => mh.read(offset, size, |bytes| reply.data(bytes)),
-            Handle::File { file, .. } => {
-                read_into_scratch(size as usize, |buf| match sys::pread(file, buf, offset) {
-                    Ok(n) => reply.data(&buf[..n]),
-                    Err(e) => reply.error(errno(&e)),
-                })
-            }
-            Handle::Dir(_) => reply.error(Errno::EISDIR),
+        caller: &Caller,
+        parent: u64,
+        name: &OsStr,
+        (mode, flags): (u32, i32),
+        backer: &impl OpenBacking<K::Backing>,
+    ) -> FsResult<Created<K::Backing>> {
+        let p = self.node(parent)?;
+        if let Some(m) = self.managed.find(&p, name).cloned() {
+            return self.create_managed(&m, mode, flags, caller.pid);
         }
+        let c = sys::cname(name)?;
+        self.fd_room()?;
+        let fd = sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).context("create")?;
+        self.chown_to_caller(caller, &p, name);
+        let (node, stat) = self.remember(&p, name).context("lookup")?;
+        let ttl = self.entry_ttl(&p, Some(&stat));
+        let open = self.open_plain(&node, File::from(fd), flags, backer);
+        let entry = Entry {
+            id: node.id,
+            stat,
+            attr_ttl: ttl,
+            entry_ttl: ttl,
+        };
+        Ok(Created { entry, open })
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
+    /// READ: hands the bytes to `reply` (no copy for managed files; plain
+    /// files through a per-thread buffer).
+    #[inline]
+    pub fn read(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(&[u8])) -> FsResult<()> {
+        let h = self.handle(fh)?;
         match &*h {
             Handle::Managed(mh) => {
-                let len = tri!(reply, mh.write(offset, data));
-                mh.file.track_size(fh.0, len);
-                reply.written(data.len() as u32);
+                mh.read(offset, size, reply);
+                Ok(())
+            }
+            Handle::File { file, .. } => read_into_scratch(size as usize, |buf| {
+                let n = sys::pread(file, buf, offset).context("pread")?;
+                reply(&buf[..n]);
+                Ok(())
+            }),
+            Handle::Dir(_) => err(libc::EISDIR),
+        }
+    }
+
+    /// WRITE: a managed file's writer changes its private copy; a plain
+    /// file is written, and setuid/setgid cleared when the kernel says so.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<u32> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::Managed(mh) => {
+                mh.write(offset, data)?;
+                Ok(data.len() as u32)
             }
             Handle::File { file, .. } => {
-                let n = tri!(reply, sys::pwrite(file, data, offset).map_err(io_errno));
-                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                let n = sys::pwrite(file, data, offset).context("pwrite")?;
+                if kill_suidgid {
                     self.drop_setid(file.as_fd());
                 }
-                reply.written(n as u32);
+                Ok(n as u32)
             }
-            Handle::Dir(_) => reply.error(Errno::EISDIR),
+            Handle::Dir(_) => err(libc::EISDIR),
         }
     }
 
-    fn flush(
-        &self,
-        req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
-        if let Handle::Managed(mh) = &*h {
-            // close() waits for flush but not for release: when the opening
-            // thread closes, forget the handle's size now, so its next fstat
-            // is not answered with this one's. (A forked child closing its
-            // inherited copy also flushes; that must not count.)
-            mh.file.track_close(fh.0, req.pid());
-            if mh.write.is_some() {
-                let views = self.views.clone();
-                return offload::run(move || {
-                    if let Handle::Managed(mh) = &*h {
-                        answer(reply, mh.save(&views));
-                    }
-                });
-            }
-        }
-        reply.ok();
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let h = self.handles.lock().remove(&fh.0);
-        let Some(h) = h else {
-            return reply.ok();
-        };
+    /// FLUSH (each close): a managed writer's bytes are saved here, so the
+    /// writer's close returns once they are on disk.
+    pub fn flush(&self, caller: &Caller, fh: u64) -> FsResult<Step<()>> {
+        let h = self.handle(fh)?;
         let Handle::Managed(mh) = &*h else {
-            return reply.ok();
+            return Ok(Step::Done(()));
         };
-        // A cached reader was never tracked and has nothing to commit.
-        if let Some(v) = &mh.cached {
-            v.released_cached();
-            return reply.ok();
+        mh.closed_by(caller.pid);
+        if !mh.is_writer() {
+            return Ok(Step::Done(()));
         }
-        mh.file.track_release(fh.0);
-        if mh.write.is_none() {
-            return reply.ok();
-        }
-        // Normally flush already saved; this catches writers that never
-        // flushed (e.g. through an mmap).
         let views = self.views.clone();
-        offload::run(move || {
-            if let Handle::Managed(mh) = &*h {
-                if let Err(e) = mh.save(&views) {
-                    tracing::error!(file = %mh.file.shown.display(), "write lost at close: {:?}", e);
-                }
-            }
-            reply.ok();
-        });
+        Ok(Step::Later(Box::new(move || match &*h {
+            Handle::Managed(mh) => mh.save(&views),
+            _ => Ok(()),
+        })))
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
+    /// RELEASE (the last close): normally flush already saved; this catches
+    /// writers that never flushed (e.g. through an mmap).
+    pub fn release(&self, fh: u64) -> Step<()> {
+        let h = self.handles.lock().remove(&fh);
+        let writer = h
+            .as_deref()
+            .is_some_and(|h| matches!(h, Handle::Managed(mh) if mh.is_writer()));
+        let (true, Some(h)) = (writer, h) else {
+            return Step::Done(());
+        };
         let views = self.views.clone();
-        offload::run(move || {
-            let synced = match &*h {
-                Handle::Managed(mh) => mh.save(&views),
-                Handle::File { file, .. } if datasync => file.sync_data().map_err(io_errno),
-                Handle::File { file, .. } => file.sync_all().map_err(io_errno),
-                Handle::Dir(d) => d.lock().sync_all().map_err(io_errno),
-            };
-            answer(reply, synced);
-        });
+        Step::Later(Box::new(move || match &*h {
+            Handle::Managed(mh) => mh
+                .save(&views)
+                .map_err(|e| e.context("write lost at close")),
+            _ => Ok(()),
+        }))
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        request::mark();
-        let node = tri!(reply, self.node(ino));
-        let dir = tri!(
-            reply,
-            sys::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_errno)
-        );
-        let fh = self.add_handle(Handle::Dir(parking_lot::Mutex::new(dir)));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<Step<()>> {
+        let h = self.handle(fh)?;
+        let views = self.views.clone();
+        Ok(Step::Later(Box::new(move || match &*h {
+            Handle::Managed(mh) => mh.save(&views),
+            Handle::File { file, .. } if datasync => file.sync_data().context("fdatasync"),
+            Handle::File { file, .. } => file.sync_all().context("fsync"),
+            Handle::Dir(d) => d.lock().sync_all().context("fsync"),
+        })))
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        reply: ReplyDirectory,
-    ) {
-        request::mark();
-        let node = tri!(reply, self.node(ino));
-        let h = tri!(reply, self.handle(fh));
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let node = self.node(ino)?;
+        let dir = sys::reopen(node.fd(), libc::O_RDONLY | libc::O_DIRECTORY).context("opendir")?;
+        Ok(self.add_handle(Handle::Dir(Mutex::new(dir))))
+    }
+
+    pub fn readdir(&self, ino: u64, fh: u64, offset: u64, sink: &mut impl DirSink) -> FsResult<()> {
+        let node = self.node(ino)?;
+        let h = self.handle(fh)?;
         let Handle::Dir(dir) = &*h else {
-            return reply.error(Errno::ENOTDIR);
+            return err(libc::ENOTDIR);
         };
-        self.list_dir(&node, &dir.lock(), offset, reply);
+        self.list_dir(&node, &dir.lock(), offset, sink)
     }
 
-    fn releasedir(
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    pub fn fsyncdir(&self, fh: u64) -> FsResult<Step<()>> {
+        let h = self.handle(fh)?;
+        Ok(Step::Later(Box::new(move || match &*h {
+            Handle::Dir(d) => d.lock().sync_all().context("fsync"),
+            _ => Ok(()),
+        })))
+    }
+
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        let root = self.node(super::inode::ROOT_ID)?;
+        sys::statvfs_fd(root.fd()).context("statvfs")
+    }
+}
+
+/// Requests on open handles that are not reads or writes, and xattrs.
+impl<K: Kernel> TokenFs<K> {
+    /// FALLOCATE on a plain file (managed files have no blocks to
+    /// allocate: EOPNOTSUPP). Unprivileged callers lose setuid/setgid.
+    pub fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        self.handles.lock().remove(&fh.0);
-        reply.ok();
-    }
-
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
-        offload::run(move || match &*h {
-            Handle::Dir(d) => answer(reply, d.lock().sync_all().map_err(io_errno)),
-            _ => reply.ok(),
-        });
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        request::mark();
-        let root = tri!(reply, self.node(INodeNo(super::inode::ROOT_ID)));
-        let s = tri!(reply, sys::statvfs_fd(root.fd()).map_err(io_errno));
-        reply.statfs(
-            s.f_blocks,
-            s.f_bfree,
-            s.f_bavail,
-            s.f_files,
-            s.f_ffree,
-            s.f_bsize as u32,
-            s.f_namemax as u32,
-            s.f_frsize as u32,
-        );
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let fd = tri!(reply, self.xattr_target(ino));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(
-            reply,
-            sys::xattr::set(std::os::fd::AsFd::as_fd(&fd), &c, value, flags).map_err(io_errno)
-        );
-        reply.ok();
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        request::mark();
-        let fd = tri!(reply, self.xattr_target(ino));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        let v = tri!(
-            reply,
-            sys::xattr::get(std::os::fd::AsFd::as_fd(&fd), &c, size as usize).map_err(io_errno)
-        );
-        if size == 0 {
-            reply.size(v.len() as u32)
-        } else {
-            reply.data(&v)
-        }
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        request::mark();
-        let fd = tri!(reply, self.xattr_target(ino));
-        let v = tri!(
-            reply,
-            sys::xattr::list(std::os::fd::AsFd::as_fd(&fd), size as usize).map_err(io_errno)
-        );
-        if size == 0 {
-            reply.size(v.len() as u32)
-        } else {
-            reply.data(&v)
-        }
-    }
-
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        request::mark();
-        let fd = tri!(reply, self.xattr_target(ino));
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(
-            reply,
-            sys::xattr::remove(std::os::fd::AsFd::as_fd(&fd), &c).map_err(io_errno)
-        );
-        reply.ok();
-    }
-
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        request::mark();
-        // Mounted with default_permissions: the kernel checks modes itself.
-        reply.ok();
-    }
-
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
-        request::mark();
-        let p = tri!(reply, self.node(parent));
-        if let Some(m) = self.managed.find(&p, name).cloned() {
-            let (v, fh, st) = tri!(reply, self.create_managed(&m, mode, flags, req.pid()));
-            // The creator writes through direct I/O; the name is looked up
-            // again next time (entry TTL 0), finding the view of what it saved.
-            return reply.created(
-                &NO_CACHE,
-                &to_attr(v.id, &st),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO,
-            );
-        }
-        let c = tri!(reply, sys::cname(name).map_err(io_errno));
-        tri!(reply, self.fd_room().map_err(|e| self.fd_errno(e)));
-        let fd = tri!(
-            reply,
-            sys::open_at(p.fd(), &c, flags | libc::O_CREAT, mode).map_err(|e| self.fd_errno(e))
-        );
-        self.chown_to_caller(req, &p, name);
-        let (node, st) = tri!(reply, self.remember(&p, name).map_err(|e| self.fd_errno(e)));
-        let file = std::fs::File::from(fd);
-        let ttl = self.entry_ttl(&p, Some(&st));
-        let (fh, open_flags, backing) =
-            self.open_plain(&node, file, flags, |f| reply.open_backing(f));
-        let attr = to_attr(node.id, &st);
-        match backing {
-            Some(id) => reply.created_passthrough(&ttl, &attr, Generation(0), fh, open_flags, &id),
-            None => reply.created(&ttl, &attr, Generation(0), fh, open_flags),
-        }
-    }
-
-    fn fallocate(
-        &self,
-        req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
+        caller: &Caller,
+        fh: u64,
+        (offset, length): (u64, u64),
         mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
+    ) -> FsResult<Step<()>> {
+        let h = self.handle(fh)?;
         let Handle::File { file, .. } = &*h else {
-            return reply.error(Errno::EOPNOTSUPP);
+            return err(libc::EOPNOTSUPP);
         };
-        if req.uid() != 0 {
+        if !caller.privileged() {
             self.drop_setid(file.as_fd());
         }
-        offload::run(move || {
-            if let Handle::File { file, .. } = &*h {
-                let r = sys::fallocate(file, mode, offset, length).map_err(io_errno);
-                answer(reply, r);
+        Ok(Step::Later(Box::new(move || match &*h {
+            Handle::File { file, .. } => {
+                sys::fallocate(file, mode, offset, length).context("fallocate")
             }
-        });
+            _ => Ok(()),
+        })))
     }
 
-    fn lseek(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        request::mark();
-        let h = tri!(reply, self.handle(fh));
-        let file = match &*h {
-            Handle::File { file, .. } => file,
-            // A rendering has no holes: data up to its end, then EOF
-            // (what `cp` asks through SEEK_DATA/SEEK_HOLE).
-            Handle::Managed(mh) => {
-                let len = mh.len() as i64;
-                return match whence {
-                    _ if offset < 0 => reply.error(Errno::EINVAL),
-                    _ if offset >= len => reply.error(Errno::ENXIO),
-                    libc::SEEK_DATA => reply.offset(offset),
-                    libc::SEEK_HOLE => reply.offset(len),
-                    _ => reply.error(Errno::EINVAL),
-                };
-            }
-            Handle::Dir(_) => return reply.error(Errno::EINVAL),
-        };
-        let off = tri!(reply, sys::lseek(file, offset, whence).map_err(io_errno));
-        reply.offset(off);
-    }
-
-    /// Every `ioctl` on a file of the mount arrives here, and programs make
-    /// them in passing: Python asks `isatty` (TCGETS) at every `open()`.
-    /// Regular files and directories answer none, exactly as the backing
-    /// filesystem would for a terminal request; fuser's default would log a
-    /// warning per call (the kernel does not remember a refusal).
-    fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: ReplyIoctl,
-    ) {
-        request::mark();
-        reply.error(Errno::ENOTTY);
-    }
-
-    /// `poll`/`select` on a file: ENOSYS tells the kernel, once per mount,
-    /// to answer "always ready" itself, which is what regular files are.
-    fn poll(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _ph: PollNotifier,
-        _events: PollEvents,
-        _flags: PollFlags,
-        reply: ReplyPoll,
-    ) {
-        request::mark();
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        fh_in: FileHandle,
-        offset_in: u64,
-        _ino_out: INodeNo,
-        fh_out: FileHandle,
-        offset_out: u64,
-        len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        request::mark();
-        let src = tri!(reply, self.handle(fh_in));
-        let dst = tri!(reply, self.handle(fh_out));
-        if !matches!((&*src, &*dst), (Handle::File { .. }, Handle::File { .. })) {
-            // Managed files: let the kernel fall back to read + write.
-            return reply.error(Errno::EXDEV);
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::File { file, .. } => sys::lseek(file, offset, whence).context("lseek"),
+            Handle::Managed(mh) => mh.seek(offset, whence),
+            Handle::Dir(_) => err(libc::EINVAL),
         }
-        offload::run(move || {
-            if let (Handle::File { file: s, .. }, Handle::File { file: d, .. }) = (&*src, &*dst) {
-                match sys::copy_file_range(s, offset_in, d, offset_out, len) {
-                    Ok(n) => reply.written(n as u32),
-                    Err(e) => reply.error(errno(&e)),
-                }
+    }
+
+    /// COPY_FILE_RANGE between plain files; with a managed file on either
+    /// side EXDEV, so the kernel falls back to read + write (which go
+    /// through the managed file's handles).
+    pub fn copy_file_range(
+        &self,
+        (fh_in, offset_in): (u64, u64),
+        (fh_out, offset_out): (u64, u64),
+        len: u64,
+    ) -> FsResult<Step<u32>> {
+        let src = self.handle(fh_in)?;
+        let dst = self.handle(fh_out)?;
+        if !matches!((&*src, &*dst), (Handle::File { .. }, Handle::File { .. })) {
+            return err(libc::EXDEV);
+        }
+        Ok(Step::Later(Box::new(move || match (&*src, &*dst) {
+            (Handle::File { file: s, .. }, Handle::File { file: d, .. }) => {
+                let n = sys::copy_file_range(s, offset_in, d, offset_out, len)
+                    .context("copy_file_range")?;
+                Ok(n as u32)
             }
-        });
+            _ => err(libc::EXDEV),
+        })))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let fd = self.xattr_target(ino)?;
+        let c = sys::cname(name)?;
+        sys::xattr::set(fd.as_fd(), &c, value, flags).context("setxattr")
+    }
+
+    /// GETXATTR; `size` 0 asks for the length only.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Vec<u8>> {
+        let fd = self.xattr_target(ino)?;
+        let c = sys::cname(name)?;
+        sys::xattr::get(fd.as_fd(), &c, size as usize).context("getxattr")
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<Vec<u8>> {
+        let fd = self.xattr_target(ino)?;
+        sys::xattr::list(fd.as_fd(), size as usize).context("listxattr")
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let fd = self.xattr_target(ino)?;
+        let c = sys::cname(name)?;
+        sys::xattr::remove(fd.as_fd(), &c).context("removexattr")
+    }
+
+    /// ACCESS: mounted with default_permissions, the kernel checks modes
+    /// itself.
+    pub fn access(&self) -> FsResult<()> {
+        Ok(())
+    }
+
+    /// IOCTL: every `ioctl` on a file of the mount arrives here, and
+    /// programs make them in passing: Python asks `isatty` (TCGETS) at
+    /// every `open()`. Regular files and directories answer none, exactly
+    /// as the backing filesystem would for a terminal request.
+    pub fn ioctl(&self) -> FsResult<()> {
+        err(libc::ENOTTY)
+    }
+
+    /// POLL: ENOSYS tells the kernel, once per mount, to answer "always
+    /// ready" itself, which is what regular files are.
+    pub fn poll(&self) -> FsResult<()> {
+        err(libc::ENOSYS)
     }
 }

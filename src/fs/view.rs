@@ -23,18 +23,16 @@
 //! rendering, exactly as if views did not exist. Correctness never depends on
 //! an invalidation arriving: only speed does.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 
-use fuser::{INodeNo, Notifier};
-use parking_lot::Mutex;
 use tracing::debug;
 
 use super::inode::{Inodes, Node};
+use super::kernel::Kernel;
 use super::managed::{ManagedFile, Rendering};
 
 pub struct View {
@@ -75,20 +73,12 @@ impl View {
     }
 }
 
-#[derive(Default)]
-struct Table {
-    /// Node id → (view, the kernel's lookup count).
-    by_id: HashMap<u64, (Arc<View>, u64)>,
-    /// Managed file id → its current view.
-    current: HashMap<u64, Arc<View>>,
-}
-
-/// The views of one mount.
-#[derive(Default)]
-pub struct Views {
-    table: Mutex<Table>,
-    /// Set once the session exists (the notifier comes from it).
-    notifier: OnceLock<Notifier>,
+/// The views of one mount: their invalidations. The views themselves are
+/// entries of the one node table (`inode::Inodes`).
+pub struct Views<K: Kernel> {
+    nodes: Arc<Inodes>,
+    /// Where invalidations go (the FUSE session, or a test's recorder).
+    pub(super) kernel: Arc<K>,
 }
 
 /// Whether this thread serves FUSE requests (see `fs::request`): an
@@ -99,106 +89,74 @@ fn in_request() -> bool {
     super::request::inside()
 }
 
-impl Views {
-    pub fn set_notifier(&self, notifier: Notifier) {
-        let _ = self.notifier.set(notifier);
-    }
-
-    pub fn get(&self, id: u64) -> Option<Arc<View>> {
-        self.table.lock().by_id.get(&id).map(|(v, _)| v.clone())
-    }
-
-    /// The current view of `file` for a LOOKUP or CREATE reply (counted as
-    /// one kernel reference), made if the current one is stale. `None`: the
-    /// file is absent.
-    pub fn lookup(&self, file: &Arc<ManagedFile>, inodes: &Inodes) -> Option<Arc<View>> {
-        let mut t = self.table.lock();
-        let previous = t.current.get(&file.id).cloned();
-        if let Some(v) = previous.as_ref().filter(|v| v.is_current()) {
-            if let Some(entry) = t.by_id.get_mut(&v.id) {
-                entry.1 += 1;
-                return Some(v.clone());
-            }
-        }
-        if let Some(old) = previous {
-            // Replaced before a publish hook got to it: its cached attributes
-            // must go (its name is being replaced by this very lookup).
-            old.retire();
-            self.invalidate(vec![old], Scope::Attributes);
-        }
-        let rendering = file.rendering()?;
-        let view = Arc::new(View {
-            id: inodes.synthetic_id(),
+impl View {
+    /// A new current view of `file`'s `rendering` as node `id`.
+    fn new(id: u64, file: &Arc<ManagedFile>, rendering: Rendering) -> View {
+        View {
+            id,
             file: file.clone(),
             rendering,
             retired: AtomicBool::new(false),
             cached_opens: AtomicUsize::new(0),
             _pinned: None,
-        });
-        t.by_id.insert(view.id, (view.clone(), 1));
-        t.current.insert(file.id, view.clone());
-        Some(view)
+        }
+    }
+}
+
+impl<K: Kernel> Views<K> {
+    pub fn new(nodes: Arc<Inodes>, kernel: Arc<K>) -> Views<K> {
+        Views { nodes, kernel }
     }
 
-    /// `node`, a plain file the kernel holds `lookups` references to, was
-    /// just renamed over `file`. After the rename the kernel's cached name of
-    /// `file` points at that node until the invalidation of the name arrives,
-    /// so the node becomes a view of `file` that is not current: an open
-    /// through it gets the current rendering, as through any stale name.
-    /// `false` if the file has no rendering to show.
-    pub fn alias(&self, node: &Arc<Node>, file: &Arc<ManagedFile>, lookups: u64) -> bool {
-        let Some(rendering) = file.rendering() else {
-            return false;
-        };
-        let view = Arc::new(View {
-            id: node.id,
-            file: file.clone(),
-            rendering,
-            retired: AtomicBool::new(true),
-            cached_opens: AtomicUsize::new(0),
-            _pinned: Some(node.clone()),
-        });
-        self.table.lock().by_id.insert(node.id, (view, lookups));
-        true
+    pub fn get(&self, id: u64) -> Option<Arc<View>> {
+        self.nodes.view(id)
+    }
+
+    /// The current view of `file` for a LOOKUP or CREATE reply (counted as
+    /// one kernel reference), made if the current one is stale. `None`: the
+    /// file is absent.
+    pub fn lookup(&self, file: &Arc<ManagedFile>) -> Option<Arc<View>> {
+        // Rendered before the table's lock is taken: a first render after a
+        // rotation must not hold up every other request.
+        let rendering = file.rendering();
+        let (view, replaced) = self
+            .nodes
+            .lookup_view(file.id, |id| rendering.map(|r| View::new(id, file, r)));
+        if let Some(old) = replaced {
+            // Replaced before a publish hook got to it: its cached attributes
+            // must go (its name is being replaced by this very lookup).
+            old.retire();
+            self.invalidate(vec![old], Scope::Attributes);
+        }
+        view
+    }
+
+    /// The plain file of inode `key` was just renamed over `file`. After
+    /// the rename the kernel's cached name of `file` points at that node
+    /// until the invalidation of the name arrives, so the node becomes a
+    /// view of `file` that is not current: an open through it gets the
+    /// current rendering, as through any stale name. It keeps the node, so
+    /// its inode number (the node id) is not reused meanwhile.
+    pub fn alias(&self, key: (u64, u64), file: &Arc<ManagedFile>) -> bool {
+        self.nodes.become_view(key, |node| {
+            let rendering = file.rendering()?;
+            Some(View {
+                retired: AtomicBool::new(true),
+                _pinned: Some(node.clone()),
+                ..View::new(node.id, file, rendering)
+            })
+        })
     }
 
     /// The node id of `file`'s current view, if the kernel has one.
     pub fn current_id(&self, file: &ManagedFile) -> Option<u64> {
-        self.table.lock().current.get(&file.id).map(|v| v.id)
-    }
-
-    /// Gives up view `id` and the kernel's lookup count of it: the managed
-    /// file was renamed away, and its node id now names the plain file.
-    pub fn take(&self, id: u64) -> Option<u64> {
-        let mut t = self.table.lock();
-        let (view, lookups) = t.by_id.remove(&id)?;
-        if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
-            t.current.remove(&view.file.id);
-        }
-        Some(lookups)
-    }
-
-    /// The kernel dropped `n` references; `false` if `id` is not a view.
-    pub fn forget(&self, id: u64, n: u64) -> bool {
-        let mut t = self.table.lock();
-        let Some(entry) = t.by_id.get_mut(&id) else {
-            return false;
-        };
-        entry.1 = entry.1.saturating_sub(n);
-        if entry.1 == 0 {
-            if let Some((view, _)) = t.by_id.remove(&id) {
-                if t.current.get(&view.file.id).is_some_and(|c| c.id == id) {
-                    t.current.remove(&view.file.id);
-                }
-            }
-        }
-        true
+        self.nodes.current_id(file.id)
     }
 
     /// Retires `file`'s current view (a writer opened it, or it was saved,
     /// unlinked or renamed) and has the kernel drop its name and attributes.
     pub fn retire(&self, file: &ManagedFile) {
-        let view = self.table.lock().current.remove(&file.id);
+        let view = self.nodes.take_current(file.id);
         if let Some(v) = view {
             v.retire();
             self.invalidate(vec![v], Scope::NameAndAttributes);
@@ -214,15 +172,10 @@ impl Views {
     /// After a publish: retires every current view whose rendering is no
     /// longer what an open would render, and invalidates them.
     pub fn retire_stale(&self) {
-        let mut stale = Vec::new();
-        self.table.lock().current.retain(|_, v| {
-            let keep = v.is_current();
-            if !keep {
-                v.retire();
-                stale.push(v.clone());
-            }
-            keep
-        });
+        let stale = self.nodes.retain_current(|v| v.is_current());
+        for v in &stale {
+            v.retire();
+        }
         if !stale.is_empty() {
             self.invalidate(stale, Scope::NameAndAttributes);
         }
@@ -232,16 +185,13 @@ impl Views {
     /// a publishing thread (so a rotation is done only when every next open
     /// will look up the new view), on a helper thread from inside a request.
     fn invalidate(&self, views: Vec<Arc<View>>, scope: Scope) {
-        let Some(notifier) = self.notifier.get().cloned() else {
-            return;
-        };
         let job = Job {
-            notifier,
+            kernel: self.kernel.clone(),
             views,
             scope,
         };
         if in_request() {
-            let _ = deferred().send(job);
+            let _ = deferred().send(Box::new(move || job.run()));
         } else {
             job.run();
         }
@@ -254,33 +204,35 @@ enum Scope {
     NameAndAttributes,
 }
 
-struct Job {
-    notifier: Notifier,
+struct Job<K: Kernel> {
+    kernel: Arc<K>,
     views: Vec<Arc<View>>,
     scope: Scope,
 }
 
+type Deferred = Box<dyn FnOnce() + Send>;
+
 /// One thread for invalidations caused by requests; started on first use.
-fn deferred() -> &'static mpsc::Sender<Job> {
-    static TX: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+fn deferred() -> &'static mpsc::Sender<Deferred> {
+    static TX: OnceLock<mpsc::Sender<Deferred>> = OnceLock::new();
     TX.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Deferred>();
         let spawned = std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
                 for job in rx {
-                    job.run();
+                    job();
                 }
             });
         if let Err(e) = spawned {
-            // Without it, names expire on their own (MANAGED_ENTRY_TTL).
+            // Without it, names expire on their own (`VIEW_TTL`).
             tracing::warn!("cannot start the invalidation thread: {e}");
         }
         tx
     })
 }
 
-impl Job {
+impl<K: Kernel> Job<K> {
     /// The name, so the next open looks up again, and the attributes only
     /// (offset -1: the page cache stays, the view's old handles still read
     /// it). ENOENT means the kernel had already forgotten it.
@@ -288,11 +240,11 @@ impl Job {
         for v in &self.views {
             if self.scope == Scope::NameAndAttributes {
                 let name = OsStr::from_bytes(v.file.name.as_bytes());
-                if let Err(e) = self.notifier.inval_entry(INodeNo(v.file.dir.id), name) {
+                if let Err(e) = self.kernel.inval_entry(v.file.dir.id, name) {
                     debug!(file = %v.file.shown.display(), "name invalidation: {e}");
                 }
             }
-            if let Err(e) = self.notifier.inval_inode(INodeNo(v.id), -1, 0) {
+            if let Err(e) = self.kernel.inval_inode(v.id) {
                 debug!(file = %v.file.shown.display(), "attribute invalidation: {e}");
             }
         }
