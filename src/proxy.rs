@@ -192,54 +192,10 @@ impl Proxies {
             .thread_name("proxy-dns")
             .build()
             .map_err(|e| format!("cannot start the proxy runtime: {e}"))?;
-        let mut started = Vec::new();
-        for cfg in configs {
-            let name = &cfg.name;
-            let listener = std::net::TcpListener::bind(cfg.listen)
-                .map_err(|e| format!("proxy `{name}`: cannot listen on {}: {e}", cfg.listen))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("proxy `{name}`: {e}"))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| format!("proxy `{name}`: {e}"))?;
-            let client = upstream_client(cfg).map_err(|e| format!("proxy `{name}`: {e}"))?;
-            let key = new_key().map_err(|e| format!("proxy `{name}`: {e}"))?;
-            let (header_name, prefix) = cfg.header.parts();
-            let auth_header = HeaderName::from_bytes(header_name.as_bytes())
-                .map_err(|e| format!("proxy `{name}`: header `{header_name}`: {e}"))?;
-            let proxy = Arc::new(Proxy {
-                auth_header,
-                auth_prefix: prefix.to_owned(),
-                upstream_prefix: cfg.upstream.to_string(),
-                config: cfg.clone(),
-                addr,
-                key,
-                store: store.clone(),
-                stats: Stats::default(),
-                kept: Arc::new(AtomicUsize::new(0)),
-                refusals_unlogged: AtomicU64::new(0),
-                refusal_logged_at: Mutex::new(None),
-            });
-            let published = Update {
-                fields: vec![
-                    (Field::Token, proxy.key.clone()),
-                    (Field::Url, Secret::new(proxy.url())),
-                ],
-                expires_at: None,
-            };
-            store
-                .publish(&format!("proxy.{name}"), published)
-                .map_err(|e| format!("proxy `{name}`: its local key cannot be published: {e}"))?;
-            info!(
-                proxy = %name,
-                listen = %addr,
-                upstream = %cfg.upstream,
-                credential = %cfg.slot,
-                "proxy listening"
-            );
-            started.push((proxy, listener, client));
-        }
+        let started = configs
+            .iter()
+            .map(|cfg| Proxy::bind(cfg, &store))
+            .collect::<Result<Vec<_>, String>>()?;
         let proxies = started.iter().map(|(p, _, _)| p.clone()).collect();
         let stop = Arc::new(Notify::new());
         let stopped = stop.clone();
@@ -286,6 +242,60 @@ impl Drop for Proxies {
 }
 
 impl Proxy {
+    /// Listens, builds the upstream client and the local key, and
+    /// publishes the key and URL (`proxy.NAME`) for the managed files.
+    fn bind(
+        cfg: &ProxyConfig,
+        store: &Arc<Store>,
+    ) -> Result<(Arc<Proxy>, std::net::TcpListener, UpstreamClient), String> {
+        let name = &cfg.name;
+        let fail = |e: &dyn std::fmt::Display| format!("proxy `{name}`: {e}");
+        let listener = std::net::TcpListener::bind(cfg.listen)
+            .map_err(|e| fail(&format!("cannot listen on {}: {e}", cfg.listen)))?;
+        listener.set_nonblocking(true).map_err(|e| fail(&e))?;
+        let addr = listener.local_addr().map_err(|e| fail(&e))?;
+        let client = upstream_client(cfg).map_err(|e| fail(&e))?;
+        let (header_name, prefix) = cfg.header.parts();
+        let auth_header = HeaderName::from_bytes(header_name.as_bytes())
+            .map_err(|e| fail(&format!("header `{header_name}`: {e}")))?;
+        let proxy = Arc::new(Proxy {
+            auth_header,
+            auth_prefix: prefix.to_owned(),
+            upstream_prefix: cfg.upstream.to_string(),
+            config: cfg.clone(),
+            addr,
+            key: new_key().map_err(|e| fail(&e))?,
+            store: store.clone(),
+            stats: Stats::default(),
+            kept: Arc::new(AtomicUsize::new(0)),
+            refusals_unlogged: AtomicU64::new(0),
+            refusal_logged_at: Mutex::new(None),
+        });
+        let published = Update {
+            fields: vec![
+                (Field::Token, proxy.key.clone()),
+                (Field::Url, Secret::new(proxy.url())),
+            ],
+            expires_at: None,
+        };
+        store
+            .publish(&format!("proxy.{name}"), published)
+            .map_err(|e| fail(&format!("its local key cannot be published: {e}")))?;
+        info!(proxy = %name, listen = %addr, upstream = %cfg.upstream, credential = %cfg.slot, "proxy listening");
+        Ok((proxy, listener, client))
+    }
+
+    fn note_retry(&self, status: StatusCode, sent: &Snapshot, now: &Snapshot) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        info!(
+            proxy = %self.config.name,
+            status = status.as_u16(),
+            sent = %self.fingerprint(sent),
+            current = %self.fingerprint(now),
+            "the credential rotated while the request was in flight; sending it again with the current one"
+        );
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
     }
@@ -650,68 +660,19 @@ async fn forward(
     carriers: &[HeaderName],
     deadline: Instant,
 ) -> Result<Response<OutBody>, (StatusCode, String)> {
-    let name = &proxy.config.name;
     let (parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if !pq.starts_with('/') {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "only origin-form request targets (/path?query) are forwarded".into(),
-        ));
-    }
-    let uri: Uri = format!("{}{pq}", proxy.upstream_prefix)
-        .parse()
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad request target: {e}")))?;
-    let mut headers = forwarded_headers(parts.headers, carriers);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut kept = Kept {
-        budget: proxy.kept.clone(),
-        bytes: 0,
-    };
-    let body = match tokio::time::timeout_at(
-        deadline.into(),
-        prepare_body(body, declared, proxy.config.retry_body_limit, &mut kept),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            warn!(proxy = %name, "reading the request body: {e}");
-            proxy.failed(format!("reading a request body: {e}"));
-            return Err((
-                StatusCode::BAD_REQUEST,
-                format!("reading the request body: {e}"),
-            ));
-        }
-        Err(_) => {
-            return Err(upstream_failure(
-                proxy,
-                &proxy.store.snapshot(),
-                StatusCode::GATEWAY_TIMEOUT,
-                "timed out reading the request body".into(),
-            ));
-        }
-    };
-    let mut replay = body.replay();
-    let mut snap = proxy.store.snapshot();
-    let mut resp = send(
+    let mut out = Outgoing {
         proxy,
         client,
-        &snap,
-        &parts.method,
-        uri.clone(),
-        if replay.is_some() {
-            headers.clone()
-        } else {
-            std::mem::take(&mut headers)
-        },
-        body,
+        uri: upstream_uri(proxy, &parts.uri)?,
+        headers: forwarded_headers(parts.headers, carriers),
+        method: parts.method,
         deadline,
-    )
-    .await?;
+    };
+    let body = read_body(proxy, body, &out.headers, deadline).await?;
+    let mut replay = body.replay();
+    let mut snap = proxy.store.snapshot();
+    let mut resp = out.send(&snap, body, replay.is_some()).await?;
     // A 401/403 for a secret that has since been replaced is a rotation in
     // flight: send again with the current one. Once per rotation, at most
     // MAX_RETRIES times (a second rotation can land while the retry is in
@@ -727,47 +688,118 @@ async fn forward(
             (Some(sent), Some(current)) => sent != current,
             _ => false,
         };
-        let context = match (rotated, replay.take()) {
+        match (rotated, replay.take()) {
             (true, Some(body)) if retries < MAX_RETRIES => {
                 retries += 1;
-                proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-                info!(
-                    proxy = %name,
-                    status = status.as_u16(),
-                    sent = %proxy.fingerprint(&snap),
-                    current = %proxy.fingerprint(&now),
-                    "the credential rotated while the request was in flight; sending it again with the current one"
-                );
+                proxy.note_retry(status, &snap, &now);
                 drop(resp);
                 replay = body.replay();
                 snap = now;
-                let h = if replay.is_some() {
-                    headers.clone()
-                } else {
-                    std::mem::take(&mut headers)
+                resp = out.send(&snap, body, replay.is_some()).await?;
+            }
+            (rotated, kept) => {
+                let context = match (rotated, kept.is_some()) {
+                    (true, true) => "it rotated again while each retry was in flight",
+                    (true, false) => {
+                        "the credential rotated in flight, but the body was larger than retry_body_limit, so it was not retried"
+                    }
+                    (false, _) if retries > 0 => "after a retry",
+                    (false, _) => "with the current credential",
                 };
-                resp = send(
-                    proxy,
-                    client,
-                    &snap,
-                    &parts.method,
-                    uri.clone(),
-                    h,
-                    body,
-                    deadline,
-                )
-                .await?;
-                continue;
+                auth_failure(proxy, &snap, status, context);
+                return Ok(relay(proxy, resp, deadline, snap));
             }
-            (true, Some(_)) => "it rotated again while each retry was in flight",
-            (true, None) => {
-                "the credential rotated in flight, but the body was larger than retry_body_limit, so it was not retried"
-            }
-            (false, _) if retries > 0 => "after a retry",
-            (false, _) => "with the current credential",
+        }
+    }
+}
+
+/// One request on its way upstream, sent again after a rotation.
+struct Outgoing<'a> {
+    proxy: &'a Proxy,
+    client: &'a UpstreamClient,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    deadline: Instant,
+}
+
+impl Outgoing<'_> {
+    /// Sends with `snap`'s secret; `again` keeps the headers for a retry.
+    async fn send(
+        &mut self,
+        snap: &Snapshot,
+        body: ReqBody,
+        again: bool,
+    ) -> Result<Response<Incoming>, (StatusCode, String)> {
+        let headers = if again {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
         };
-        auth_failure(proxy, &snap, status, context);
-        return Ok(relay(proxy, resp, deadline, snap));
+        let (proxy, client) = (self.proxy, self.client);
+        send(
+            proxy,
+            client,
+            snap,
+            &self.method,
+            self.uri.clone(),
+            headers,
+            body,
+            self.deadline,
+        )
+        .await
+    }
+}
+
+/// The upstream URL for an origin-form target: the upstream's base path,
+/// then the request's path and query as sent.
+fn upstream_uri(proxy: &Proxy, uri: &Uri) -> Result<Uri, (StatusCode, String)> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    if !pq.starts_with('/') {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "only origin-form request targets (/path?query) are forwarded".into(),
+        ));
+    }
+    format!("{}{pq}", proxy.upstream_prefix)
+        .parse()
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad request target: {e}")))
+}
+
+/// The request body, kept in memory for a replay when it fits
+/// `retry_body_limit` (and the proxy-wide budget), else streamed.
+async fn read_body(
+    proxy: &Arc<Proxy>,
+    body: Incoming,
+    headers: &HeaderMap,
+    deadline: Instant,
+) -> Result<ReqBody, (StatusCode, String)> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut kept = Kept {
+        budget: proxy.kept.clone(),
+        bytes: 0,
+    };
+    let limit = proxy.config.retry_body_limit;
+    let prepared = prepare_body(body, declared, limit, &mut kept);
+    match tokio::time::timeout_at(deadline.into(), prepared).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            warn!(proxy = %proxy.config.name, "reading the request body: {e}");
+            proxy.failed(format!("reading a request body: {e}"));
+            Err((
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+            ))
+        }
+        Err(_) => Err(upstream_failure(
+            proxy,
+            &proxy.store.snapshot(),
+            StatusCode::GATEWAY_TIMEOUT,
+            "timed out reading the request body".into(),
+        )),
     }
 }
 
