@@ -73,33 +73,16 @@ pub fn run(args: &Args) -> Result<(), String> {
         Vec::new()
     };
     let config = config_text(args, &plans, &groups, &proxies);
-    println!("\nPlan:");
-    for g in &groups {
-        println!(
-            "  credential {} = {} (from {})",
-            g.credential,
-            g.value.fingerprint(),
-            g.places.join(", ")
-        );
-    }
-    for p in &proxies {
-        println!(
-            "  proxy {0}: 127.0.0.1 (a free port) → {1}; the agents' files show its URL and a local key, never the token",
-            p.credential, p.upstream
-        );
-    }
-    println!("  write {}", args.output.display());
     let move_cfg = plans
         .iter()
         .any(|p| p.preset == "databricks" && p.databricks_file.is_none())
         && std::fs::read_link(&link).ok().as_deref() != Some(target.as_path());
-    if move_cfg {
-        println!(
-            "  move {} to {} and leave a symlink in its place",
-            link.display(),
-            target.display()
-        );
-    }
+    print_plan(
+        args,
+        &groups,
+        &proxies,
+        move_cfg.then_some((&link, &target)),
+    );
     println!(
         "\nWhile tokenfs is mounted, the files on disk hold placeholders (__tokenfs:NAME.token__)\n\
          and the tokens live in its memory; the originals are backed up (0600) under\n\
@@ -118,6 +101,39 @@ pub fn run(args: &Args) -> Result<(), String> {
         args.output.display()
     );
     Ok(())
+}
+
+/// What `--yes` would do: credentials (fingerprints only), proxies, the
+/// config written, the move of `~/.databrickscfg`.
+fn print_plan(
+    args: &Args,
+    groups: &[Group],
+    proxies: &[ProxyPlan],
+    moved: Option<(&PathBuf, &PathBuf)>,
+) {
+    println!("\nPlan:");
+    for g in groups {
+        println!(
+            "  credential {} = {} (from {})",
+            g.credential,
+            g.value.fingerprint(),
+            g.places.join(", ")
+        );
+    }
+    for p in proxies {
+        println!(
+            "  proxy {0}: 127.0.0.1 (a free port) → {1}; the agents' files show its URL and a local key, never the token",
+            p.credential, p.upstream
+        );
+    }
+    println!("  write {}", args.output.display());
+    if let Some((link, target)) = moved {
+        println!(
+            "  move {} to {} and leave a symlink in its place",
+            link.display(),
+            target.display()
+        );
+    }
 }
 
 /// Expands one preset, reports its files, and assigns its credential by
@@ -150,24 +166,7 @@ fn plan_preset(
         }
         m.notes.clear();
     }
-    let _ = writeln!(report, "{name}:");
-    let mut values: Vec<Secret> = Vec::new();
-    for m in &mounts {
-        for f in &m.files {
-            for v in describe_file(report, &m.dir, f) {
-                if !values.contains(&v) {
-                    values.push(v);
-                }
-            }
-        }
-        // The databricks preset's one note (not yet a symlink) is what
-        // this plan's move takes care of.
-        if name != "databricks" {
-            for n in &m.notes {
-                let _ = writeln!(report, "  note: {n}");
-            }
-        }
-    }
+    let mut values = describe_mounts(name, &mounts, report);
     if values.len() > 1 {
         let fps: Vec<String> = values.iter().map(Secret::fingerprint).collect();
         return Err(format!(
@@ -189,6 +188,29 @@ fn plan_preset(
         databricks_file,
         urls,
     })
+}
+
+/// Reports a preset's files and returns the distinct tokens they hold.
+fn describe_mounts(name: &str, mounts: &[preset::Mount], report: &mut String) -> Vec<Secret> {
+    let _ = writeln!(report, "{name}:");
+    let mut values: Vec<Secret> = Vec::new();
+    for m in mounts {
+        for f in &m.files {
+            for v in describe_file(report, &m.dir, f) {
+                if !values.contains(&v) {
+                    values.push(v);
+                }
+            }
+        }
+        // The databricks preset's one note (not yet a symlink) is what
+        // this plan's move takes care of.
+        if name != "databricks" {
+            for n in &m.notes {
+                let _ = writeln!(report, "  note: {n}");
+            }
+        }
+    }
+    values
 }
 
 /// One proxy per credential whose agents name a base URL (in their files,
