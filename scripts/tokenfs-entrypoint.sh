@@ -102,16 +102,25 @@ done
 # The command: this shell's process group (the terminal's foreground, so it
 # reads the terminal and gets its Ctrl-C), the caller's stdin, and SIGINT
 # and SIGQUIT back to their defaults (a background job would ignore them).
+# A signal that comes while the command starts (the command may already
+# run before this shell knows its pid) is kept and passed on just after.
+pending=""
+trap 'pending="$pending TERM"' TERM
+trap 'pending="$pending HUP"' HUP
+if [ -t 0 ]; then
+  trap ':' INT            # Ctrl-C goes to the command itself
+else
+  trap 'pending="$pending INT"' INT
+fi
 ( trap - INT QUIT PIPE; exec "$@" ) <&0 &
 child=$!
 forward() { [ -n "$child" ] && kill "-$1" "$child" 2>/dev/null; }
 trap 'forward TERM' TERM
 trap 'forward HUP' HUP
-if [ -t 0 ]; then
-  trap ':' INT            # Ctrl-C went to the command already
-else
+if [ ! -t 0 ]; then
   trap 'forward INT' INT
 fi
+for sig in $pending; do forward "$sig"; done
 
 status=""
 while [ -z "$status" ]; do
