@@ -180,35 +180,39 @@ impl ManagedFile {
             saving: Mutex::new(()),
         };
         file.sweep_temp_files();
-        match sys::stat_name(file.dir.fd(), &file.name) {
+        file.first_conversion(cfg.create)?;
+        Ok(file)
+    }
+
+    /// Converts what is on disk at mount (or an empty file with `create`):
+    /// refuses files over the size limit and anything but a regular file.
+    fn first_conversion(&self, create: bool) -> Result<(), String> {
+        match sys::stat_name(self.dir.fd(), &self.name) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                if st.st_size as u64 > file.max_size {
+                if st.st_size as u64 > self.max_size {
                     return Err(format!(
                         "{} is {} bytes, over the limit of {} for a managed file: point the config at the right file, or raise max_file_size",
-                        file.shown.display(),
+                        self.shown.display(),
                         st.st_size,
-                        file.max_size
+                        self.max_size
                     ));
                 }
-                let bytes = file.read_backing().map_err(|e| file.describe(&e))?;
-                file.convert_at_mount(&bytes, st)?;
+                let bytes = self.read_backing().map_err(|e| self.describe(&e))?;
+                self.convert_at_mount(&bytes, st)
             }
-            Ok(_) => {
-                return Err(format!(
-                    "{} is not a regular file (a symlink or directory); tokenfs manages regular files only: point the config at the real file",
-                    file.shown.display()
-                ));
+            Ok(_) => Err(format!(
+                "{} is not a regular file (a symlink or directory); tokenfs manages regular files only: point the config at the real file",
+                self.shown.display()
+            )),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
+                self.convert_at_mount(b"", empty_stat())
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if cfg.create {
-                    file.convert_at_mount(b"", empty_stat())?;
-                } else {
-                    info!(file = %file.shown.display(), "managed file does not exist; it appears when a program creates it");
-                }
+                info!(file = %self.shown.display(), "managed file does not exist; it appears when a program creates it");
+                Ok(())
             }
-            Err(e) => return Err(file.describe(&e)),
+            Err(e) => Err(self.describe(&e)),
         }
-        Ok(file)
     }
 
     fn describe(&self, e: &io::Error) -> String {
