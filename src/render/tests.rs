@@ -911,8 +911,48 @@ fn a_token_outside_bound_keys_is_kept_and_reported() {
 /// before publishing, naming the key.
 #[test]
 fn awkward_tokens_render_exactly_or_are_refused() {
-    let long = "k".repeat(10_000);
-    let corpus: Vec<String> = [
+    let corpus = awkward_corpus();
+    let fixtures: [(Format, &str, &str); 12] = [
+        (Format::Yaml, "a:\n  k: {T}\n  o: 1\n", "a.k"),
+        (Format::Yaml, "a:\n  k: '{T}'\n", "a.k"),
+        (Format::Yaml, "a: {k: \"{T}\", o: 1}\n", "a.k"),
+        (Format::Json, "{\"a\": {\"k\": \"{T}\"}}", "a.k"),
+        (Format::Toml, "[a]\nk = \"{T}\"\n", "a.k"),
+        (Format::Toml, "[a]\nk = '{T}'\n", "a.k"),
+        (Format::Dotenv, "K={T}\nO=1\n", "K"),
+        (Format::Dotenv, "export K=\"{T}\" # c\n", "K"),
+        (Format::Dotenv, "K='{T}'\n", "K"),
+        (
+            Format::Ini,
+            "[DEFAULT]\nhost = h\ntoken = {T}\n",
+            "DEFAULT.token",
+        ),
+        (Format::Raw, "{T}\n", ""),
+        (Format::Yaml, "k: Bearer {T}\n", "k"),
+    ];
+    for (format, fixture, key) in fixtures {
+        let binding = if fixture.contains("Bearer") {
+            Binding {
+                prefix: "Bearer ".into(),
+                ..b(key)
+            }
+        } else {
+            b(key)
+        };
+        let bindings = [binding];
+        let template = fixture.replace("{T}", PH);
+        let t = super::template(format, template.clone().into_bytes(), &bindings);
+        assert_eq!(t.bound().count(), 1, "{format} {fixture}");
+        for tok in &corpus {
+            render_or_refuse(format, fixture, &t, &template, &bindings, tok);
+        }
+    }
+}
+
+/// Quotes, comment and escape characters, YAML indicators and scalars that
+/// resolve to other types, non-ASCII, variables, whitespace, 10,000 bytes.
+fn awkward_corpus() -> Vec<String> {
+    [
         "sk-ab\"c#d",
         "a'b",
         "it's \"q\"",
@@ -948,73 +988,48 @@ fn awkward_tokens_render_exactly_or_are_refused() {
     ]
     .into_iter()
     .map(str::to_owned)
-    .chain([long])
-    .collect();
-    let fixtures: [(Format, &str, &str); 12] = [
-        (Format::Yaml, "a:\n  k: {T}\n  o: 1\n", "a.k"),
-        (Format::Yaml, "a:\n  k: '{T}'\n", "a.k"),
-        (Format::Yaml, "a: {k: \"{T}\", o: 1}\n", "a.k"),
-        (Format::Json, "{\"a\": {\"k\": \"{T}\"}}", "a.k"),
-        (Format::Toml, "[a]\nk = \"{T}\"\n", "a.k"),
-        (Format::Toml, "[a]\nk = '{T}'\n", "a.k"),
-        (Format::Dotenv, "K={T}\nO=1\n", "K"),
-        (Format::Dotenv, "export K=\"{T}\" # c\n", "K"),
-        (Format::Dotenv, "K='{T}'\n", "K"),
-        (
-            Format::Ini,
-            "[DEFAULT]\nhost = h\ntoken = {T}\n",
-            "DEFAULT.token",
-        ),
-        (Format::Raw, "{T}\n", ""),
-        (Format::Yaml, "k: Bearer {T}\n", "k"),
-    ];
-    for (format, fixture, key) in fixtures {
-        let binding = if fixture.contains("Bearer") {
-            Binding {
-                prefix: "Bearer ".into(),
-                ..b(key)
-            }
-        } else {
-            b(key)
-        };
-        let bindings = [binding];
-        let template = fixture.replace("{T}", PH);
-        let t = super::template(format, template.clone().into_bytes(), &bindings);
-        assert_eq!(t.bound().count(), 1, "{format} {fixture}");
-        for tok in &corpus {
-            let mut out = Vec::new();
-            let refused = t.render(&secret(tok.as_bytes()), &mut out);
-            match t.carries(SLOT, tok.as_bytes()) {
-                Ok(()) => {
-                    assert!(refused.is_empty());
-                    check(format, &out, &bindings, &secret(tok.as_bytes()))
-                        .unwrap_or_else(|e| panic!("{format} {fixture:?} {tok:?}: {e}"));
-                    // Saving the rendering back gives the template again.
-                    let known: [(&str, &[u8]); 1] = [(SLOT, tok.as_bytes())];
-                    let again = to_template(format, &out, &bindings, &known, true);
-                    assert!(
-                        again.problems.is_empty(),
-                        "{format} {tok:?}: {:?}",
-                        again.problems
-                    );
-                    let again = text(again.template);
-                    let t2 = super::template(format, again.into_bytes(), &bindings);
-                    assert_eq!(t2.bound().count(), 1, "{format} {tok:?}");
-                }
-                Err(r) => {
-                    assert_eq!(refused.len(), 1, "{format} {tok:?}");
-                    assert_eq!(r.key, bindings[0].key);
-                    assert!(
-                        !r.to_string().contains(tok.as_str()) || tok.len() < 3,
-                        "{r}"
-                    );
-                    assert_eq!(
-                        text(out),
-                        template,
-                        "a refused token leaves the placeholder"
-                    );
-                }
-            }
+    .chain(["k".repeat(10_000)])
+    .collect()
+}
+
+/// One token at one position: rendered exactly (and saved back to the
+/// same template), or refused with the placeholder left in place.
+fn render_or_refuse(
+    format: Format,
+    fixture: &str,
+    t: &super::Template,
+    template: &str,
+    bindings: &[Binding],
+    tok: &str,
+) {
+    let mut out = Vec::new();
+    let refused = t.render(&secret(tok.as_bytes()), &mut out);
+    match t.carries(SLOT, tok.as_bytes()) {
+        Ok(()) => {
+            assert!(refused.is_empty());
+            check(format, &out, bindings, &secret(tok.as_bytes()))
+                .unwrap_or_else(|e| panic!("{format} {fixture:?} {tok:?}: {e}"));
+            // Saving the rendering back gives the template again.
+            let known: [(&str, &[u8]); 1] = [(SLOT, tok.as_bytes())];
+            let again = to_template(format, &out, bindings, &known, true);
+            assert!(
+                again.problems.is_empty(),
+                "{format} {tok:?}: {:?}",
+                again.problems
+            );
+            let again = text(again.template);
+            let t2 = super::template(format, again.into_bytes(), bindings);
+            assert_eq!(t2.bound().count(), 1, "{format} {tok:?}");
+        }
+        Err(r) => {
+            assert_eq!(refused.len(), 1, "{format} {tok:?}");
+            assert_eq!(r.key, bindings[0].key);
+            assert!(!r.to_string().contains(tok) || tok.len() < 3, "{r}");
+            assert_eq!(
+                text(out),
+                template,
+                "a refused token leaves the placeholder"
+            );
         }
     }
 }
@@ -1201,7 +1216,10 @@ fn number_bindings_render_bare_numbers_and_are_never_adopted() {
         assert!(again.found.iter().all(|f| f.known) && again.problems.is_empty());
         assert_eq!(text(again.template), t);
     }
-    // YAML and TOML integers too.
+}
+
+#[test]
+fn number_bindings_in_yaml_and_toml_render_bare_integers() {
     let b = [Binding {
         kind: Kind::Number,
         ..Binding::new("n".parse().unwrap(), "c.expires_at_ms")
