@@ -1,9 +1,7 @@
 //! `tokenfs mount`: checks, mounts every directory, serves until every mount
 //! is gone, and unmounts cleanly on SIGTERM/SIGINT.
 
-use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -375,8 +373,7 @@ fn mount_error(dir: &Path, e: &std::io::Error) -> String {
 /// six mounts the daemon's RSS was 24 MiB. A fixed threshold keeps large
 /// buffers in mmap pages that stay untouched until used (6 MiB).
 fn fix_mmap_threshold() {
-    // SAFETY: mallopt takes two integers.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+    crate::fs::sys::set_mmap_threshold(128 * 1024);
 }
 
 /// The passthrough holds one `O_PATH` fd per inode the kernel knows (as
@@ -417,23 +414,14 @@ fn raise_open_file_limit() {
 /// fault in every reserved buffer). Each step that is not permitted is
 /// logged, never fatal.
 fn harden() {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        warn!(
-            "cannot mark the daemon non-dumpable: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::fs::sys::set_undumpable() {
+        warn!("cannot mark the daemon non-dumpable: {e}");
     }
-    // SAFETY: flags only.
-    let locked =
-        unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
-    if locked == 0 {
-        info!("core dumps disabled; memory locked (secrets never reach swap)");
-    } else {
-        warn!(
-            "core dumps disabled; memory not locked ({}): secrets may reach swap; raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK",
-            std::io::Error::last_os_error()
-        );
+    match crate::fs::sys::lock_memory() {
+        Ok(()) => info!("core dumps disabled; memory locked (secrets never reach swap)"),
+        Err(e) => warn!(
+            "core dumps disabled; memory not locked ({e}): secrets may reach swap; raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK"
+        ),
     }
 }
 
@@ -490,22 +478,5 @@ fn clear_stale_mount(dir: &Path) -> Result<(), String> {
 /// Opens the mount dir before mounting: the only way to reach the original
 /// files once the mount hides them.
 fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
-    let c = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| format!("{}: bad path", dir.display()))?;
-    // SAFETY: valid C string.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "{}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fresh fd owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::fs::sys::open_dir_path(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }

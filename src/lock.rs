@@ -12,12 +12,14 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::fs::sys::flock;
 
 /// A held lock; dropping it releases it.
 #[derive(Debug)]
@@ -92,9 +94,7 @@ pub fn acquire(path: &Path, label: &str) -> Result<Lock, Refused> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Refused::Error(format!("cannot open lock file {}: {e}", path.display())))?;
-    // SAFETY: a valid fd owned by `file`.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = flock(file.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Err(Refused::Held(holder_of(&file)));
         }
@@ -123,10 +123,9 @@ pub fn holder(path: &Path) -> Option<u32> {
     if let Ok(text) = std::fs::read_to_string("/proc/locks") {
         return locks_holder(&text, md.dev(), md.ino());
     }
-    // SAFETY: a valid fd owned by `file`; a shared probe, released at once.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-        // SAFETY: as above.
-        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    // A shared probe, released at once.
+    if flock(file.as_fd(), libc::LOCK_SH | libc::LOCK_NB).is_ok() {
+        let _ = flock(file.as_fd(), libc::LOCK_UN);
         return None;
     }
     holder_of(&file)

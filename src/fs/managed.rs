@@ -859,6 +859,5 @@ fn dress(st: &mut libc::stat, size: u64, published: SystemTime) {
 }
 
 pub(crate) fn empty_stat() -> libc::stat {
-    // SAFETY: libc::stat is plain old data; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
+    sys::zeroed_stat()
 }

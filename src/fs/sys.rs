@@ -83,6 +83,19 @@ pub fn open_at(
     })
 }
 
+/// An `O_PATH` handle on a directory by absolute path: the mount dir,
+/// opened before the mount hides what is under it.
+pub fn open_dir_path(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cname(path.as_os_str())?;
+    // SAFETY: valid C string.
+    owned(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })
+}
+
 /// An `O_PATH` handle: names an inode without opening it for I/O.
 pub fn open_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     open_at(dir, name, libc::O_PATH, 0)
@@ -448,4 +461,36 @@ pub fn set_fd_limit(limit: u64) {
 
 pub fn fd_budget() -> usize {
     FD_BUDGET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An all-zero `stat` (a file that does not exist yet).
+pub fn zeroed_stat() -> libc::stat {
+    // SAFETY: libc::stat is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// `flock(fd, op)`; `EWOULDBLOCK` comes back as an error with `LOCK_NB`.
+pub fn flock(fd: BorrowedFd<'_>, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid fd, integer flags.
+    cvt(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
+}
+
+/// Keeps glibc's mmap threshold fixed (see `daemon::fix_mmap_threshold`).
+pub fn set_mmap_threshold(bytes: libc::c_int) {
+    // SAFETY: mallopt takes two integers.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
+}
+
+/// No core dumps and no ptrace by the same uid.
+pub fn set_undumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(drop)
+}
+
+/// Locks memory as it is touched (`MCL_ONFAULT`: reserved buffers are not
+/// faulted in), so secrets never reach swap.
+pub fn lock_memory() -> io::Result<()> {
+    // SAFETY: flags only.
+    cvt(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) })
+        .map(drop)
 }
