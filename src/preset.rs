@@ -71,12 +71,132 @@ pub struct Mount {
 pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
     let mounts = expand_direct(name, o)?;
     Ok(match &o.via_proxy {
+        Some(via) if name == "codex" => mounts
+            .into_iter()
+            .map(|m| codex_through_proxy(m, o, via))
+            .collect(),
         Some(via) => mounts
             .into_iter()
             .map(|m| through_proxy(m, o, via))
             .collect(),
         None => mounts,
     })
+}
+
+/// The suffix of `url` beyond the proxy's upstream (or beyond the proxy's
+/// URL placeholder, once the file shows it), or `None` for a URL elsewhere.
+fn beyond_upstream(url: &str, url_ph: &str, upstream: &str) -> Option<String> {
+    match url
+        .strip_prefix(url_ph)
+        .or_else(|| url.strip_prefix(upstream))
+    {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => Some(rest.to_owned()),
+        _ => None,
+    }
+}
+
+/// Codex's built-in provider's default base URL (`openai_base_url` unset).
+const CODEX_OPENAI_URL: &str = "https://api.openai.com/v1";
+
+/// What a Codex provider routed through the proxy needs: where its base URL
+/// is, the suffix to keep, and where its key comes from.
+struct CodexRoute {
+    url_key: KeyPath,
+    suffix: String,
+    /// The URL key is absent (the built-in default): insert it.
+    insert: bool,
+    /// The key is auth.json's `OPENAI_API_KEY` (`requires_openai_auth`).
+    openai_auth: bool,
+    /// `env_key = "NAME"`: the key is that variable (Codex loads `.env`).
+    env_key: Option<String>,
+    /// `experimental_bearer_token` of the provider, a literal key.
+    bearer: Option<KeyPath>,
+}
+
+/// Codex (0.171) takes its base URL from `config.toml` only: a
+/// `[model_providers.ID]` table's `base_url`, or `openai_base_url` for the
+/// built-in `openai` provider (`OPENAI_BASE_URL` is ignored). Each provider
+/// whose URL is on the proxy's upstream is routed: its URL shows the
+/// proxy's, and its key (auth.json's `OPENAI_API_KEY`, its `env_key` in
+/// `.env`, or `experimental_bearer_token`) the local key.
+fn codex_routes(doc: &toml::Table, url_ph: &str, upstream: &str) -> (Vec<CodexRoute>, Vec<String>) {
+    let (mut routes, mut elsewhere) = (Vec::new(), Vec::new());
+    let builtin = doc.get("openai_base_url").and_then(toml::Value::as_str);
+    if let Some(suffix) = beyond_upstream(builtin.unwrap_or(CODEX_OPENAI_URL), url_ph, upstream) {
+        routes.push(CodexRoute {
+            url_key: key("openai_base_url"),
+            suffix,
+            insert: builtin.is_none(),
+            openai_auth: true,
+            env_key: None,
+            bearer: None,
+        });
+    }
+    let providers = doc.get("model_providers").and_then(toml::Value::as_table);
+    for (id, p) in providers.into_iter().flatten() {
+        let Some(url) = p.get("base_url").and_then(toml::Value::as_str) else {
+            continue;
+        };
+        let Some(suffix) = beyond_upstream(url, url_ph, upstream) else {
+            elsewhere.push(id.clone());
+            continue;
+        };
+        let flag = |k: &str| p.get(k).and_then(toml::Value::as_bool).unwrap_or(false);
+        routes.push(CodexRoute {
+            url_key: segs(&["model_providers", id, "base_url"]),
+            suffix,
+            insert: false,
+            openai_auth: flag("requires_openai_auth"),
+            env_key: p
+                .get("env_key")
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned),
+            bearer: p
+                .get("experimental_bearer_token")
+                .is_some_and(toml::Value::is_str)
+                .then(|| segs(&["model_providers", id, "experimental_bearer_token"])),
+        });
+    }
+    (routes, elsewhere)
+}
+
+/// `via_proxy` for Codex: see [`codex_routes`]. Keys no routed provider
+/// uses keep the real token; ChatGPT-login tokens are never proxied.
+fn codex_through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
+    let key_slot = format!("proxy.{}.token", via.name);
+    let url_slot = format!("proxy.{}.url", via.name);
+    let url_ph = crate::render::placeholder(&url_slot);
+    let upstream = via.upstream.trim_end_matches('/');
+    let text = read(&m.dir, "config.toml").unwrap_or_default();
+    let doc: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let (routes, elsewhere) = codex_routes(&doc, &url_ph, upstream);
+    for id in elsewhere {
+        m.notes.push(format!(
+            "via_proxy: config.toml model_providers.{id}.base_url points elsewhere than the proxy's upstream; its key keeps the real token"
+        ));
+    }
+    let env_keys: Vec<&str> = routes.iter().filter_map(|r| r.env_key.as_deref()).collect();
+    let openai_auth = routes.iter().any(|r| r.openai_auth);
+    let token_slot = format!("{}.token", o.credential);
+    for f in &mut m.files {
+        codex_route_keys(f, &env_keys, openai_auth, &token_slot, &key_slot);
+    }
+    let mut bindings = Vec::new();
+    for r in routes {
+        bindings.push(Binding {
+            suffix: r.suffix,
+            kind: Kind::Value,
+            insert: r.insert,
+            ..Binding::new(r.url_key, url_slot.clone())
+        });
+        if let Some(k) = r.bearer {
+            bindings.push(Binding::new(k, key_slot.clone()));
+        }
+    }
+    if !bindings.is_empty() {
+        m.files.push(file("config.toml", Format::Toml, bindings, o));
+    }
+    m
 }
 
 fn expand_direct(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
@@ -100,7 +220,7 @@ fn expand_direct(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
 const URL_BESIDE_KEY: [(&str, &str); 8] = [
     ("api_key", "base_url"),                        // Hermes config.yaml
     ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"), // Claude settings.json env
-    ("OPENAI_API_KEY", "OPENAI_BASE_URL"),          // Codex .env
+    ("OPENAI_API_KEY", "OPENAI_BASE_URL"),          // Hermes .env (Codex: see codex_routes)
     ("GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL"),   // Gemini .env
     ("apiKey", "baseURL"),                          // OpenCode provider options
     ("token", "host"),                              // ~/.databrickscfg
@@ -163,6 +283,50 @@ fn through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
         f.bindings.extend(urls);
     }
     m
+}
+
+/// Points the keys of `f` that a routed Codex provider uses at the local
+/// key (`.env` variables a provider's `env_key` names, inserted if absent;
+/// auth.json's `OPENAI_API_KEY`); the others keep the real token, and are
+/// never inserted.
+fn codex_route_keys(
+    f: &mut ManagedConfig,
+    env_keys: &[&str],
+    openai_auth: bool,
+    token_slot: &str,
+    key_slot: &str,
+) {
+    let name = f.path.to_string_lossy().into_owned();
+    for b in f.bindings.iter_mut().filter(|b| b.slot == token_slot) {
+        let last = b.key.segments().last().map(String::as_str).unwrap_or("");
+        let routed = match name.as_str() {
+            ".env" => env_keys.contains(&last),
+            "auth.json" => openai_auth && last == "OPENAI_API_KEY",
+            _ => false,
+        };
+        if routed {
+            b.slot = key_slot.to_owned();
+        } else {
+            // Never add a real token the agent does not even use.
+            b.insert = false;
+        }
+    }
+    if name == ".env" {
+        let missing: Vec<&&str> = env_keys
+            .iter()
+            .filter(|k| {
+                !f.bindings
+                    .iter()
+                    .any(|b| b.key.segments() == [k.to_string()])
+            })
+            .collect();
+        for k in missing {
+            f.bindings.push(Binding {
+                insert: true,
+                ..Binding::new(key(k), key_slot.to_owned())
+            });
+        }
+    }
 }
 
 fn dir_of(o: &Options, env: Option<&str>, default: &str) -> PathBuf {
@@ -616,6 +780,48 @@ mod tests {
             Some(("x-a=1,Authorization=Bearer ".into(), ",x-b=2".into()))
         );
         assert_eq!(bearer_split("x-a=1"), None);
+    }
+
+    #[test]
+    fn codex_providers_on_the_upstream_are_routed() {
+        let doc: toml::Table = toml::from_str(
+            "openai_base_url = \"https://gw.example.com/v1\"\n[model_providers.a]\nbase_url = \"https://gw.example.com/serving-endpoints/x\"\nenv_key = \"A_KEY\"\n[model_providers.b]\nbase_url = \"https://else.example.com/v1\"\nrequires_openai_auth = true\n[model_providers.c]\nbase_url = \"https://gw.example.com.evil/v1\"\n",
+        )
+        .unwrap_or_default();
+        let (routes, elsewhere) = codex_routes(&doc, "__ph__", "https://gw.example.com");
+        let got: Vec<(String, String, bool, Option<String>)> = routes
+            .iter()
+            .map(|r| {
+                (
+                    r.url_key.to_string(),
+                    r.suffix.clone(),
+                    r.openai_auth,
+                    r.env_key.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("openai_base_url".into(), "/v1".into(), true, None),
+                (
+                    "model_providers.a.base_url".into(),
+                    "/serving-endpoints/x".into(),
+                    false,
+                    Some("A_KEY".into())
+                ),
+            ]
+        );
+        assert_eq!(elsewhere, vec!["b".to_string(), "c".to_string()]);
+        // Unset, the built-in provider goes to api.openai.com: routed (and
+        // the URL inserted) only for a proxy in front of it.
+        let (routes, _) = codex_routes(&toml::Table::new(), "__ph__", CODEX_OPENAI_URL);
+        assert!(routes.len() == 1 && routes[0].insert);
+        assert!(
+            codex_routes(&toml::Table::new(), "__ph__", "https://gw.example.com")
+                .0
+                .is_empty()
+        );
     }
 
     #[test]
