@@ -877,3 +877,117 @@ fn codex_exec_through_via_proxy_survives_rotations_between_its_model_calls() {
     );
     assert_no_upstream_token(&[(&dir, &backing)], &api);
 }
+
+/// A chat-completions model that calls OpenCode's `todowrite` tool first
+/// (when tools are offered and no tool result is in the messages yet),
+/// then answers; streamed when asked.
+fn chat_tool_first(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {
+    let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let offered = req["tools"].as_array().is_some_and(|t| !t.is_empty());
+    let answered = req["messages"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|m| m["role"] == "tool"));
+    if method != "POST" || !offered || answered || req["stream"] != true {
+        return openai(method, path, body);
+    }
+    let args = serde_json::json!({"todos": [{"content": "say hi", "status": "completed", "priority": "low", "id": "1"}]});
+    let delta = serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_1",
+        "type": "function", "function": {"name": "todowrite", "arguments": args.to_string()}}]});
+    let chunk = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "test-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+    let last = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "test-model",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+    (
+        "text/event-stream",
+        format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"),
+    )
+}
+
+/// OpenCode reads its key once per process (measured: 1.18.33, one `run`
+/// whose model calls a tool; a revoke-at-once rotation before the second
+/// model call fails it with the 401's message, exit 1, no retry). Through a
+/// `via_proxy` preset: three `opencode run`s, each with a rotation between
+/// its tool call and its answer, and another between runs — every
+/// request authorised, no upstream token in OpenCode's files.
+#[test]
+fn opencode_runs_through_via_proxy_survive_rotations() {
+    let opencode = client("node_modules/.bin/opencode", "OpenCode");
+    let api = Guarded::start(chat_tool_first);
+    let s = Scratch::new();
+    let home = s.path("home");
+    let dir = home.join(".config/opencode");
+    let first = api.mint();
+    let config = serde_json::json!({"$schema": "https://opencode.ai/config.json", "model": "fake/test-model",
+        "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake",
+            "options": {"baseURL": format!("{}/v1", api.url), "apiKey": first},
+            "models": {"test-model": {"name": "Test"}}}}});
+    s.write(
+        "home/.config/opencode/opencode.json",
+        &serde_json::to_string_pretty(&config).unwrap(),
+    );
+    let backing = Backing::open(&dir);
+    let d = start_via_proxy(&s, "opencode", &api.url, &[&dir]);
+    let served = fs::read_to_string(dir.join("opencode.json")).unwrap();
+    assert!(
+        served.contains("\"tkfs-") && !served.contains(&api.url),
+        "{served}"
+    );
+    let (socket, a) = (d.socket.clone(), api.clone());
+    api.set_hook(Arc::new(move |c: &Call| {
+        let (_, reply) = chat_tool_first("POST", &c.path, &c.body);
+        if reply.contains("\"tool_calls\"") {
+            a.rotate(&socket, "up");
+        }
+    }));
+    let work = s.path("work");
+    fs::create_dir_all(&work).unwrap();
+    let runs = 3;
+    for i in 0..runs {
+        let out = Command::new(&opencode)
+            .args(["run", "say hi"])
+            .current_dir(&work)
+            .env("HOME", &home)
+            // No plugin install from npm, no models.dev, no update check.
+            .env("OPENCODE_PURE", "1")
+            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+            .env("OPENCODE_DISABLE_SHARE", "1")
+            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("OPENCODE_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("opencode");
+        assert!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("hi from the fake"),
+            "opencode run {i} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.log_text()
+        );
+        api.rotate(&d.socket, "up");
+    }
+    let calls = api.calls();
+    let refused = calls.iter().filter(|c| !c.authorised).count();
+    let tools = calls
+        .iter()
+        .filter(|c| {
+            chat_tool_first("POST", &c.path, &c.body)
+                .1
+                .contains("\"tool_calls\"")
+        })
+        .count();
+    eprintln!(
+        "opencode via_proxy: {runs} runs; upstream requests {}, tool calls {tools}, refused {refused}, rotations {}; proxy {}",
+        calls.len(),
+        api.issued().len() - 1,
+        proxy_status(&d)
+    );
+    assert_eq!(refused, 0, "{calls:?}");
+    assert_eq!(tools, runs);
+    assert_eq!(api.issued().len(), 2 * runs + 1);
+    assert_no_upstream_token(&[(&dir, &backing)], &api);
+}
