@@ -391,6 +391,9 @@ fn is_loopback(url: &str) -> bool {
 /// holding the same token.
 fn hermes(o: &Options) -> Mount {
     let dir = dir_of(o, Some("HERMES_HOME"), "~/.hermes");
+    if o.oauth_source {
+        return hermes_oauth(o, dir);
+    }
     let mut bindings = vec![bind(key("model.api_key"), o, "token", true)];
     let text = read(&dir, "config.yaml").unwrap_or_default();
     let doc = saphyr_first(&text);
@@ -433,6 +436,56 @@ fn hermes(o: &Options) -> Mount {
     Mount {
         dir,
         files,
+        notes: Vec::new(),
+    }
+}
+
+/// Hermes fed by an OAuth session (`source = "oauth"`): its own copy of a
+/// ChatGPT login in `auth.json` — `providers.openai-codex.{tokens.*,
+/// last_refresh}` and the `credential_pool.openai-codex[]` entries Hermes
+/// seeds from it (`source = "device_code"`; other entries are independent
+/// accounts, never touched; with no pool yet, the entry Hermes will add
+/// first). `config.yaml` is left alone: no API key to serve. (For an
+/// Anthropic login Hermes reads Claude Code's `.credentials.json` itself:
+/// the `claude` preset with `oauth = true` serves it.)
+fn hermes_oauth(o: &Options, dir: PathBuf) -> Mount {
+    const P: &str = "openai-codex";
+    let value = |k: KeyPath, f: &str| Binding {
+        kind: Kind::Value,
+        ..bind(k, o, f, false)
+    };
+    let mut bindings: Vec<Binding> = ["access_token", "refresh_token", "id_token"]
+        .iter()
+        .map(|f| bind(segs(&["providers", P, "tokens", f]), o, f, false))
+        .collect();
+    bindings.push(value(
+        segs(&["providers", P, "tokens", "account_id"]),
+        "account_id",
+    ));
+    bindings.push(value(
+        segs(&["providers", P, "last_refresh"]),
+        "last_refresh",
+    ));
+    let auth = read_json(&dir, "auth.json");
+    let pool = auth
+        .as_ref()
+        .and_then(|a| a.pointer("/credential_pool/openai-codex"))
+        .and_then(Value::as_array);
+    let entries: Vec<usize> = match pool {
+        Some(list) => (0..list.len())
+            .filter(|i| list[*i].get("source").and_then(Value::as_str) == Some("device_code"))
+            .collect(),
+        None => vec![0],
+    };
+    for i in entries.iter().map(usize::to_string) {
+        let at = |k: &str| segs(&["credential_pool", P, &i, k]);
+        bindings.push(bind(at("access_token"), o, "access_token", false));
+        bindings.push(bind(at("refresh_token"), o, "refresh_token", false));
+        bindings.push(value(at("last_refresh"), "last_refresh"));
+    }
+    Mount {
+        dir,
+        files: vec![file("auth.json", Format::Json, bindings, o)],
         notes: Vec::new(),
     }
 }

@@ -1124,6 +1124,14 @@ impl Drop for TlsFront {
 }
 
 fn tls_front(s: &Scratch, host: &str, ip: &str, to: &str) -> TlsFront {
+    tls_front_for(s, &[host], ip, to)
+}
+
+/// `tls_front` for several host names (one certificate, one address).
+fn tls_front_for(s: &Scratch, hosts: &[&str], ip: &str, to: &str) -> TlsFront {
+    let host = hosts[0];
+    let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+    let san = san.join(",");
     let dir = s.path("tls");
     fs::create_dir_all(&dir).unwrap();
     let sh = |script: &str| {
@@ -1144,7 +1152,7 @@ fn tls_front(s: &Scratch, host: &str, ip: &str, to: &str) -> TlsFront {
     );
     sh(&format!(
         "openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj /CN={host} && \
-         printf 'subjectAltName=DNS:{host}' > ext && \
+         printf 'subjectAltName={san}' > ext && \
          openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext"
     ));
     let script = r#"
@@ -1192,12 +1200,16 @@ while True:
     )
     .unwrap();
     assert_eq!(line.trim(), "ready");
-    let hosts = dir.join("hosts");
-    fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {host}\n")).unwrap();
+    let file = dir.join("hosts");
+    fs::write(
+        &file,
+        format!("127.0.0.1 localhost\n{ip} {}\n", hosts.join(" ")),
+    )
+    .unwrap();
     TlsFront {
         child,
         ca: dir.join("ca.pem"),
-        hosts,
+        hosts: file,
     }
 }
 
@@ -1444,4 +1456,241 @@ fn the_claude_preset_renders_expires_at_of_the_served_session() {
         .as_u64()
         .expect("a number");
     assert!(later > expires, "{later} after {expires}");
+}
+
+/// Runs `program args…` inside `unshare -m` with `hosts` bind-mounted over
+/// /etc/hosts (the real file is never touched).
+fn with_hosts(hosts: &Path, program: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.arg("-m")
+        .arg("sh")
+        .arg("-c")
+        .arg("mount --bind \"$1\" /etc/hosts && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(hosts)
+        .arg(program);
+    c
+}
+
+/// Hermes' `auth.json` after a ChatGPT login (`hermes auth`): its own copy
+/// of the session and the pool entry it seeds from it.
+fn hermes_codex_login_file() -> String {
+    let tokens = serde_json::json!({"id_token": "none", "access_token": "none", "refresh_token": "none", "account_id": "none"});
+    serde_json::to_string_pretty(&serde_json::json!({
+        "version": 1,
+        "active_provider": "openai-codex",
+        "providers": {"openai-codex": {"tokens": tokens, "last_refresh": "2026-12-01T00:00:00Z", "auth_mode": "chatgpt"}},
+        "credential_pool": {"openai-codex": [{
+            "id": "a1b2c3", "label": "someone@example.com", "auth_type": "oauth", "priority": 0,
+            "source": "device_code", "access_token": "none", "refresh_token": "none",
+            "base_url": "https://chatgpt.com/backend-api/codex", "last_refresh": "2026-12-01T00:00:00Z",
+            "request_count": 0}]}
+    }))
+    .unwrap_or_default()
+}
+
+/// The real Hermes Agent 0.19 (`model.provider: openai-codex`) and the real
+/// Codex CLI as consumers of one ChatGPT session that tokenfs owns
+/// (`source = "oauth"`, decoy refresh tokens), each through its preset:
+/// Hermes' `auth.json` (`providers.openai-codex` and its
+/// `credential_pool` entry) and Codex's. Hermes' token endpoint is fixed
+/// (`https://auth.openai.com/oauth/token`): inside `unshare -m` it is
+/// mapped to the fake behind a throw-away CA, so any refresh Hermes tried
+/// would be counted. Across tokenfs's refreshes every run is authorised
+/// and no consumer sends a refresh token.
+#[test]
+fn hermes_openai_codex_and_codex_share_one_session_across_refreshes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients");
+    let (hermes, codex) = (
+        root.join("hermes-venv/bin/hermes"),
+        root.join("node_modules/.bin/codex"),
+    );
+    assert!(
+        hermes.exists(),
+        "Hermes Agent is missing: scripts/test.sh installs it"
+    );
+    assert!(
+        codex.exists(),
+        "Codex CLI is missing: scripts/test.sh installs it"
+    );
+    let fake = Fake::start(Duration::from_secs(900));
+    fake.state.lock().jwt = true;
+    let s = Scratch::new();
+    // Its token endpoint and its API (the pool entry's base_url) are fixed.
+    let front = tls_front_for(
+        &s,
+        &["auth.openai.com", "chatgpt.com"],
+        "127.0.0.3",
+        &fake.url,
+    );
+    let home = s.path("home");
+    s.write(
+        "home/.hermes/config.yaml",
+        "model:\n  provider: openai-codex\n  default: gpt-5.5\n",
+    );
+    s.write("home/.hermes/auth.json", &hermes_codex_login_file());
+    s.write(
+        "home/.codex/config.toml",
+        &format!(
+            "model = \"test-model\"\nmodel_provider = \"fake\"\nchatgpt_base_url = \"{url}/backend-api/\"\ncheck_for_update_on_startup = false\n\n[model_providers.fake]\nname = \"fake\"\nbase_url = \"{url}/v1\"\nwire_api = \"responses\"\nrequires_openai_auth = true\n",
+            url = fake.url
+        ),
+    );
+    s.write(
+        "home/.codex/auth.json",
+        r#"{"auth_mode":"chatgpt","OPENAI_API_KEY":null,"tokens":{"id_token":"none","access_token":"none","refresh_token":"none","account_id":"none"},"last_refresh":"2026-12-01T00:00:00Z"}"#,
+    );
+    let (hdir, cdir) = (home.join(".hermes"), home.join(".codex"));
+    let (hback, cback) = (Backing::open(&hdir), Backing::open(&cdir));
+    let cfg = format!(
+        "[control]\nsocket = \"{sock}\"\n[credentials.chatgpt]\nsource = \"oauth\"\nprovider = \"openai\"\ntoken_url = \"{url}\"\nrefresh_before = \"300s\"\nmin_refresh_interval = \"1s\"\n[[mount]]\npreset = \"hermes\"\ncredential = \"chatgpt\"\n[[mount]]\npreset = \"codex\"\ncredential = \"chatgpt\"\n",
+        sock = s.socket().display(),
+        url = fake.token_url(),
+    );
+    let home_s = home.display().to_string();
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("HERMES_HOME", ""),
+        ("CODEX_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &[&hdir, &cdir], &env);
+    let (at, rt) = fake.login();
+    let login = s.write(
+        "login/auth.json",
+        &serde_json::json!({"tokens": {"access_token": at, "refresh_token": rt}}).to_string(),
+    );
+    let out = Command::new(BIN)
+        .args(["import", "chatgpt", "--from", "codex"])
+        .arg(&login)
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before_runs = fake.calls();
+    let run_hermes = || {
+        let out = with_hosts(&front.hosts, &hermes)
+            .args(["-z", "say hi"])
+            .env("HOME", &home)
+            .env_remove("HERMES_HOME")
+            .env_remove("CODEX_HOME")
+            .env_remove("OPENAI_API_KEY")
+            .env(
+                "HERMES_CODEX_BASE_URL",
+                format!("{}/backend-api/codex", fake.url),
+            )
+            .env("SSL_CERT_FILE", &front.ca)
+            .env("REQUESTS_CA_BUNDLE", &front.ca)
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("hermes");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).contains("hi from the fake"),
+            text,
+        )
+    };
+    let run_codex = || {
+        let out = Command::new(&codex)
+            .args(["exec", "--skip-git-repo-check", "say hi"])
+            .env("HOME", &home)
+            .env_remove("CODEX_HOME")
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fake.token_url())
+            .env_remove("OPENAI_API_KEY")
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("codex");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+        )
+    };
+    let rotate = || {
+        control::call(
+            &d.socket,
+            &Request::Rotate {
+                name: "chatgpt".into(),
+            },
+        )
+        .expect("rotate");
+    };
+    let runs = 4;
+    let (mut hermes_ok, mut codex_ok) = (0, 0);
+    for i in 0..runs {
+        let (ok, text) = run_hermes();
+        if !ok {
+            eprintln!("hermes run {i} failed:\n{text}");
+        }
+        hermes_ok += ok as usize;
+        let (ok, text) = run_codex();
+        if !ok {
+            eprintln!("codex run {i} failed:\n{text}");
+        }
+        codex_ok += ok as usize;
+        rotate();
+    }
+    let refreshes = d.status()["credentials"][0]["oauth"]["refresh_count"]
+        .as_u64()
+        .unwrap_or(0);
+    let (api, refused) = {
+        let st = fake.state.lock();
+        (
+            st.api_calls.len(),
+            st.api_calls.iter().filter(|c| !c.1).count(),
+        )
+    };
+    eprintln!(
+        "hermes {hermes_ok}/{runs} and codex {codex_ok}/{runs} runs authorised across {refreshes} tokenfs refreshes; API calls {api}, refused {refused}; token-endpoint calls during the runs {}, decoys sent {}, reuses {}",
+        fake.calls() - before_runs,
+        fake.unknown(),
+        fake.reuses()
+    );
+    let served = fs::read_to_string(hdir.join("auth.json")).unwrap_or_default();
+    let on_disk =
+        String::from_utf8(hback.read("auth.json").unwrap_or_default()).unwrap_or_default();
+    eprintln!("hermes auth.json served:\n{served}\non disk:\n{on_disk}");
+    assert_eq!((hermes_ok, codex_ok), (runs, runs));
+    assert_eq!(refused, 0);
+    assert_eq!(fake.unknown(), 0, "a consumer sent a (decoy) refresh token");
+    assert_eq!(fake.reuses(), 0);
+    assert_eq!(
+        fake.calls() - before_runs,
+        refreshes as usize - 1,
+        "only tokenfs refreshed"
+    );
+    // Hermes' view is the session tokenfs serves; its disk copy holds none.
+    let v: serde_json::Value = serde_json::from_str(&served).unwrap();
+    let current = v["providers"]["openai-codex"]["tokens"]["access_token"]
+        .as_str()
+        .unwrap_or("");
+    assert!(fake.access_valid(current));
+    assert_eq!(
+        v["credential_pool"]["openai-codex"][0]["access_token"].as_str(),
+        Some(current)
+    );
+    for (name, b) in [("hermes", &hback), ("codex", &cback)] {
+        for (path, bytes) in b.all_files() {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("eyJ") && !text.contains("rt-0"),
+                "{name} {} holds a token:\n{text}",
+                path.display()
+            );
+        }
+    }
 }
