@@ -1694,3 +1694,154 @@ fn hermes_openai_codex_and_codex_share_one_session_across_refreshes() {
         }
     }
 }
+
+/// Case g with the real Codex CLI and a decoy, its token endpoint pointed
+/// at tokenfs (`CODEX_REFRESH_TOKEN_URL_OVERRIDE` = the proxy's
+/// `/.tokenfs/token`): the API refuses the access token far from expiry,
+/// Codex reloads its file (unchanged), refreshes with the decoy, tokenfs
+/// takes that as the signal, refreshes once at the provider and answers
+/// with the new session; Codex saves it and the same run is authorised.
+/// Hermes' view of the same session (the hermes preset) is valid again too.
+/// The provider never sees a decoy or a reused refresh token.
+#[test]
+fn codex_case_g_through_the_token_endpoint_heals_in_the_same_run() {
+    let codex =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/codex");
+    assert!(
+        codex.exists(),
+        "Codex CLI is missing: scripts/test.sh installs it"
+    );
+    let fake = Fake::start(Duration::from_secs(900));
+    fake.state.lock().jwt = true;
+    let s = Scratch::new();
+    let home = s.path("home");
+    s.write(
+        "home/.codex/config.toml",
+        &format!(
+            "model = \"test-model\"\nmodel_provider = \"fake\"\nchatgpt_base_url = \"{url}/backend-api/\"\ncheck_for_update_on_startup = false\n\n[model_providers.fake]\nname = \"fake\"\nbase_url = \"{url}/v1\"\nwire_api = \"responses\"\nrequires_openai_auth = true\n",
+            url = fake.url
+        ),
+    );
+    s.write(
+        "home/.codex/auth.json",
+        r#"{"auth_mode":"chatgpt","OPENAI_API_KEY":null,"tokens":{"id_token":"none","access_token":"none","refresh_token":"none","account_id":"none"},"last_refresh":"2026-12-01T00:00:00Z"}"#,
+    );
+    s.write("home/.hermes/auth.json", &hermes_codex_login_file());
+    let (cdir, hdir) = (home.join(".codex"), home.join(".hermes"));
+    let cfg = format!(
+        "[control]\nsocket = \"{sock}\"\n[credentials.chatgpt]\nsource = \"oauth\"\nprovider = \"openai\"\ntoken_url = \"{url}\"\nrefresh_before = \"300s\"\nmin_refresh_interval = \"1s\"\n[[proxy]]\nname = \"chatgpt\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{api}\"\ncredential = \"chatgpt\"\n[[mount]]\npreset = \"codex\"\ncredential = \"chatgpt\"\n[[mount]]\npreset = \"hermes\"\ncredential = \"chatgpt\"\n",
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        api = fake.url,
+    );
+    let home_s = home.display().to_string();
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("HERMES_HOME", ""),
+        ("CODEX_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &[&cdir, &hdir], &env);
+    let (at, rt) = fake.login();
+    let login = s.write(
+        "login/auth.json",
+        &serde_json::json!({"tokens": {"access_token": at, "refresh_token": rt}}).to_string(),
+    );
+    let out = Command::new(BIN)
+        .args(["import", "chatgpt", "--from", "codex", "--socket"])
+        .arg(s.socket())
+        .arg(&login)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let endpoint = format!(
+        "{}/.tokenfs/token",
+        d.status()["proxies"][0]["url"].as_str().unwrap_or("")
+    );
+    let run = || {
+        let out = Command::new(&codex)
+            .args(["exec", "--skip-git-repo-check", "say hi"])
+            .env("HOME", &home)
+            .env_remove("CODEX_HOME")
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", &endpoint)
+            .env_remove("OPENAI_API_KEY")
+            .current_dir(&home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("codex");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+        )
+    };
+    let (ok, text) = run();
+    assert!(ok, "{text}\n{}", d.log_text());
+    let refreshes = || {
+        d.status()["credentials"][0]["oauth"]["refresh_count"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let access = |dir: &Path| {
+        let v = json(&dir.join("auth.json"));
+        v["providers"]["openai-codex"]["tokens"]["access_token"]
+            .as_str()
+            .or(v["tokens"]["access_token"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+        fake.revoke_access(&access(&cdir));
+        let before = refreshes();
+        let asked = d
+            .log_text()
+            .matches("a consumer asked for a refresh")
+            .count();
+        let (ok, text) = run();
+        let asked = d
+            .log_text()
+            .matches("a consumer asked for a refresh")
+            .count()
+            - asked;
+        eprintln!(
+            "case g round {round}: codex ok {ok}; its refresh requests at tokenfs {asked}; tokenfs refreshes {}; decoys at the provider {}, reuses {}",
+            refreshes() - before,
+            fake.unknown(),
+            fake.reuses()
+        );
+        assert!(
+            ok,
+            "the same run is authorised again: {text}\n{}",
+            d.log_text()
+        );
+        assert!(
+            (1..=2).contains(&(refreshes() - before)),
+            "bounded refreshes"
+        );
+        assert!(fake.access_valid(&access(&cdir)) && fake.access_valid(&access(&hdir)));
+    }
+    assert_eq!(fake.unknown(), 0, "no decoy reached the provider");
+    assert_eq!(fake.reuses(), 0);
+    // A wrong grant is refused and changes nothing.
+    let n = refreshes();
+    let addr: std::net::SocketAddr = d.status()["proxies"][0]["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("proxy address");
+    let wrong = common::http::Conn::connect(addr).request(
+        "POST",
+        "/.tokenfs/token",
+        &[("content-type", b"application/json")],
+        br#"{"grant_type":"refresh_token","refresh_token":"tokenfs-decoy-0000"}"#,
+    );
+    assert_eq!(wrong.status, 400, "{}", wrong.text());
+    assert_eq!(refreshes(), n);
+}
