@@ -1497,7 +1497,9 @@ fn hermes_codex_login_file() -> String {
 /// (`https://auth.openai.com/oauth/token`): inside `unshare -m` it is
 /// mapped to the fake behind a throw-away CA, so any refresh Hermes tried
 /// would be counted. Across tokenfs's refreshes every run is authorised
-/// and no consumer sends a refresh token.
+/// and no consumer sends a refresh token. Case g (measured): Hermes sends
+/// its decoy 4 times, fails the run and writes nothing, so tokenfs hears
+/// nothing; it stays refused until tokenfs's next refresh, which heals it.
 #[test]
 fn hermes_openai_codex_and_codex_share_one_session_across_refreshes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients");
@@ -1693,6 +1695,34 @@ fn hermes_openai_codex_and_codex_share_one_session_across_refreshes() {
             );
         }
     }
+    // Case g with Hermes: the API refuses the access token far from
+    // expiry. Its token URL is fixed (no endpoint of tokenfs to point it
+    // at): measured what it does, and that tokenfs's next refresh heals it.
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    fake.revoke_access(current);
+    let count = || {
+        d.status()["credentials"][0]["oauth"]["refresh_count"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let (unknown, before) = (fake.unknown(), count());
+    let (ok1, text1) = run_hermes();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = count();
+    let (ok2, _) = run_hermes();
+    let pool = json(&hdir.join("auth.json"))["credential_pool"]["openai-codex"][0].clone();
+    eprintln!(
+        "hermes case g: first run ok {ok1}, its refreshes with the decoy {}, tokenfs refreshes on it {}, next run ok {ok2}; pool entry status {:?} {:?}\n{}",
+        fake.unknown() - unknown,
+        after - before,
+        pool["last_status"],
+        pool["last_error_code"],
+        text1.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    rotate();
+    let (ok3, text3) = run_hermes();
+    assert!(ok3, "after tokenfs's next refresh: {text3}");
+    assert_eq!(fake.reuses(), 0);
 }
 
 /// Case g with the real Codex CLI and a decoy, its token endpoint pointed
