@@ -75,6 +75,7 @@ pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
             .into_iter()
             .map(|m| codex_through_proxy(m, o, via))
             .collect(),
+        Some(via) if name == "opencode" => opencode_through_proxy(mounts, o, via),
         Some(via) => mounts
             .into_iter()
             .map(|m| through_proxy(m, o, via))
@@ -227,6 +228,62 @@ const URL_BESIDE_KEY: [(&str, &str); 8] = [
     ("DATABRICKS_TOKEN", "DATABRICKS_HOST"),
     ("GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"),
 ];
+
+/// `via_proxy` for OpenCode: `opencode.json` as every preset (each
+/// provider's `options.apiKey` beside its `options.baseURL`), and the
+/// `auth.json` key of every provider whose `baseURL` is on the upstream
+/// shows the local key too (OpenCode sends the config's key when both
+/// exist, measured with 1.18.33, and auth.json's when the config has none:
+/// then the config's `baseURL` shows the proxy's URL as well), so neither
+/// file holds the upstream token.
+fn opencode_through_proxy(mounts: Vec<Mount>, o: &Options, via: &ViaProxy) -> Vec<Mount> {
+    let token_slot = format!("{}.token", o.credential);
+    let key_slot = format!("proxy.{}.token", via.name);
+    let url_slot = format!("proxy.{}.url", via.name);
+    let url_ph = crate::render::placeholder(&url_slot);
+    let upstream = via.upstream.trim_end_matches('/');
+    let mut mounts: Vec<Mount> = mounts
+        .into_iter()
+        .map(|m| through_proxy(m, o, via))
+        .collect();
+    let Some((config, data)) = mounts.split_first_mut() else {
+        return mounts;
+    };
+    let cfg = read_json(&config.dir, "opencode.json");
+    let on_upstream = |id: &str| {
+        cfg.as_ref()
+            .and_then(|c| c.pointer(&format!("/provider/{id}/options/baseURL")))
+            .and_then(Value::as_str)
+            .and_then(|u| beyond_upstream(u, &url_ph, upstream))
+    };
+    let mut urls = Vec::new();
+    for b in data
+        .iter_mut()
+        .flat_map(|m| m.files.iter_mut())
+        .flat_map(|f| f.bindings.iter_mut())
+    {
+        let Some(id) = b.key.segments().first().cloned() else {
+            continue;
+        };
+        if let (true, Some(suffix)) = (b.slot == token_slot, on_upstream(&id)) {
+            b.slot = key_slot.clone();
+            urls.push((id, suffix));
+        }
+    }
+    if let Some(f) = config.files.first_mut() {
+        for (id, suffix) in urls {
+            let k = segs(&["provider", &id, "options", "baseURL"]);
+            if !f.bindings.iter().any(|b| b.key.segments() == k.segments()) {
+                f.bindings.push(Binding {
+                    suffix,
+                    kind: Kind::Value,
+                    ..Binding::new(k, url_slot.clone())
+                });
+            }
+        }
+    }
+    mounts
+}
 
 /// Rewrites a mount for `via_proxy`: each key whose file also has (or may
 /// insert) the base URL beside it shows the proxy's local key, and the URL

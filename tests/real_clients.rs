@@ -909,7 +909,10 @@ fn chat_tool_first(method: &str, path: &str, body: &[u8]) -> (&'static str, Stri
 /// model call fails it with the 401's message, exit 1, no retry). Through a
 /// `via_proxy` preset: three `opencode run`s, each with a rotation between
 /// its tool call and its answer, and another between runs — every
-/// request authorised, no upstream token in OpenCode's files.
+/// request authorised, no upstream token in OpenCode's files (its
+/// `opencode.json` and the `auth.json` that `opencode auth login` fills,
+/// both mounted; OpenCode keeps its database beside auth.json, through
+/// the mount).
 #[test]
 fn opencode_runs_through_via_proxy_survive_rotations() {
     let opencode = client("node_modules/.bin/opencode", "OpenCode");
@@ -926,13 +929,22 @@ fn opencode_runs_through_via_proxy_survive_rotations() {
         "home/.config/opencode/opencode.json",
         &serde_json::to_string_pretty(&config).unwrap(),
     );
+    // `opencode auth login` keeps the same key in auth.json too.
+    let data = home.join(".local/share/opencode");
+    s.write(
+        "home/.local/share/opencode/auth.json",
+        &serde_json::json!({"fake": {"type": "api", "key": first}}).to_string(),
+    );
     let backing = Backing::open(&dir);
-    let d = start_via_proxy(&s, "opencode", &api.url, &[&dir]);
+    let data_backing = Backing::open(&data);
+    let d = start_via_proxy(&s, "opencode", &api.url, &[&dir, &data]);
     let served = fs::read_to_string(dir.join("opencode.json")).unwrap();
     assert!(
         served.contains("\"tkfs-") && !served.contains(&api.url),
         "{served}"
     );
+    let auth = fs::read_to_string(data.join("auth.json")).unwrap();
+    assert!(auth.contains("\"tkfs-"), "{auth}");
     let (socket, a) = (d.socket.clone(), api.clone());
     api.set_hook(Arc::new(move |c: &Call| {
         let (_, reply) = chat_tool_first("POST", &c.path, &c.body);
@@ -989,7 +1001,7 @@ fn opencode_runs_through_via_proxy_survive_rotations() {
     assert_eq!(refused, 0, "{calls:?}");
     assert_eq!(tools, runs);
     assert_eq!(api.issued().len(), 2 * runs + 1);
-    assert_no_upstream_token(&[(&dir, &backing)], &api);
+    assert_no_upstream_token(&[(&dir, &backing), (&data, &data_backing)], &api);
 }
 
 /// Waits until `f` holds, for at most `limit`.
