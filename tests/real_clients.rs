@@ -251,6 +251,7 @@ fn openai_responses(method: &str, path: &str, body: &[u8]) -> (&'static str, Str
 /// renamed over it), which tokenfs adopts without writing it to disk.
 #[test]
 fn codex_sends_the_key_current_at_each_run_and_its_login_is_adopted() {
+    let _one_at_a_time = real_clients_lock();
     let codex = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/clients/node_modules/.bin/codex");
     assert!(
@@ -338,6 +339,7 @@ fn codex_sends_the_key_current_at_each_run_and_its_login_is_adopted() {
 /// run sends the new one. Its own files in `~/.claude` pass through.
 #[test]
 fn claude_code_sends_the_token_current_at_each_run() {
+    let _one_at_a_time = real_clients_lock();
     let claude = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/clients/node_modules/.bin/claude");
     assert!(
@@ -386,6 +388,7 @@ fn claude_code_sends_the_token_current_at_each_run() {
 /// through the mount and sends the token current at each run.
 #[test]
 fn hermes_agent_sends_the_token_current_at_each_run() {
+    let _one_at_a_time = real_clients_lock();
     let hermes = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/clients/hermes-venv/bin/hermes");
     assert!(
@@ -514,6 +517,14 @@ fn databricks_sdk_through_via_proxy_outlives_its_first_token() {
     assert_eq!(fake.bearers("me"), vec![first, second]);
     drop(stdin);
     let _ = py.wait();
+}
+
+/// The tests that run agent CLIs (node, Python) take turns: together they
+/// load two shared cores enough to stretch the timing a test relies on (a
+/// Hermes turn finishing before the next line is typed).
+fn real_clients_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A real client's program under target/clients; missing fails the test.
@@ -793,19 +804,9 @@ fn responses_with_tool_calls(method: &str, path: &str, body: &[u8]) -> (&'static
     ("text/event-stream", sse.concat())
 }
 
-/// Codex CLI reads its key once per process (measured: 0.171 keeps the
-/// key of its start; after a revoke-at-once rotation in the middle of an
-/// `exec` its next model call is refused, 6 tries, exit 1). Through a
-/// `via_proxy` preset one `codex exec` whose model calls a tool three
-/// times, with a rotation before each answer, is authorised throughout,
-/// and no file of Codex holds the upstream token.
-#[test]
-fn codex_exec_through_via_proxy_survives_rotations_between_its_model_calls() {
-    let codex = client("node_modules/.bin/codex", "Codex CLI");
-    let api = Guarded::start(responses_with_tool_calls);
-    let s = Scratch::new();
-    let home = s.path("home");
-    let dir = home.join(".codex");
+/// A home whose Codex uses a provider on `api` with an API key
+/// (`requires_openai_auth`: auth.json's `OPENAI_API_KEY`, a fresh token).
+fn codex_api_key_home(s: &Scratch, api: &Guarded) -> std::path::PathBuf {
     let first = api.mint();
     s.write(
         "home/.codex/config.toml",
@@ -815,6 +816,39 @@ fn codex_exec_through_via_proxy_survives_rotations_between_its_model_calls() {
         "home/.codex/auth.json",
         &format!("{{\n  \"OPENAI_API_KEY\": \"{first}\"\n}}\n"),
     );
+    s.path("home/.codex")
+}
+
+/// One `codex exec "say hi"` with `HOME` in the scratch area.
+fn codex_exec(codex: &std::path::Path, s: &Scratch) -> std::process::Output {
+    let work = s.path("work");
+    fs::create_dir_all(&work).unwrap();
+    Command::new(codex)
+        .args(["exec", "--skip-git-repo-check", "say hi"])
+        .current_dir(&work)
+        .env("HOME", s.path("home"))
+        .env_remove("CODEX_HOME")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("codex")
+}
+
+/// Codex CLI reads its key once per process (measured: 0.171 keeps the
+/// key of its start; after a revoke-at-once rotation in the middle of an
+/// `exec` its next model call is refused, 6 tries, exit 1). Through a
+/// `via_proxy` preset one `codex exec` whose model calls a tool three
+/// times, with a rotation before each answer, is authorised throughout,
+/// and no file of Codex holds the upstream token.
+#[test]
+fn codex_exec_through_via_proxy_survives_rotations_between_its_model_calls() {
+    let _one_at_a_time = real_clients_lock();
+    let codex = client("node_modules/.bin/codex", "Codex CLI");
+    let api = Guarded::start(responses_with_tool_calls);
+    let s = Scratch::new();
+    let dir = codex_api_key_home(&s, &api);
     let backing = Backing::open(&dir);
     let d = start_via_proxy(&s, "codex", &api.url, &[&dir]);
     let served = fs::read_to_string(dir.join("config.toml")).unwrap();
@@ -833,19 +867,7 @@ fn codex_exec_through_via_proxy_survives_rotations_between_its_model_calls() {
             a.rotate(&socket, "up");
         }
     }));
-    let work = s.path("work");
-    fs::create_dir_all(&work).unwrap();
-    let out = Command::new(&codex)
-        .args(["exec", "--skip-git-repo-check", "say hi"])
-        .current_dir(&work)
-        .env("HOME", &home)
-        .env_remove("CODEX_HOME")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("codex");
+    let out = codex_exec(&codex, &s);
     let calls = api.calls();
     let model_calls = calls
         .iter()
@@ -915,26 +937,11 @@ fn chat_tool_first(method: &str, path: &str, body: &[u8]) -> (&'static str, Stri
 /// the mount).
 #[test]
 fn opencode_runs_through_via_proxy_survive_rotations() {
+    let _one_at_a_time = real_clients_lock();
     let opencode = client("node_modules/.bin/opencode", "OpenCode");
     let api = Guarded::start(chat_tool_first);
     let s = Scratch::new();
-    let home = s.path("home");
-    let dir = home.join(".config/opencode");
-    let first = api.mint();
-    let config = serde_json::json!({"$schema": "https://opencode.ai/config.json", "model": "fake/test-model",
-        "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake",
-            "options": {"baseURL": format!("{}/v1", api.url), "apiKey": first},
-            "models": {"test-model": {"name": "Test"}}}}});
-    s.write(
-        "home/.config/opencode/opencode.json",
-        &serde_json::to_string_pretty(&config).unwrap(),
-    );
-    // `opencode auth login` keeps the same key in auth.json too.
-    let data = home.join(".local/share/opencode");
-    s.write(
-        "home/.local/share/opencode/auth.json",
-        &serde_json::json!({"fake": {"type": "api", "key": first}}).to_string(),
-    );
+    let (dir, data) = opencode_home(&s, &api);
     let backing = Backing::open(&dir);
     let data_backing = Backing::open(&data);
     let d = start_via_proxy(&s, "opencode", &api.url, &[&dir, &data]);
@@ -947,31 +954,13 @@ fn opencode_runs_through_via_proxy_survive_rotations() {
     assert!(auth.contains("\"tkfs-"), "{auth}");
     let (socket, a) = (d.socket.clone(), api.clone());
     api.set_hook(Arc::new(move |c: &Call| {
-        let (_, reply) = chat_tool_first("POST", &c.path, &c.body);
-        if reply.contains("\"tool_calls\"") {
+        if is_tool_call(c) {
             a.rotate(&socket, "up");
         }
     }));
-    let work = s.path("work");
-    fs::create_dir_all(&work).unwrap();
     let runs = 3;
     for i in 0..runs {
-        let out = Command::new(&opencode)
-            .args(["run", "say hi"])
-            .current_dir(&work)
-            .env("HOME", &home)
-            // No plugin install from npm, no models.dev, no update check.
-            .env("OPENCODE_PURE", "1")
-            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
-            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
-            .env("OPENCODE_DISABLE_SHARE", "1")
-            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
-            .env_remove("XDG_CONFIG_HOME")
-            .env_remove("XDG_DATA_HOME")
-            .env_remove("OPENCODE_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("opencode");
+        let out = opencode_run(&opencode, &s);
         assert!(
             out.status.success()
                 && String::from_utf8_lossy(&out.stdout).contains("hi from the fake"),
@@ -984,14 +973,7 @@ fn opencode_runs_through_via_proxy_survive_rotations() {
     }
     let calls = api.calls();
     let refused = calls.iter().filter(|c| !c.authorised).count();
-    let tools = calls
-        .iter()
-        .filter(|c| {
-            chat_tool_first("POST", &c.path, &c.body)
-                .1
-                .contains("\"tool_calls\"")
-        })
-        .count();
+    let tools = calls.iter().filter(|c| is_tool_call(c)).count();
     eprintln!(
         "opencode via_proxy: {runs} runs; upstream requests {}, tool calls {tools}, refused {refused}, rotations {}; proxy {}",
         calls.len(),
@@ -1004,6 +986,57 @@ fn opencode_runs_through_via_proxy_survive_rotations() {
     assert_no_upstream_token(&[(&dir, &backing), (&data, &data_backing)], &api);
 }
 
+/// Whether the fake answered this call with a tool call.
+fn is_tool_call(c: &Call) -> bool {
+    chat_tool_first("POST", &c.path, &c.body)
+        .1
+        .contains("\"tool_calls\"")
+}
+
+/// OpenCode's config with a provider on `api` and a literal key (a fresh
+/// token), and the same key in auth.json as `opencode auth login` keeps it.
+fn opencode_home(s: &Scratch, api: &Guarded) -> (std::path::PathBuf, std::path::PathBuf) {
+    let first = api.mint();
+    let config = serde_json::json!({"$schema": "https://opencode.ai/config.json", "model": "fake/test-model",
+        "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake",
+            "options": {"baseURL": format!("{}/v1", api.url), "apiKey": first},
+            "models": {"test-model": {"name": "Test"}}}}});
+    s.write(
+        "home/.config/opencode/opencode.json",
+        &serde_json::to_string_pretty(&config).unwrap(),
+    );
+    s.write(
+        "home/.local/share/opencode/auth.json",
+        &serde_json::json!({"fake": {"type": "api", "key": first}}).to_string(),
+    );
+    (
+        s.path("home/.config/opencode"),
+        s.path("home/.local/share/opencode"),
+    )
+}
+
+/// One `opencode run "say hi"` with `HOME` in the scratch area.
+fn opencode_run(opencode: &std::path::Path, s: &Scratch) -> std::process::Output {
+    let work = s.path("work");
+    fs::create_dir_all(&work).unwrap();
+    Command::new(opencode)
+        .args(["run", "say hi"])
+        .current_dir(&work)
+        .env("HOME", s.path("home"))
+        // No plugin install from npm, no models.dev, no update check.
+        .env("OPENCODE_PURE", "1")
+        .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+        .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+        .env("OPENCODE_DISABLE_SHARE", "1")
+        .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("OPENCODE_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("opencode")
+}
+
 /// Waits until `f` holds, for at most `limit`.
 fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -1011,6 +1044,52 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// One `hermes chat` process, `turns` lines typed on its stdin: each waits
+/// until `seen()` counts the turn's model call, lets the turn finish, then
+/// calls `between()` (not after the last); then `/exit`.
+fn hermes_chat_turns(
+    hermes: &std::path::Path,
+    s: &Scratch,
+    turns: usize,
+    seen: &dyn Fn() -> usize,
+    between: &dyn Fn(),
+) {
+    let work = s.path("work");
+    fs::create_dir_all(&work).unwrap();
+    let mut chat = Command::new(hermes)
+        .args(["chat", "-Q"])
+        .current_dir(&work)
+        .env("HOME", s.path("home"))
+        .env_remove("HERMES_HOME")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(s.path("hermes.out")).unwrap())
+        .stderr(fs::File::create(s.path("hermes.err")).unwrap())
+        .spawn()
+        .expect("hermes");
+    let mut stdin = chat.stdin.take().unwrap();
+    for i in 0..turns {
+        writeln!(stdin, "say hi, turn {i}").unwrap();
+        stdin.flush().unwrap();
+        wait_for(Duration::from_secs(90), "a Hermes turn", || seen() > i);
+        // Let the turn finish before the next line (one typed while it is
+        // busy interrupts it).
+        std::thread::sleep(Duration::from_secs(2));
+        if i + 1 < turns {
+            between();
+        }
+    }
+    writeln!(stdin, "/exit").unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chat.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = chat.kill();
+    let _ = chat.wait();
 }
 
 /// A chat-completions call asking for a stream: one per Hermes turn.
@@ -1030,11 +1109,11 @@ fn streamed_chat(c: &Call) -> bool {
 /// first turn" holds only until the file changes.
 #[test]
 fn hermes_chat_through_via_proxy_survives_a_rotation_between_turns() {
+    let _one_at_a_time = real_clients_lock();
     let hermes = client("hermes-venv/bin/hermes", "Hermes Agent");
     let api = Guarded::start(openai);
     let s = Scratch::new();
-    let home = s.path("home");
-    let dir = home.join(".hermes");
+    let dir = s.path("home/.hermes");
     let first = api.mint();
     s.write(
         "home/.hermes/config.yaml",
@@ -1047,44 +1126,11 @@ fn hermes_chat_through_via_proxy_survives_a_rotation_between_turns() {
         served.contains("api_key: tkfs-") && !served.contains(&api.url),
         "{served}"
     );
-    let work = s.path("work");
-    fs::create_dir_all(&work).unwrap();
-    let mut chat = Command::new(&hermes)
-        .args(["chat", "-Q"])
-        .current_dir(&work)
-        .env("HOME", &home)
-        .env_remove("HERMES_HOME")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .stdin(Stdio::piped())
-        .stdout(fs::File::create(s.path("hermes.out")).unwrap())
-        .stderr(fs::File::create(s.path("hermes.err")).unwrap())
-        .spawn()
-        .expect("hermes");
-    let mut stdin = chat.stdin.take().unwrap();
-    let turns_seen = || api.calls().iter().filter(|c| streamed_chat(c)).count();
     let turns = 4;
-    for i in 0..turns {
-        writeln!(stdin, "say hi, turn {i}").unwrap();
-        stdin.flush().unwrap();
-        wait_for(Duration::from_secs(90), "a Hermes turn", || {
-            turns_seen() > i
-        });
-        // Let the turn finish before the next line (one typed while it is
-        // busy interrupts it).
-        std::thread::sleep(Duration::from_secs(2));
-        if i + 1 < turns {
-            api.rotate(&d.socket, "up");
-        }
-    }
-    writeln!(stdin, "/exit").unwrap();
-    drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while chat.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = chat.kill();
-    let _ = chat.wait();
+    let turns_seen = || api.calls().iter().filter(|c| streamed_chat(c)).count();
+    hermes_chat_turns(&hermes, &s, turns, &turns_seen, &|| {
+        api.rotate(&d.socket, "up");
+    });
     let calls = api.calls();
     let refused: Vec<&Call> = calls.iter().filter(|c| !c.authorised).collect();
     let model_calls = calls
