@@ -502,7 +502,8 @@ fn hermes(o: &Options) -> Mount {
 /// last_refresh}` and the `credential_pool.openai-codex[]` entries Hermes
 /// seeds from it (`source = "device_code"`; other entries are independent
 /// accounts, never touched; with no pool yet, the entry Hermes will add
-/// first). `config.yaml` is left alone: no API key to serve. (For an
+/// first) — when Hermes has such a login or `model.provider` says
+/// `openai-codex`. `config.yaml` is left alone: no API key to serve. (For an
 /// Anthropic login Hermes reads Claude Code's `.credentials.json` itself:
 /// the `claude` preset with `oauth = true` serves it.)
 fn hermes_oauth(o: &Options, dir: PathBuf) -> Mount {
@@ -524,6 +525,18 @@ fn hermes_oauth(o: &Options, dir: PathBuf) -> Mount {
         "last_refresh",
     ));
     let auth = read_json(&dir, "auth.json");
+    let provider = saphyr_first(&read(&dir, "config.yaml").unwrap_or_default())
+        .and_then(|d| yaml_str(&d, &["model", "provider"]));
+    let has = |p: &str| auth.as_ref().and_then(|a| a.pointer(p)).is_some();
+    if !(has("/providers/openai-codex") || provider.as_deref() == Some(P)) {
+        // Not a ChatGPT login (an Anthropic one, say): nothing of Hermes'
+        // own to serve.
+        return Mount {
+            dir,
+            files: Vec::new(),
+            notes: vec!["hermes over an OAuth credential serves auth.json's openai-codex login; this Hermes has none (model.provider is not openai-codex). For an Anthropic login Hermes reads Claude Code's .credentials.json: use the claude preset with oauth = true".into()],
+        };
+    }
     let pool = auth
         .as_ref()
         .and_then(|a| a.pointer("/credential_pool/openai-codex"))
@@ -931,6 +944,50 @@ mod tests {
             codex_routes(&toml::Table::new(), "__ph__", "https://gw.example.com")
                 .0
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn hermes_over_oauth_serves_only_an_openai_codex_login() {
+        let tmp = match tempfile::tempdir() {
+            Ok(t) => t,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let o = Options {
+            credential: "chatgpt".into(),
+            dir: Some(tmp.path().to_owned()),
+            oauth_source: true,
+            ..Options::default()
+        };
+        let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).is_ok();
+        assert!(write("config.yaml", "model:\n  provider: anthropic\n"));
+        assert!(hermes(&o).files.is_empty());
+        assert!(write("config.yaml", "model:\n  provider: openai-codex\n"));
+        let m = hermes(&o);
+        let keys: Vec<String> = m.files[0]
+            .bindings
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        assert_eq!(m.files[0].path, PathBuf::from("auth.json"));
+        assert!(keys.contains(&"providers.openai-codex.tokens.refresh_token".to_string()));
+        // No pool yet: the entry Hermes adds first.
+        assert!(keys.contains(&"credential_pool.openai-codex.0.access_token".to_string()));
+        // A pool: its device_code entries only.
+        assert!(write(
+            "auth.json",
+            r#"{"providers":{"openai-codex":{}},"credential_pool":{"openai-codex":[{"source":"manual:api_key"},{"source":"device_code"}]}}"#
+        ));
+        let keys: Vec<String> = hermes(&o).files[0]
+            .bindings
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        assert!(keys.contains(&"credential_pool.openai-codex.1.refresh_token".to_string()));
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k.starts_with("credential_pool.openai-codex.0."))
         );
     }
 
