@@ -28,6 +28,13 @@ if [ ! -x target/clients/node_modules/.bin/codex ]; then
   npm install --prefix target/clients --no-audit --no-fund --loglevel=error @openai/codex@0.171.0 >/dev/null 2>&1 ||
     echo "setup: could not install Codex CLI; its test will fail" >&2
 fi
+# OpenCode, from the npm registry (its platform binary comes as an npm package).
+if [ ! -x target/clients/node_modules/.bin/opencode ]; then
+  echo "setup: installing OpenCode (npm) for the real-client test" >&2
+  mkdir -p target/clients
+  npm install --prefix target/clients --no-audit --no-fund --loglevel=error opencode-ai@1.18.33 >/dev/null 2>&1 ||
+    echo "setup: could not install OpenCode; its test will fail" >&2
+fi
 # And Hermes Agent, from PyPI, in its own virtualenv.
 if [ ! -x target/clients/hermes-venv/bin/hermes ]; then
   echo "setup: installing Hermes Agent (PyPI) for the real-client test" >&2

@@ -58,7 +58,11 @@ pub fn run(config: Config) -> Result<(), String> {
     let sources = Sources::start(&config, store.clone())?;
     // Before mounting: a port in use fails the start with nothing mounted,
     // and each proxy's local key is in the store before a file renders it.
-    let proxies = Proxies::start(&config.proxies, store.clone())?;
+    let nudger = sources.clone();
+    let nudge: crate::proxy::Nudge = Arc::new(move |credential: &str, origin: &str| {
+        nudger.consumer_refresh(credential, origin);
+    });
+    let proxies = Proxies::start_with(&config.proxies, store.clone(), nudge)?;
     let (tx, rx) = mpsc::channel();
     watch_signals(tx.clone())?;
     let (mounts, mounted, lives) =

@@ -71,12 +71,133 @@ pub struct Mount {
 pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
     let mounts = expand_direct(name, o)?;
     Ok(match &o.via_proxy {
+        Some(via) if name == "codex" => mounts
+            .into_iter()
+            .map(|m| codex_through_proxy(m, o, via))
+            .collect(),
+        Some(via) if name == "opencode" => opencode_through_proxy(mounts, o, via),
         Some(via) => mounts
             .into_iter()
             .map(|m| through_proxy(m, o, via))
             .collect(),
         None => mounts,
     })
+}
+
+/// The suffix of `url` beyond the proxy's upstream (or beyond the proxy's
+/// URL placeholder, once the file shows it), or `None` for a URL elsewhere.
+fn beyond_upstream(url: &str, url_ph: &str, upstream: &str) -> Option<String> {
+    match url
+        .strip_prefix(url_ph)
+        .or_else(|| url.strip_prefix(upstream))
+    {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => Some(rest.to_owned()),
+        _ => None,
+    }
+}
+
+/// Codex's built-in provider's default base URL (`openai_base_url` unset).
+const CODEX_OPENAI_URL: &str = "https://api.openai.com/v1";
+
+/// What a Codex provider routed through the proxy needs: where its base URL
+/// is, the suffix to keep, and where its key comes from.
+struct CodexRoute {
+    url_key: KeyPath,
+    suffix: String,
+    /// The URL key is absent (the built-in default): insert it.
+    insert: bool,
+    /// The key is auth.json's `OPENAI_API_KEY` (`requires_openai_auth`).
+    openai_auth: bool,
+    /// `env_key = "NAME"`: the key is that variable (Codex loads `.env`).
+    env_key: Option<String>,
+    /// `experimental_bearer_token` of the provider, a literal key.
+    bearer: Option<KeyPath>,
+}
+
+/// Codex (0.171) takes its base URL from `config.toml` only: a
+/// `[model_providers.ID]` table's `base_url`, or `openai_base_url` for the
+/// built-in `openai` provider (`OPENAI_BASE_URL` is ignored). Each provider
+/// whose URL is on the proxy's upstream is routed: its URL shows the
+/// proxy's, and its key (auth.json's `OPENAI_API_KEY`, its `env_key` in
+/// `.env`, or `experimental_bearer_token`) the local key.
+fn codex_routes(doc: &toml::Table, url_ph: &str, upstream: &str) -> (Vec<CodexRoute>, Vec<String>) {
+    let (mut routes, mut elsewhere) = (Vec::new(), Vec::new());
+    let builtin = doc.get("openai_base_url").and_then(toml::Value::as_str);
+    if let Some(suffix) = beyond_upstream(builtin.unwrap_or(CODEX_OPENAI_URL), url_ph, upstream) {
+        routes.push(CodexRoute {
+            url_key: key("openai_base_url"),
+            suffix,
+            insert: builtin.is_none(),
+            openai_auth: true,
+            env_key: None,
+            bearer: None,
+        });
+    }
+    let providers = doc.get("model_providers").and_then(toml::Value::as_table);
+    for (id, p) in providers.into_iter().flatten() {
+        let Some(url) = p.get("base_url").and_then(toml::Value::as_str) else {
+            continue;
+        };
+        let Some(suffix) = beyond_upstream(url, url_ph, upstream) else {
+            elsewhere.push(id.clone());
+            continue;
+        };
+        let flag = |k: &str| p.get(k).and_then(toml::Value::as_bool).unwrap_or(false);
+        routes.push(CodexRoute {
+            url_key: segs(&["model_providers", id, "base_url"]),
+            suffix,
+            insert: false,
+            openai_auth: flag("requires_openai_auth"),
+            env_key: p
+                .get("env_key")
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned),
+            bearer: p
+                .get("experimental_bearer_token")
+                .is_some_and(toml::Value::is_str)
+                .then(|| segs(&["model_providers", id, "experimental_bearer_token"])),
+        });
+    }
+    (routes, elsewhere)
+}
+
+/// `via_proxy` for Codex: see [`codex_routes`]. Keys no routed provider
+/// uses keep the real token; ChatGPT-login tokens are never proxied.
+fn codex_through_proxy(mut m: Mount, o: &Options, via: &ViaProxy) -> Mount {
+    let key_slot = format!("proxy.{}.token", via.name);
+    let url_slot = format!("proxy.{}.url", via.name);
+    let url_ph = crate::render::placeholder(&url_slot);
+    let upstream = via.upstream.trim_end_matches('/');
+    let text = read(&m.dir, "config.toml").unwrap_or_default();
+    let doc: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let (routes, elsewhere) = codex_routes(&doc, &url_ph, upstream);
+    for id in elsewhere {
+        m.notes.push(format!(
+            "via_proxy: config.toml model_providers.{id}.base_url points elsewhere than the proxy's upstream; its key keeps the real token"
+        ));
+    }
+    let env_keys: Vec<&str> = routes.iter().filter_map(|r| r.env_key.as_deref()).collect();
+    let openai_auth = routes.iter().any(|r| r.openai_auth);
+    let token_slot = format!("{}.token", o.credential);
+    for f in &mut m.files {
+        codex_route_keys(f, &env_keys, openai_auth, &token_slot, &key_slot);
+    }
+    let mut bindings = Vec::new();
+    for r in routes {
+        bindings.push(Binding {
+            suffix: r.suffix,
+            kind: Kind::Value,
+            insert: r.insert,
+            ..Binding::new(r.url_key, url_slot.clone())
+        });
+        if let Some(k) = r.bearer {
+            bindings.push(Binding::new(k, key_slot.clone()));
+        }
+    }
+    if !bindings.is_empty() {
+        m.files.push(file("config.toml", Format::Toml, bindings, o));
+    }
+    m
 }
 
 fn expand_direct(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
@@ -100,13 +221,69 @@ fn expand_direct(name: &str, o: &Options) -> Result<Vec<Mount>, String> {
 const URL_BESIDE_KEY: [(&str, &str); 8] = [
     ("api_key", "base_url"),                        // Hermes config.yaml
     ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"), // Claude settings.json env
-    ("OPENAI_API_KEY", "OPENAI_BASE_URL"),          // Codex .env
+    ("OPENAI_API_KEY", "OPENAI_BASE_URL"),          // Hermes .env (Codex: see codex_routes)
     ("GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL"),   // Gemini .env
     ("apiKey", "baseURL"),                          // OpenCode provider options
     ("token", "host"),                              // ~/.databrickscfg
     ("DATABRICKS_TOKEN", "DATABRICKS_HOST"),
     ("GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"),
 ];
+
+/// `via_proxy` for OpenCode: `opencode.json` as every preset (each
+/// provider's `options.apiKey` beside its `options.baseURL`), and the
+/// `auth.json` key of every provider whose `baseURL` is on the upstream
+/// shows the local key too (OpenCode sends the config's key when both
+/// exist, measured with 1.18.33, and auth.json's when the config has none:
+/// then the config's `baseURL` shows the proxy's URL as well), so neither
+/// file holds the upstream token.
+fn opencode_through_proxy(mounts: Vec<Mount>, o: &Options, via: &ViaProxy) -> Vec<Mount> {
+    let token_slot = format!("{}.token", o.credential);
+    let key_slot = format!("proxy.{}.token", via.name);
+    let url_slot = format!("proxy.{}.url", via.name);
+    let url_ph = crate::render::placeholder(&url_slot);
+    let upstream = via.upstream.trim_end_matches('/');
+    let mut mounts: Vec<Mount> = mounts
+        .into_iter()
+        .map(|m| through_proxy(m, o, via))
+        .collect();
+    let Some((config, data)) = mounts.split_first_mut() else {
+        return mounts;
+    };
+    let cfg = read_json(&config.dir, "opencode.json");
+    let on_upstream = |id: &str| {
+        cfg.as_ref()
+            .and_then(|c| c.pointer(&format!("/provider/{id}/options/baseURL")))
+            .and_then(Value::as_str)
+            .and_then(|u| beyond_upstream(u, &url_ph, upstream))
+    };
+    let mut urls = Vec::new();
+    for b in data
+        .iter_mut()
+        .flat_map(|m| m.files.iter_mut())
+        .flat_map(|f| f.bindings.iter_mut())
+    {
+        let Some(id) = b.key.segments().first().cloned() else {
+            continue;
+        };
+        if let (true, Some(suffix)) = (b.slot == token_slot, on_upstream(&id)) {
+            b.slot = key_slot.clone();
+            urls.push((id, suffix));
+        }
+    }
+    if let Some(f) = config.files.first_mut() {
+        for (id, suffix) in urls {
+            let k = segs(&["provider", &id, "options", "baseURL"]);
+            if !f.bindings.iter().any(|b| b.key.segments() == k.segments()) {
+                f.bindings.push(Binding {
+                    suffix,
+                    kind: Kind::Value,
+                    ..Binding::new(k, url_slot.clone())
+                });
+            }
+        }
+    }
+    mounts
+}
 
 /// Rewrites a mount for `via_proxy`: each key whose file also has (or may
 /// insert) the base URL beside it shows the proxy's local key, and the URL
@@ -232,6 +409,50 @@ pub fn base_urls(m: &Mount, credential: &str) -> Vec<String> {
     urls
 }
 
+/// Points the keys of `f` that a routed Codex provider uses at the local
+/// key (`.env` variables a provider's `env_key` names, inserted if absent;
+/// auth.json's `OPENAI_API_KEY`); the others keep the real token, and are
+/// never inserted.
+fn codex_route_keys(
+    f: &mut ManagedConfig,
+    env_keys: &[&str],
+    openai_auth: bool,
+    token_slot: &str,
+    key_slot: &str,
+) {
+    let name = f.path.to_string_lossy().into_owned();
+    for b in f.bindings.iter_mut().filter(|b| b.slot == token_slot) {
+        let last = b.key.segments().last().map(String::as_str).unwrap_or("");
+        let routed = match name.as_str() {
+            ".env" => env_keys.contains(&last),
+            "auth.json" => openai_auth && last == "OPENAI_API_KEY",
+            _ => false,
+        };
+        if routed {
+            b.slot = key_slot.to_owned();
+        } else {
+            // Never add a real token the agent does not even use.
+            b.insert = false;
+        }
+    }
+    if name == ".env" {
+        let missing: Vec<&&str> = env_keys
+            .iter()
+            .filter(|k| {
+                !f.bindings
+                    .iter()
+                    .any(|b| b.key.segments() == [k.to_string()])
+            })
+            .collect();
+        for k in missing {
+            f.bindings.push(Binding {
+                insert: true,
+                ..Binding::new(key(k), key_slot.to_owned())
+            });
+        }
+    }
+}
+
 fn dir_of(o: &Options, env: Option<&str>, default: &str) -> PathBuf {
     if let Some(d) = &o.dir {
         return d.clone();
@@ -294,6 +515,9 @@ fn is_loopback(url: &str) -> bool {
 /// holding the same token.
 fn hermes(o: &Options) -> Mount {
     let dir = dir_of(o, Some("HERMES_HOME"), "~/.hermes");
+    if o.oauth_source {
+        return hermes_oauth(o, dir);
+    }
     let mut bindings = vec![bind(key("model.api_key"), o, "token", true)];
     let text = read(&dir, "config.yaml").unwrap_or_default();
     let doc = saphyr_first(&text);
@@ -336,6 +560,69 @@ fn hermes(o: &Options) -> Mount {
     Mount {
         dir,
         files,
+        notes: Vec::new(),
+    }
+}
+
+/// Hermes fed by an OAuth session (`source = "oauth"`): its own copy of a
+/// ChatGPT login in `auth.json` — `providers.openai-codex.{tokens.*,
+/// last_refresh}` and the `credential_pool.openai-codex[]` entries Hermes
+/// seeds from it (`source = "device_code"`; other entries are independent
+/// accounts, never touched; with no pool yet, the entry Hermes will add
+/// first) — when Hermes has such a login or `model.provider` says
+/// `openai-codex`. `config.yaml` is left alone: no API key to serve. (For an
+/// Anthropic login Hermes reads Claude Code's `.credentials.json` itself:
+/// the `claude` preset with `oauth = true` serves it.)
+fn hermes_oauth(o: &Options, dir: PathBuf) -> Mount {
+    const P: &str = "openai-codex";
+    let value = |k: KeyPath, f: &str| Binding {
+        kind: Kind::Value,
+        ..bind(k, o, f, false)
+    };
+    let mut bindings: Vec<Binding> = ["access_token", "refresh_token", "id_token"]
+        .iter()
+        .map(|f| bind(segs(&["providers", P, "tokens", f]), o, f, false))
+        .collect();
+    bindings.push(value(
+        segs(&["providers", P, "tokens", "account_id"]),
+        "account_id",
+    ));
+    bindings.push(value(
+        segs(&["providers", P, "last_refresh"]),
+        "last_refresh",
+    ));
+    let auth = read_json(&dir, "auth.json");
+    let provider = saphyr_first(&read(&dir, "config.yaml").unwrap_or_default())
+        .and_then(|d| yaml_str(&d, &["model", "provider"]));
+    let has = |p: &str| auth.as_ref().and_then(|a| a.pointer(p)).is_some();
+    if !(has("/providers/openai-codex") || provider.as_deref() == Some(P)) {
+        // Not a ChatGPT login (an Anthropic one, say): nothing of Hermes'
+        // own to serve.
+        return Mount {
+            dir,
+            files: Vec::new(),
+            notes: vec!["hermes over an OAuth credential serves auth.json's openai-codex login; this Hermes has none (model.provider is not openai-codex). For an Anthropic login Hermes reads Claude Code's .credentials.json: use the claude preset with oauth = true".into()],
+        };
+    }
+    let pool = auth
+        .as_ref()
+        .and_then(|a| a.pointer("/credential_pool/openai-codex"))
+        .and_then(Value::as_array);
+    let entries: Vec<usize> = match pool {
+        Some(list) => (0..list.len())
+            .filter(|i| list[*i].get("source").and_then(Value::as_str) == Some("device_code"))
+            .collect(),
+        None => vec![0],
+    };
+    for i in entries.iter().map(usize::to_string) {
+        let at = |k: &str| segs(&["credential_pool", P, &i, k]);
+        bindings.push(bind(at("access_token"), o, "access_token", false));
+        bindings.push(bind(at("refresh_token"), o, "refresh_token", false));
+        bindings.push(value(at("last_refresh"), "last_refresh"));
+    }
+    Mount {
+        dir,
+        files: vec![file("auth.json", Format::Json, bindings, o)],
         notes: Vec::new(),
     }
 }
@@ -714,6 +1001,92 @@ mod tests {
         assert_eq!(
             default_url_path(&k(&["OPENAI_API_KEY"]), "https://api.openai.co"),
             ""
+        );
+    }
+
+    #[test]
+    fn codex_providers_on_the_upstream_are_routed() {
+        let doc: toml::Table = toml::from_str(
+            "openai_base_url = \"https://gw.example.com/v1\"\n[model_providers.a]\nbase_url = \"https://gw.example.com/serving-endpoints/x\"\nenv_key = \"A_KEY\"\n[model_providers.b]\nbase_url = \"https://else.example.com/v1\"\nrequires_openai_auth = true\n[model_providers.c]\nbase_url = \"https://gw.example.com.evil/v1\"\n",
+        )
+        .unwrap_or_default();
+        let (routes, elsewhere) = codex_routes(&doc, "__ph__", "https://gw.example.com");
+        let got: Vec<(String, String, bool, Option<String>)> = routes
+            .iter()
+            .map(|r| {
+                (
+                    r.url_key.to_string(),
+                    r.suffix.clone(),
+                    r.openai_auth,
+                    r.env_key.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("openai_base_url".into(), "/v1".into(), true, None),
+                (
+                    "model_providers.a.base_url".into(),
+                    "/serving-endpoints/x".into(),
+                    false,
+                    Some("A_KEY".into())
+                ),
+            ]
+        );
+        assert_eq!(elsewhere, vec!["b".to_string(), "c".to_string()]);
+        // Unset, the built-in provider goes to api.openai.com: routed (and
+        // the URL inserted) only for a proxy in front of it.
+        let (routes, _) = codex_routes(&toml::Table::new(), "__ph__", CODEX_OPENAI_URL);
+        assert!(routes.len() == 1 && routes[0].insert);
+        assert!(
+            codex_routes(&toml::Table::new(), "__ph__", "https://gw.example.com")
+                .0
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn hermes_over_oauth_serves_only_an_openai_codex_login() {
+        let tmp = match tempfile::tempdir() {
+            Ok(t) => t,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let o = Options {
+            credential: "chatgpt".into(),
+            dir: Some(tmp.path().to_owned()),
+            oauth_source: true,
+            ..Options::default()
+        };
+        let write = |name: &str, text: &str| std::fs::write(tmp.path().join(name), text).is_ok();
+        assert!(write("config.yaml", "model:\n  provider: anthropic\n"));
+        assert!(hermes(&o).files.is_empty());
+        assert!(write("config.yaml", "model:\n  provider: openai-codex\n"));
+        let m = hermes(&o);
+        let keys: Vec<String> = m.files[0]
+            .bindings
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        assert_eq!(m.files[0].path, PathBuf::from("auth.json"));
+        assert!(keys.contains(&"providers.openai-codex.tokens.refresh_token".to_string()));
+        // No pool yet: the entry Hermes adds first.
+        assert!(keys.contains(&"credential_pool.openai-codex.0.access_token".to_string()));
+        // A pool: its device_code entries only.
+        assert!(write(
+            "auth.json",
+            r#"{"providers":{"openai-codex":{}},"credential_pool":{"openai-codex":[{"source":"manual:api_key"},{"source":"device_code"}]}}"#
+        ));
+        let keys: Vec<String> = hermes(&o).files[0]
+            .bindings
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        assert!(keys.contains(&"credential_pool.openai-codex.1.refresh_token".to_string()));
+        assert!(
+            !keys
+                .iter()
+                .any(|k| k.starts_with("credential_pool.openai-codex.0."))
         );
     }
 

@@ -82,6 +82,14 @@ const KEPT_BODIES_BUDGET: usize = 64 << 20;
 /// The reserved path prefix; never forwarded.
 const RESERVED: &str = "/.tokenfs/";
 const HEALTH: &str = "/.tokenfs/health";
+/// An OAuth token endpoint for consumers (see [`token_endpoint`]).
+const TOKEN: &str = "/.tokenfs/token";
+/// How long the token endpoint waits for the refresh it asked for.
+const TOKEN_WAIT: Duration = Duration::from_secs(5);
+
+/// Asks a credential's source to refresh now: `(credential, origin)`.
+/// Rate-limited by the source; never blocks.
+pub type Nudge = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// Headers a client may carry its API key in (lowercase).
 const KEY_HEADERS: [&str; 4] = ["authorization", "x-api-key", "x-goog-api-key", "api-key"];
@@ -129,6 +137,7 @@ pub struct Proxy {
     /// send them); the count in between goes into the next line.
     refusals_unlogged: AtomicU64,
     refusal_logged_at: Mutex<Option<Instant>>,
+    nudge: Nudge,
 }
 
 #[derive(Default)]
@@ -179,7 +188,18 @@ impl Proxies {
 
     /// Binds every listener, makes each proxy's local key (published into
     /// `store` as `proxy.NAME`), and serves them on one runtime thread.
+    /// `start_with` a nudge that does nothing (no source to ask).
     pub fn start(configs: &[ProxyConfig], store: Arc<Store>) -> Result<Proxies, String> {
+        Proxies::start_with(configs, store, Arc::new(|_: &str, _: &str| {}))
+    }
+
+    /// Binds and serves every proxy; `nudge` asks a credential's source to
+    /// refresh (the token endpoint).
+    pub fn start_with(
+        configs: &[ProxyConfig],
+        store: Arc<Store>,
+        nudge: Nudge,
+    ) -> Result<Proxies, String> {
         if configs.is_empty() {
             return Ok(Proxies::none());
         }
@@ -194,7 +214,7 @@ impl Proxies {
             .map_err(|e| format!("cannot start the proxy runtime: {e}"))?;
         let started = configs
             .iter()
-            .map(|cfg| Proxy::bind(cfg, &store))
+            .map(|cfg| Proxy::bind(cfg, &store, &nudge))
             .collect::<Result<Vec<_>, String>>()?;
         let proxies = started.iter().map(|(p, _, _)| p.clone()).collect();
         let stop = Arc::new(Notify::new());
@@ -247,6 +267,7 @@ impl Proxy {
     fn bind(
         cfg: &ProxyConfig,
         store: &Arc<Store>,
+        nudge: &Nudge,
     ) -> Result<(Arc<Proxy>, std::net::TcpListener, UpstreamClient), String> {
         let name = &cfg.name;
         let fail = |e: &dyn std::fmt::Display| format!("proxy `{name}`: {e}");
@@ -270,6 +291,7 @@ impl Proxy {
             kept: Arc::new(AtomicUsize::new(0)),
             refusals_unlogged: AtomicU64::new(0),
             refusal_logged_at: Mutex::new(None),
+            nudge: nudge.clone(),
         });
         let published = Update {
             fields: vec![
@@ -548,6 +570,9 @@ async fn handle(
     let started = Instant::now();
     let key = check_key(&proxy, req.headers());
     let path = req.uri().path();
+    if path == TOKEN && req.method() == Method::POST {
+        return Ok(token_endpoint(&proxy, req).await);
+    }
     if path.starts_with(RESERVED) {
         return Ok(if path == HEALTH && req.method() == Method::GET {
             health(&proxy, matches!(key, KeyCheck::Valid(_)))
@@ -1328,6 +1353,120 @@ fn json_error(status: StatusCode, kind: &str, message: &str) -> Response<OutBody
         status,
         &serde_json::json!({ "error": { "type": kind, "message": message } }),
     )
+}
+
+/// `POST /.tokenfs/token`: an OAuth token endpoint for a consumer whose own
+/// refresh can be pointed at a URL (Codex: `CODEX_REFRESH_TOKEN_URL_OVERRIDE`).
+/// It takes one grant: the current decoy refresh token of the proxy's
+/// credential (only processes that may read the consumer's 0600 files have
+/// it). tokenfs then refreshes (rate-limited by `min_refresh_interval`),
+/// waits for it up to `TOKEN_WAIT`, and answers with the session its files
+/// now show, so a consumer refused by the API far from expiry (case g) is
+/// authorised again at once, and the real chain is spent by tokenfs alone.
+async fn token_endpoint(proxy: &Proxy, req: Request<Incoming>) -> Response<OutBody> {
+    let credential = proxy.config.slot.credential.clone();
+    let decoy = crate::store::SlotRef {
+        credential: credential.clone(),
+        field: Field::RefreshToken,
+    };
+    let body = read_small(req.into_body(), 64 * 1024).await;
+    let presented = body.as_deref().and_then(refresh_token_param);
+    let before = proxy.store.snapshot();
+    let current = before.get(&decoy).filter(|d| {
+        d.expose_str()
+            .starts_with(crate::source::oauth::DECOY_PREFIX)
+    });
+    let valid = match (presented.as_ref(), current) {
+        (Some(p), Some(c)) => bool::from(p.expose().ct_eq(c.expose())),
+        _ => false,
+    };
+    if !valid {
+        proxy.stats.refused.fetch_add(1, Ordering::Relaxed);
+        info!(proxy = %proxy.config.name, "token endpoint: refused a grant that is not the current decoy refresh token");
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "invalid_grant", "error_description": "tokenfs: not the current refresh token of this session"}),
+        );
+    }
+    info!(proxy = %proxy.config.name, credential = %credential, "token endpoint: a consumer asked for a refresh");
+    (proxy.nudge)(
+        &credential,
+        &format!("proxy `{}` token endpoint", proxy.config.name),
+    );
+    let deadline = Instant::now() + TOKEN_WAIT;
+    loop {
+        let now = proxy.store.snapshot();
+        if now.get(&decoy) != current || Instant::now() >= deadline {
+            return session_response(&now, &credential);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The session a token endpoint answers: what the consumers' files show.
+fn session_response(snap: &Snapshot, credential: &str) -> Response<OutBody> {
+    let Some(c) = snap.credentials.get(credential) else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_session",
+            "tokenfs has no session for this credential",
+        );
+    };
+    let field = |f: Field| c.fields.get(&f).map(|s| s.expose_str().to_owned());
+    let Some(access) = field(Field::AccessToken).or_else(|| field(Field::Token)) else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_session",
+            "tokenfs has no access token for this credential",
+        );
+    };
+    let mut body = serde_json::json!({"access_token": access, "token_type": "Bearer"});
+    for (k, f) in [
+        ("refresh_token", Field::RefreshToken),
+        ("id_token", Field::IdToken),
+    ] {
+        if let Some(v) = field(f) {
+            body[k] = v.into();
+        }
+    }
+    if let Some(left) = c
+        .expires_at
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+    {
+        body["expires_in"] = left.as_secs().into();
+    }
+    json_response(StatusCode::OK, &body)
+}
+
+/// A request body of at most `limit` bytes (else `None`), read within a second.
+async fn read_small(mut body: Incoming, limit: usize) -> Option<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame.ok()?.data_ref() {
+                out.extend_from_slice(d);
+                if out.len() > limit {
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `refresh_token` of a JSON or form-encoded token request.
+fn refresh_token_param(body: &[u8]) -> Option<Secret> {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        return v["refresh_token"].as_str().map(Secret::new);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "refresh_token")
+        .map(|(_, v)| Secret::new(v.replace("%2D", "-").replace("%2d", "-")))
 }
 
 /// `GET /.tokenfs/health`: liveness for anyone; with the local key, the

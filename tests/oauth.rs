@@ -162,6 +162,14 @@ impl Rig {
     }
 }
 
+/// The tests that run real CLIs (node, Python) take turns: run together
+/// they load two shared cores enough to stretch the CLIs' own timing (Claude
+/// Code's two refresh attempts spread past `min_refresh_interval`).
+fn real_clients_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn json(path: &Path) -> serde_json::Value {
     let text = fs::read_to_string(path).expect("read");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
@@ -844,6 +852,7 @@ fn case_g_an_api_401_far_from_expiry_ends_with_every_consumer_authorised() {
 /// 330: none), so the lifetime here is 15 min and refreshes are rotations.
 #[test]
 fn codex_cli_across_refreshes_and_after_an_api_401() {
+    let _one_at_a_time = real_clients_lock();
     let codex =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/codex");
     assert!(
@@ -1024,6 +1033,7 @@ bind = {{ "tokens.access_token" = "codex.access_token", "tokens.refresh_token" =
 /// does not refresh on its own.
 #[test]
 fn claude_code_across_refreshes() {
+    let _one_at_a_time = real_clients_lock();
     let claude =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/claude");
     assert!(
@@ -1124,30 +1134,13 @@ impl Drop for TlsFront {
 }
 
 fn tls_front(s: &Scratch, host: &str, ip: &str, to: &str) -> TlsFront {
-    let dir = s.path("tls");
-    fs::create_dir_all(&dir).unwrap();
-    let sh = |script: &str| {
-        let ok = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(&dir)
-            .output()
-            .expect("sh");
-        assert!(
-            ok.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-    };
-    sh(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=tokenfs-test-ca",
-    );
-    sh(&format!(
-        "openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj /CN={host} && \
-         printf 'subjectAltName=DNS:{host}' > ext && \
-         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext"
-    ));
-    let script = r#"
+    tls_front_for(s, &[host], ip, to)
+}
+
+/// `tls_front` for several host names (one certificate, one address).
+/// A TLS forwarder (Python's ssl module) on `ip:443` with `leaf.pem`, to
+/// `host:port`; prints `ready` once listening.
+const TLS_FORWARDER: &str = r#"
 import socket, ssl, sys, threading
 ip, target = sys.argv[1], sys.argv[2].split(':')
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -1176,9 +1169,42 @@ while True:
     c, _ = srv.accept()
     threading.Thread(target=handle, args=(c,), daemon=True).start()
 "#;
+
+/// A throw-away CA (`ca.pem`) and a leaf certificate for `hosts` in `dir`.
+fn make_certs(dir: &Path, hosts: &[&str]) {
+    let host = hosts[0];
+    let san: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+    let san = san.join(",");
+    let sh = |script: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .output()
+            .expect("sh");
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=tokenfs-test-ca",
+    );
+    sh(&format!(
+        "openssl req -newkey rsa:2048 -nodes -keyout leaf.key -out leaf.csr -subj /CN={host} && \
+         printf 'subjectAltName={san}' > ext && \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile ext"
+    ));
+}
+
+fn tls_front_for(s: &Scratch, hosts: &[&str], ip: &str, to: &str) -> TlsFront {
+    let dir = s.path("tls");
+    fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir, hosts);
     let mut child = Command::new("python3")
         .arg("-c")
-        .arg(script)
+        .arg(TLS_FORWARDER)
         .arg(ip)
         .arg(to.trim_start_matches("http://"))
         .current_dir(&dir)
@@ -1192,12 +1218,16 @@ while True:
     )
     .unwrap();
     assert_eq!(line.trim(), "ready");
-    let hosts = dir.join("hosts");
-    fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} {host}\n")).unwrap();
+    let file = dir.join("hosts");
+    fs::write(
+        &file,
+        format!("127.0.0.1 localhost\n{ip} {}\n", hosts.join(" ")),
+    )
+    .unwrap();
     TlsFront {
         child,
         ca: dir.join("ca.pem"),
-        hosts,
+        hosts: file,
     }
 }
 
@@ -1208,6 +1238,7 @@ while True:
 /// signal to refresh: the next run is authorised, the server saw no reuse.
 #[test]
 fn claude_code_case_g_with_a_decoy() {
+    let _one_at_a_time = real_clients_lock();
     let claude =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/node_modules/.bin/claude");
     assert!(
@@ -1563,4 +1594,399 @@ bind = {{ "claudeAiOauth.accessToken" = "sess.access_token", "claudeAiOauth.refr
     );
     assert_eq!(json(&claude)["claudeAiOauth"]["subscriptionType"], "max");
     assert_eq!(fake.reuses(), 0);
+}
+
+/// Runs `program` inside `unshare -m` with `hosts` bind-mounted over
+/// /etc/hosts (the real file is never touched).
+fn with_hosts(hosts: &Path, program: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.arg("-m")
+        .arg("sh")
+        .arg("-c")
+        .arg("mount --bind \"$1\" /etc/hosts && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(hosts)
+        .arg(program);
+    c
+}
+
+/// Hermes' `auth.json` after a ChatGPT login (`hermes auth`): its own copy
+/// of the session and the pool entry it seeds from it.
+fn hermes_codex_login_file() -> String {
+    let tokens = serde_json::json!({"id_token": "none", "access_token": "none", "refresh_token": "none", "account_id": "none"});
+    serde_json::to_string_pretty(&serde_json::json!({
+        "version": 1,
+        "active_provider": "openai-codex",
+        "providers": {"openai-codex": {"tokens": tokens, "last_refresh": "2026-12-01T00:00:00Z", "auth_mode": "chatgpt"}},
+        "credential_pool": {"openai-codex": [{
+            "id": "a1b2c3", "label": "someone@example.com", "auth_type": "oauth", "priority": 0,
+            "source": "device_code", "access_token": "none", "refresh_token": "none",
+            "base_url": "https://chatgpt.com/backend-api/codex", "last_refresh": "2026-12-01T00:00:00Z",
+            "request_count": 0}]}
+    }))
+    .unwrap_or_default()
+}
+
+/// Codex's `auth.json` after a ChatGPT login.
+const CODEX_CHATGPT_AUTH: &str = r#"{"auth_mode":"chatgpt","OPENAI_API_KEY":null,"tokens":{"id_token":"none","access_token":"none","refresh_token":"none","account_id":"none"},"last_refresh":"2026-12-01T00:00:00Z"}"#;
+
+/// A real client under target/clients; missing fails the test.
+fn client_bin(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/clients")
+        .join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/test.sh installs it",
+        p.display()
+    );
+    p
+}
+
+/// One ChatGPT session (`source = "oauth"`, decoy refresh tokens) that
+/// tokenfs owns, feeding the real Codex CLI (`codex` preset) and the real
+/// Hermes Agent (`hermes` preset); a proxy on the credential offers its
+/// token endpoint.
+struct ChatGpt {
+    s: Scratch,
+    fake: Fake,
+    home: PathBuf,
+    codex_dir: PathBuf,
+    hermes_dir: PathBuf,
+    backings: Vec<(&'static str, Backing)>,
+    d: Daemon,
+    /// auth.openai.com and chatgpt.com mapped to the fake (Hermes' token
+    /// URL and its pool entry's base_url are fixed).
+    front: Option<TlsFront>,
+}
+
+fn chatgpt_files(s: &Scratch, api: &str) {
+    s.write(
+        "home/.hermes/config.yaml",
+        "model:\n  provider: openai-codex\n  default: gpt-5.5\n",
+    );
+    s.write("home/.hermes/auth.json", &hermes_codex_login_file());
+    s.write(
+        "home/.codex/config.toml",
+        &format!(
+            "model = \"test-model\"\nmodel_provider = \"fake\"\nchatgpt_base_url = \"{api}/backend-api/\"\ncheck_for_update_on_startup = false\n\n[model_providers.fake]\nname = \"fake\"\nbase_url = \"{api}/v1\"\nwire_api = \"responses\"\nrequires_openai_auth = true\n"
+        ),
+    );
+    s.write("home/.codex/auth.json", CODEX_CHATGPT_AUTH);
+}
+
+fn chatgpt_rig(front: bool) -> ChatGpt {
+    let fake = Fake::start(Duration::from_secs(900));
+    fake.state.lock().jwt = true;
+    let s = Scratch::new();
+    let front = front.then(|| {
+        tls_front_for(
+            &s,
+            &["auth.openai.com", "chatgpt.com"],
+            "127.0.0.3",
+            &fake.url,
+        )
+    });
+    chatgpt_files(&s, &fake.url);
+    let home = s.path("home");
+    let (codex_dir, hermes_dir) = (home.join(".codex"), home.join(".hermes"));
+    let backings = vec![
+        ("codex", Backing::open(&codex_dir)),
+        ("hermes", Backing::open(&hermes_dir)),
+    ];
+    let cfg = format!(
+        "[control]\nsocket = \"{sock}\"\n[credentials.chatgpt]\nsource = \"oauth\"\nprovider = \"openai\"\ntoken_url = \"{url}\"\nrefresh_before = \"300s\"\nmin_refresh_interval = \"1s\"\n[[proxy]]\nname = \"chatgpt\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{api}\"\ncredential = \"chatgpt\"\n[[mount]]\npreset = \"codex\"\ncredential = \"chatgpt\"\n[[mount]]\npreset = \"hermes\"\ncredential = \"chatgpt\"\n",
+        sock = s.socket().display(),
+        url = fake.token_url(),
+        api = fake.url,
+    );
+    let home_s = home.display().to_string();
+    let env = [
+        ("HOME", home_s.as_str()),
+        ("HERMES_HOME", ""),
+        ("CODEX_HOME", ""),
+    ];
+    let d = Daemon::start_env(&s, &cfg, &[&codex_dir, &hermes_dir], &env);
+    let rig = ChatGpt {
+        s,
+        fake,
+        home,
+        codex_dir,
+        hermes_dir,
+        backings,
+        d,
+        front,
+    };
+    rig.import_login();
+    rig
+}
+
+impl ChatGpt {
+    /// A login at the fake, given to tokenfs as Codex's file.
+    fn import_login(&self) {
+        let (at, rt) = self.fake.login();
+        let login = self.s.write(
+            "login/auth.json",
+            &serde_json::json!({"tokens": {"access_token": at, "refresh_token": rt}}).to_string(),
+        );
+        let out = Command::new(BIN)
+            .args(["import", "chatgpt", "--from", "codex", "--socket"])
+            .arg(self.s.socket())
+            .arg(&login)
+            .output()
+            .expect("tokenfs import");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn refreshes(&self) -> u64 {
+        self.d.status()["credentials"][0]["oauth"]["refresh_count"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    fn rotate(&self) {
+        control::call(
+            &self.d.socket,
+            &Request::Rotate {
+                name: "chatgpt".into(),
+            },
+        )
+        .expect("rotate");
+    }
+
+    /// The access token a consumer's view shows (Hermes' or Codex's file).
+    fn access(&self, dir: &Path) -> String {
+        let v = json(&dir.join("auth.json"));
+        v["providers"]["openai-codex"]["tokens"]["access_token"]
+            .as_str()
+            .or(v["tokens"]["access_token"].as_str())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// The proxy's token endpoint.
+    fn endpoint(&self) -> String {
+        let url = self.d.status()["proxies"][0]["url"].clone();
+        format!("{}/.tokenfs/token", url.as_str().unwrap_or(""))
+    }
+
+    /// (API calls, refused ones) at the fake.
+    fn api_calls(&self) -> (usize, usize) {
+        let st = self.fake.state.lock();
+        (
+            st.api_calls.len(),
+            st.api_calls.iter().filter(|c| !c.1).count(),
+        )
+    }
+}
+
+impl ChatGpt {
+    /// `hermes -z "say hi"` with the hosts mapped; (authorised, output).
+    fn run_hermes(&self) -> (bool, String) {
+        let front = self.front.as_ref().expect("the hosts are mapped");
+        let out = with_hosts(&front.hosts, &client_bin("hermes-venv/bin/hermes"))
+            .args(["-z", "say hi"])
+            .env("HOME", &self.home)
+            .env_remove("HERMES_HOME")
+            .env_remove("CODEX_HOME")
+            .env_remove("OPENAI_API_KEY")
+            .env("SSL_CERT_FILE", &front.ca)
+            .env("REQUESTS_CA_BUNDLE", &front.ca)
+            .current_dir(&self.home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("hermes");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        (
+            stdout.contains("hi from the fake"),
+            format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    /// `codex exec` with its token endpoint at `token_url`.
+    fn run_codex(&self, token_url: &str) -> (bool, String) {
+        let out = Command::new(client_bin("node_modules/.bin/codex"))
+            .args(["exec", "--skip-git-repo-check", "say hi"])
+            .env("HOME", &self.home)
+            .env_remove("CODEX_HOME")
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", token_url)
+            .env_remove("OPENAI_API_KEY")
+            .current_dir(&self.home)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("codex");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && text.contains("hi from the fake"),
+            text,
+        )
+    }
+
+    /// No file on disk under either mount holds a token (JWTs start `eyJ`,
+    /// the fake's refresh tokens `rt-`).
+    fn assert_no_token_on_disk(&self) {
+        for (name, b) in &self.backings {
+            for (path, bytes) in b.all_files() {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !text.contains("eyJ") && !text.contains("rt-0"),
+                    "{name} {} holds a token:\n{text}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// 1 when a run was authorised; prints the output of one that was not.
+fn counted(what: &str, i: usize, (ok, text): (bool, String)) -> usize {
+    if !ok {
+        eprintln!("{what} run {i} failed:\n{text}");
+    }
+    ok as usize
+}
+
+/// The real Hermes Agent 0.19 (`model.provider: openai-codex`) and the real
+/// Codex CLI as consumers of one ChatGPT session that tokenfs owns, each
+/// through its preset: Hermes' `auth.json` (`providers.openai-codex` and
+/// its `credential_pool` entry) and Codex's. Hermes' token endpoint is
+/// fixed (`https://auth.openai.com/oauth/token`): inside `unshare -m` it
+/// is mapped to the fake behind a throw-away CA, so any refresh Hermes
+/// tried would be counted. Across tokenfs's refreshes every run is
+/// authorised and no consumer sends a refresh token.
+#[test]
+fn hermes_openai_codex_and_codex_share_one_session_across_refreshes() {
+    let _one_at_a_time = real_clients_lock();
+    let r = chatgpt_rig(true);
+    let before_runs = r.fake.calls();
+    let runs = 4;
+    let (mut hermes_ok, mut codex_ok) = (0, 0);
+    for i in 0..runs {
+        hermes_ok += counted("hermes", i, r.run_hermes());
+        codex_ok += counted("codex", i, r.run_codex(&r.fake.token_url()));
+        r.rotate();
+    }
+    let (api, refused) = r.api_calls();
+    eprintln!(
+        "hermes {hermes_ok}/{runs} and codex {codex_ok}/{runs} runs authorised across {} tokenfs refreshes; API calls {api}, refused {refused}; token-endpoint calls during the runs {}, decoys sent {}, reuses {}",
+        r.refreshes(),
+        r.fake.calls() - before_runs,
+        r.fake.unknown(),
+        r.fake.reuses()
+    );
+    assert_eq!((hermes_ok, codex_ok), (runs, runs));
+    assert_eq!(refused, 0);
+    assert_eq!(
+        r.fake.unknown(),
+        0,
+        "a consumer sent a (decoy) refresh token"
+    );
+    assert_eq!(r.fake.reuses(), 0);
+    assert_eq!(r.fake.calls() - before_runs, runs, "only tokenfs refreshed");
+    // Hermes' view is the session tokenfs serves; no disk copy holds one.
+    let current = r.access(&r.hermes_dir);
+    assert!(r.fake.access_valid(&current));
+    let pool = json(&r.hermes_dir.join("auth.json"))["credential_pool"]["openai-codex"][0].clone();
+    assert_eq!(pool["access_token"].as_str(), Some(current.as_str()));
+    r.assert_no_token_on_disk();
+    hermes_case_g(&r, &current);
+}
+
+/// Case g with Hermes: the API refuses the access token far from expiry.
+/// Its token URL is fixed (no endpoint of tokenfs to point it at).
+/// Measured: it sends its decoy 4 times, fails the run and writes nothing,
+/// so tokenfs hears nothing; tokenfs's next refresh heals it.
+fn hermes_case_g(r: &ChatGpt, current: &str) {
+    std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+    r.fake.revoke_access(current);
+    let (unknown, before) = (r.fake.unknown(), r.refreshes());
+    let (ok1, text1) = r.run_hermes();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = r.refreshes();
+    let (ok2, _) = r.run_hermes();
+    let pool = json(&r.hermes_dir.join("auth.json"))["credential_pool"]["openai-codex"][0].clone();
+    eprintln!(
+        "hermes case g: first run ok {ok1}, its refreshes with the decoy {}, tokenfs refreshes on it {}, next run ok {ok2}; pool entry status {:?} {:?}\n{}",
+        r.fake.unknown() - unknown,
+        after - before,
+        pool["last_status"],
+        pool["last_error_code"],
+        text1.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    r.rotate();
+    let (ok3, text3) = r.run_hermes();
+    assert!(ok3, "after tokenfs's next refresh: {text3}");
+    assert_eq!(r.fake.reuses(), 0);
+}
+
+/// Case g with the real Codex CLI and a decoy, its token endpoint pointed
+/// at tokenfs (`CODEX_REFRESH_TOKEN_URL_OVERRIDE` = the proxy's
+/// `/.tokenfs/token`): the API refuses the access token far from expiry,
+/// Codex reloads its file (unchanged), refreshes with the decoy, tokenfs
+/// takes that as the signal, refreshes once at the provider and answers
+/// with the new session; Codex saves it and the same run is authorised.
+/// Hermes' view of the same session (the hermes preset) is valid again too.
+/// The provider never sees a decoy or a reused refresh token.
+#[test]
+fn codex_case_g_through_the_token_endpoint_heals_in_the_same_run() {
+    let _one_at_a_time = real_clients_lock();
+    let r = chatgpt_rig(false);
+    let endpoint = r.endpoint();
+    let (ok, text) = r.run_codex(&endpoint);
+    assert!(ok, "{text}\n{}", r.d.log_text());
+    for round in 0..2 {
+        std::thread::sleep(Duration::from_millis(1100)); // min_refresh_interval
+        r.fake.revoke_access(&r.access(&r.codex_dir));
+        let before = r.refreshes();
+        let asked = || {
+            r.d.log_text()
+                .matches("a consumer asked for a refresh")
+                .count()
+        };
+        let asked_before = asked();
+        let (ok, text) = r.run_codex(&endpoint);
+        eprintln!(
+            "case g round {round}: codex ok {ok}; its refresh requests at tokenfs {}; tokenfs refreshes {}; decoys at the provider {}, reuses {}",
+            asked() - asked_before,
+            r.refreshes() - before,
+            r.fake.unknown(),
+            r.fake.reuses()
+        );
+        assert!(
+            ok,
+            "the same run is authorised again: {text}\n{}",
+            r.d.log_text()
+        );
+        assert!(
+            (1..=2).contains(&(r.refreshes() - before)),
+            "bounded refreshes"
+        );
+        assert!(r.fake.access_valid(&r.access(&r.codex_dir)));
+        assert!(r.fake.access_valid(&r.access(&r.hermes_dir)));
+    }
+    assert_eq!(r.fake.unknown(), 0, "no decoy reached the provider");
+    assert_eq!(r.fake.reuses(), 0);
+    // A wrong grant is refused and changes nothing.
+    let n = r.refreshes();
+    let addr: std::net::SocketAddr = r.d.status()["proxies"][0]["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("proxy address");
+    let wrong = common::http::Conn::connect(addr).request(
+        "POST",
+        "/.tokenfs/token",
+        &[("content-type", b"application/json")],
+        br#"{"grant_type":"refresh_token","refresh_token":"tokenfs-decoy-0000"}"#,
+    );
+    assert_eq!(wrong.status, 400, "{}", wrong.text());
+    assert_eq!(r.refreshes(), n);
+    r.assert_no_token_on_disk();
 }

@@ -68,7 +68,8 @@ impl Rig {
         let new = common::token(&format!("r{n}x"), 36);
         self.up.mint(&new);
         self.store
-            .publish("db", Update::token(Secret::new(new.clone())));
+            .publish("db", Update::token(Secret::new(new.clone())))
+            .expect("publish");
         let old = std::mem::replace(&mut *self.token.lock(), new.clone());
         if !old.is_empty() {
             self.up.revoke(&old);
@@ -475,7 +476,9 @@ fn an_unreachable_upstream_gives_502_and_a_log_line_without_the_token() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("has no value yet"), "{}", r.text());
     let token = common::token("down", 40);
-    store.publish("db", Update::token(Secret::new(token.clone())));
+    store
+        .publish("db", Update::token(Secret::new(token.clone())))
+        .expect("publish");
     let r = conn.request("GET", "/x", &[("x-api-key", key.as_bytes())], b"");
     assert_eq!(r.status, 502, "{}", r.text());
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
@@ -776,7 +779,9 @@ fn an_https_upstream_is_verified_with_ca_file_and_spoken_to_over_http2() {
         )
     };
     let store = Arc::new(Store::new([("db", "push")]));
-    store.publish("db", Update::token(Secret::new(token.clone())));
+    store
+        .publish("db", Update::token(Secret::new(token.clone())))
+        .expect("publish");
     let cfg = Config::parse(
         Path::new("t.toml"),
         &toml(&format!("ca_file = \"{}\"\n", dir.join("ca.pem").display())),

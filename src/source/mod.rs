@@ -240,6 +240,15 @@ impl Sources {
         }
     }
 
+    /// A consumer asked for a refresh of `credential` (the proxy's token
+    /// endpoint): an OAuth source refreshes now, rate-limited; others
+    /// ignore it.
+    pub fn consumer_refresh(&self, credential: &str, origin: &str) {
+        if let Some(h) = self.oauth.get(credential) {
+            h.nudge(origin);
+        }
+    }
+
     /// The OAuth part of `status` for `name`, if it is an OAuth credential.
     pub fn oauth_status(&self, name: &str) -> Option<oauth::OAuthStatus> {
         self.oauth.get(name).map(oauth::Handle::status)

@@ -471,7 +471,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
                 )
             }
         }
-        ("POST", "/token") | ("POST", "/v1/oauth/token") => {
+        ("POST", "/token") | ("POST", "/v1/oauth/token") | ("POST", "/oauth/token") => {
             let fault = {
                 let mut st = state.lock();
                 st.calls.push((
