@@ -49,6 +49,25 @@ impl Setup {
         c
     }
 
+    /// Waits for the entrypoint to exit. Its own limits (the daemon's 5 s
+    /// grace for busy mounts, its 10 s before killing a hung daemon) fit
+    /// well inside 30 s even on a loaded machine; on a timeout the daemon's
+    /// log says where it stood.
+    fn wait_for(&self, child: &mut Child) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let log = fs::read_to_string(self.s.path("daemon.log")).unwrap_or_default();
+                panic!("the entrypoint did not exit within 30 s; daemon log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn marker(&self, name: &str) -> PathBuf {
         self.s.path(name)
     }
@@ -88,20 +107,6 @@ impl Drop for KillOnDrop {
             unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
             let _ = self.0.wait();
         }
-    }
-}
-
-fn wait_for(child: &mut Child, within: Duration) -> ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("the entrypoint did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -277,7 +282,7 @@ fn sigterm_reaches_the_command_and_everything_is_detached() {
     let t = setup();
     let mut child = start_long(&t, false);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = wait_for(&mut child, Duration::from_secs(10));
+    let st = t.wait_for(&mut child);
     assert_eq!(st.code(), Some(6));
     assert_eq!(fs::read_to_string(t.marker("got")).unwrap(), "TERM\n");
     t.assert_clean();
@@ -288,7 +293,7 @@ fn sigint_without_a_terminal_reaches_the_command_once() {
     let t = setup();
     let mut child = start_long(&t, false);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let st = wait_for(&mut child, Duration::from_secs(10));
+    let st = t.wait_for(&mut child);
     assert_eq!(st.code(), Some(5));
     assert_eq!(fs::read_to_string(t.marker("got")).unwrap(), "INT\n");
     t.assert_clean();
@@ -301,7 +306,7 @@ fn the_daemon_dying_stops_the_command_and_exits_70() {
     let pid = tokenfs::lock::holder(&tokenfs::lock::socket_lock_path(&t.s.socket()))
         .expect("the daemon holds its socket's lock");
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let st = wait_for(&mut child, Duration::from_secs(10));
+    let st = t.wait_for(&mut child);
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(st.code(), Some(70), "{err}");
