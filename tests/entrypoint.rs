@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -46,6 +47,17 @@ impl Setup {
             .env("TOKENFS_BIN", BIN)
             .env("TOKENFS_LOG", self.s.path("daemon.log"))
             .env("RUST_LOG", "info");
+        // As a container runtime starts it: default signal dispositions. A
+        // suite run in the background of a non-interactive shell inherits
+        // SIGINT ignored, and bash cannot trap a signal ignored at entry.
+        // SAFETY: signal() is async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
         c
     }
 

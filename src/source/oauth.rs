@@ -230,28 +230,15 @@ pub fn start(name: &str, cfg: &OAuthConfig, store: Arc<Store>) -> Result<Handle,
     let cfg = Arc::new(cfg.clone());
     let (tx, rx) = mpsc::channel();
     let flight = Arc::new(Flight::default());
-    let status = Arc::new(Mutex::new(OAuthStatus {
-        provider: cfg.provider.clone(),
-        grant: match cfg.grant {
-            Grant::RefreshToken => "refresh_token",
-            Grant::ClientCredentials => "client_credentials",
-        }
-        .into(),
-        consumer_refresh_token: match cfg.consumer_refresh_token {
-            ConsumerRefreshToken::Real => "real",
-            ConsumerRefreshToken::Decoy => "decoy",
-        }
-        .into(),
-        ..OAuthStatus::default()
-    }));
+    let status = Arc::new(Mutex::new(initial_status(&cfg)));
     let has_session = Arc::new(AtomicBool::new(false));
-    let client_secret = match &cfg.client_secret_env {
-        Some(var) => match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Some(Secret::new(v)),
-            _ => None,
-        },
-        None => None,
-    };
+    // Read once: a secret changed later needs a restart, like every config.
+    let client_secret = cfg
+        .client_secret_env
+        .as_ref()
+        .and_then(|var| std::env::var(var).ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(Secret::new);
     let mut source = Source {
         name: name.to_owned(),
         cfg: cfg.clone(),
@@ -287,6 +274,24 @@ pub fn start(name: &str, cfg: &OAuthConfig, store: Arc<Store>) -> Result<Handle,
         status,
         has_session,
     })
+}
+
+/// What `status` shows before the first refresh.
+fn initial_status(cfg: &OAuthConfig) -> OAuthStatus {
+    OAuthStatus {
+        provider: cfg.provider.clone(),
+        grant: match cfg.grant {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+        }
+        .into(),
+        consumer_refresh_token: match cfg.consumer_refresh_token {
+            ConsumerRefreshToken::Real => "real",
+            ConsumerRefreshToken::Decoy => "decoy",
+        }
+        .into(),
+        ..OAuthStatus::default()
+    }
 }
 
 struct Source {
@@ -505,37 +510,13 @@ impl Source {
 
     /// At start: the saved session, published before the mounts go live.
     fn resume(&mut self) {
-        let path = self.cfg.state_file.clone();
         if self.cfg.grant == Grant::ClientCredentials {
             // Nothing to resume: a client-credentials token is fetched now.
             self.set_next(Some(SystemTime::now()));
             return;
         }
-        let state = match read_state(&path) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                let msg = format!(
-                    "no OAuth session yet: `tokenfs import {} --from claude|codex|hermes-codex`, or a consumer's login written to a managed file",
-                    self.name
-                );
-                info!(credential = %self.name, state_file = %path.display(), "{msg}");
-                self.store.update_health(&self.name, |h| {
-                    h.last_error = Some(msg.clone());
-                    h.last_error_at = Some(SystemTime::now());
-                });
-                return;
-            }
-            Err(e) => {
-                let msg = format!(
-                    "cannot read the state file {}: {e}; it is left as it is (`tokenfs import {}` starts a new session)",
-                    path.display(),
-                    self.name
-                );
-                error!(credential = %self.name, "{msg}");
-                self.note(HealthState::ReloginRequired, msg);
-                self.relogin = true;
-                return;
-            }
+        let Some(state) = self.load_state() else {
+            return;
         };
         if state.provider != self.cfg.provider || state.token_url != self.cfg.token_url {
             warn!(credential = %self.name, "the state file was written for provider {} at {}; using it with {} at {}",
@@ -555,6 +536,13 @@ impl Source {
             expires_at: from_unix(state.expires_at),
             obtained_at: from_unix(state.obtained_at).unwrap_or_else(SystemTime::now),
         };
+        self.serve_resumed(session, &state);
+    }
+
+    /// Serves a resumed session, unless its refresh token may have been
+    /// spent already (sent when tokenfs stopped, or refused before): then
+    /// relogin, never a second send.
+    fn serve_resumed(&mut self, session: Session, state: &StateFile) {
         let stranded = match (&state.in_flight, &session.refresh_token) {
             (Some(h), Some(r)) => *h == hash(r),
             _ => false,
@@ -566,7 +554,7 @@ impl Source {
         let valid = session.expires_at.is_none_or(|e| e > SystemTime::now());
         info!(credential = %self.name, fingerprint = %session.access_token,
             expires = ?session.expires_at.map(humantime::format_rfc3339_seconds),
-            "resumed the session from {}", path.display());
+            "resumed the session from {}", self.cfg.state_file.display());
         self.set_session(session);
         self.publish();
         if stranded {
@@ -595,6 +583,37 @@ impl Source {
             self.set_next(Some(SystemTime::now()));
         } else {
             self.schedule_next();
+        }
+    }
+
+    /// The state file, or why there is no session to resume (noted).
+    fn load_state(&mut self) -> Option<StateFile> {
+        let path = self.cfg.state_file.clone();
+        match read_state(&path) {
+            Ok(Some(s)) => Some(s),
+            Ok(None) => {
+                let msg = format!(
+                    "no OAuth session yet: `tokenfs import {} --from claude|codex|hermes-codex`, or a consumer's login written to a managed file",
+                    self.name
+                );
+                info!(credential = %self.name, state_file = %path.display(), "{msg}");
+                self.store.update_health(&self.name, |h| {
+                    h.last_error = Some(msg.clone());
+                    h.last_error_at = Some(SystemTime::now());
+                });
+                None
+            }
+            Err(e) => {
+                let msg = format!(
+                    "cannot read the state file {}: {e}; it is left as it is (`tokenfs import {}` starts a new session)",
+                    path.display(),
+                    self.name
+                );
+                error!(credential = %self.name, "{msg}");
+                self.note(HealthState::ReloginRequired, msg);
+                self.relogin = true;
+                None
+            }
         }
     }
 
@@ -650,41 +669,8 @@ impl Source {
     // ---- the token endpoint ---------------------------------------------
 
     fn token_request(&self, params: Vec<(&'static str, String)>) -> Result<Granted, Failure> {
-        let mut params = params;
-        let mut req = self
-            .client
-            .post(&self.cfg.token_url)
-            .header(reqwest::header::ACCEPT, "application/json");
-        match &self.client_secret {
-            Some(secret) => {
-                req = req.basic_auth(&self.cfg.client_id, Some(secret.expose_str()));
-            }
-            None => params.push(("client_id", self.cfg.client_id.clone())),
-        }
-        if let Some(scope) = &self.cfg.scope {
-            params.push(("scope", scope.clone()));
-        }
-        let body = match self.cfg.body {
-            Body::Json => {
-                let map: serde_json::Map<String, serde_json::Value> = params
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone())))
-                    .collect();
-                req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
-                serde_json::to_vec(&map).unwrap_or_default()
-            }
-            Body::Form => {
-                req = req.header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                );
-                form_encode(&params).into_bytes()
-            }
-        };
-        for (_, v) in params.iter_mut() {
-            v.zeroize();
-        }
-        let resp = req.body(body).send().map_err(|e| {
+        let req = self.token_post(params);
+        let resp = req.send().map_err(|e| {
             let (kind, maybe_spent) = if e.is_connect() {
                 ("cannot connect", false)
             } else if e.is_timeout() {
@@ -698,55 +684,49 @@ impl Source {
                 maybe_spent,
             )
         })?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s).min(RETRY_AFTER_CAP));
-        let mut buf = Vec::new();
-        let read = resp.take(MAX_BODY + 1).read_to_end(&mut buf);
-        let json: Option<serde_json::Value> = serde_json::from_slice(&buf).ok();
-        let too_big = buf.len() as u64 > MAX_BODY;
-        buf.zeroize();
-        if status.is_success() {
-            if read.is_err() || too_big {
-                return Err(Failure::Transient(
-                    format!(
-                        "token endpoint: HTTP {} with an unreadable or oversized body",
-                        status.as_u16()
-                    ),
-                    retry_after,
-                    true,
-                ));
+        token_response(resp)
+    }
+
+    /// The token request: client authentication, scope, and the body in
+    /// the provider's encoding. The parameters are zeroed once encoded.
+    fn token_post(
+        &self,
+        mut params: Vec<(&'static str, String)>,
+    ) -> reqwest::blocking::RequestBuilder {
+        let mut req = self
+            .client
+            .post(&self.cfg.token_url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        match &self.client_secret {
+            Some(secret) => {
+                req = req.basic_auth(&self.cfg.client_id, Some(secret.expose_str()));
             }
-            return parse_granted(json).ok_or_else(|| {
-                Failure::Transient(
-                    format!(
-                        "token endpoint: HTTP {} without a usable access_token (malformed response)",
-                        status.as_u16()
-                    ),
-                    retry_after,
-                    true,
-                )
-            });
+            None => params.push(("client_id", self.cfg.client_id.clone())),
         }
-        let code = json.as_ref().and_then(error_code);
-        let msg = format!(
-            "token endpoint: HTTP {}{}",
-            status.as_u16(),
-            code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
-        );
-        let dead = matches!(
-            code.as_deref(),
-            Some("invalid_grant" | "invalid_token" | "refresh_token_reused")
-        ) || status == StatusCode::UNAUTHORIZED;
-        Err(if dead {
-            Failure::Rejected(msg)
-        } else {
-            Failure::Transient(msg, retry_after, false)
-        })
+        if let Some(scope) = &self.cfg.scope {
+            params.push(("scope", scope.clone()));
+        }
+        let (content_type, body) = match self.cfg.body {
+            Body::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = params
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone())))
+                    .collect();
+                (
+                    "application/json",
+                    serde_json::to_vec(&map).unwrap_or_default(),
+                )
+            }
+            Body::Form => (
+                "application/x-www-form-urlencoded",
+                form_encode(&params).into_bytes(),
+            ),
+        };
+        for (_, v) in params.iter_mut() {
+            v.zeroize();
+        }
+        req.header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
     }
 
     /// Refreshes with `token` (ours, or one being validated). The token is
@@ -1133,6 +1113,36 @@ impl Source {
         self.finish_flight(id, result);
     }
 
+    /// An access token that passed the probe becomes the session's (its
+    /// refresh token stays ours).
+    fn adopt_access(&mut self, token: Secret, origin: &str) {
+        info!(credential = %self.name, fingerprint = %token, "an access token written to {origin} passed the probe: adopted");
+        let now = SystemTime::now();
+        let expires_at = jwt_exp(token.expose_str())
+            .or_else(|| self.session.as_ref().and_then(|s| s.expires_at));
+        let session = match self.session.take() {
+            Some(s) => Session {
+                access_token: token,
+                expires_at,
+                ..s
+            },
+            None => Session {
+                access_token: token,
+                refresh_token: None,
+                id_token: None,
+                account_id: None,
+                expires_at,
+                obtained_at: now,
+            },
+        };
+        self.set_session(session);
+        self.save_state(None);
+        self.publish();
+        if self.next_attempt.is_none() && !self.relogin {
+            self.schedule_next();
+        }
+    }
+
     fn offered_access(&mut self, token: Secret, origin: &str) {
         let current = self.session.as_ref().map(|s| &s.access_token);
         if current == Some(&token) {
@@ -1164,33 +1174,7 @@ impl Source {
             .bearer_auth(token.expose_str())
             .send();
         match resp.map(|r| r.status()) {
-            Ok(s) if s.is_success() => {
-                info!(credential = %self.name, fingerprint = %token, "an access token written to {origin} passed the probe: adopted");
-                let now = SystemTime::now();
-                let expires_at = jwt_exp(token.expose_str())
-                    .or_else(|| self.session.as_ref().and_then(|s| s.expires_at));
-                let session = match self.session.take() {
-                    Some(s) => Session {
-                        access_token: token,
-                        expires_at,
-                        ..s
-                    },
-                    None => Session {
-                        access_token: token,
-                        refresh_token: None,
-                        id_token: None,
-                        account_id: None,
-                        expires_at,
-                        obtained_at: now,
-                    },
-                };
-                self.set_session(session);
-                self.save_state(None);
-                self.publish();
-                if self.next_attempt.is_none() && !self.relogin {
-                    self.schedule_next();
-                }
-            }
+            Ok(s) if s.is_success() => self.adopt_access(token, origin),
             Ok(s) => self.not_adopted(format!(
                 "did not adopt access token {token} written to {origin}: the probe answered HTTP {}",
                 s.as_u16()
@@ -1319,6 +1303,59 @@ fn error_code(v: &serde_json::Value) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
     .then(|| code.to_owned())
+}
+
+/// Reads a token endpoint's answer (bounded). Only `invalid_grant`,
+/// `invalid_token`, `refresh_token_reused` and a 401 mean the session is
+/// dead; anything else is transient, honouring `Retry-After`.
+fn token_response(resp: reqwest::blocking::Response) -> Result<Granted, Failure> {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(RETRY_AFTER_CAP));
+    let mut buf = Vec::new();
+    let read = resp.take(MAX_BODY + 1).read_to_end(&mut buf);
+    let json: Option<serde_json::Value> = serde_json::from_slice(&buf).ok();
+    let too_big = buf.len() as u64 > MAX_BODY;
+    buf.zeroize();
+    let code = status.as_u16();
+    if status.is_success() {
+        let why = if read.is_err() || too_big {
+            "with an unreadable or oversized body"
+        } else {
+            "without a usable access_token (malformed response)"
+        };
+        let granted = (read.is_ok() && !too_big)
+            .then(|| parse_granted(json))
+            .flatten();
+        return granted.ok_or_else(|| {
+            Failure::Transient(
+                format!("token endpoint: HTTP {code} {why}"),
+                retry_after,
+                true,
+            )
+        });
+    }
+    let error = json.as_ref().and_then(error_code);
+    let msg = format!(
+        "token endpoint: HTTP {code}{}",
+        error
+            .as_deref()
+            .map(|c| format!(" {c}"))
+            .unwrap_or_default()
+    );
+    let dead = matches!(
+        error.as_deref(),
+        Some("invalid_grant" | "invalid_token" | "refresh_token_reused")
+    ) || status == StatusCode::UNAUTHORIZED;
+    Err(if dead {
+        Failure::Rejected(msg)
+    } else {
+        Failure::Transient(msg, retry_after, false)
+    })
 }
 
 fn form_encode(params: &[(&str, String)]) -> String {
