@@ -56,13 +56,7 @@ pub fn run(config: Config) -> Result<(), String> {
             .map(|(n, k)| (n.as_str(), k.kind())),
     ));
     let sources = Sources::start(&config, store.clone())?;
-    // Before mounting: a port in use fails the start with nothing mounted,
-    // and each proxy's local key is in the store before a file renders it.
-    let nudger = sources.clone();
-    let nudge: crate::proxy::Nudge = Arc::new(move |credential: &str, origin: &str| {
-        nudger.consumer_refresh(credential, origin);
-    });
-    let proxies = Proxies::start_with(&config.proxies, store.clone(), nudge)?;
+    let proxies = start_proxies(&config, &store, &sources)?;
     let (tx, rx) = mpsc::channel();
     watch_signals(tx.clone())?;
     let (mounts, mounted, lives) =
@@ -97,6 +91,21 @@ pub fn run(config: Config) -> Result<(), String> {
     let _ = std::fs::remove_file(&config.socket);
     drop(proxies);
     Ok(())
+}
+
+/// Before mounting: a port in use fails the start with nothing mounted,
+/// and each proxy's local key is in the store before a file renders it.
+/// A proxy's token endpoint asks the credential's source to refresh.
+fn start_proxies(
+    config: &Config,
+    store: &Arc<Store>,
+    sources: &Arc<Sources>,
+) -> Result<Proxies, String> {
+    let nudger = sources.clone();
+    let nudge: crate::proxy::Nudge = Arc::new(move |credential: &str, origin: &str| {
+        nudger.consumer_refresh(credential, origin);
+    });
+    Proxies::start_with(&config.proxies, store.clone(), nudge)
 }
 
 /// Takes the control socket's lock and every mount dir's: a daemon that

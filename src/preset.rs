@@ -800,87 +800,37 @@ fn opencode(o: &Options) -> Vec<Mount> {
         .as_ref()
         .and_then(|c| c.get("provider"))
         .and_then(Value::as_object);
-    let literal = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .is_some_and(|s| !s.starts_with("{env:") && !s.starts_with("{file:"))
-    };
     let ids: Vec<String> = match &o.providers {
         Some(ids) => ids.clone(),
         None => providers
             .map(|p| {
                 p.iter()
-                    .filter(|(_, v)| literal(v.pointer("/options/apiKey")))
+                    .filter(|(_, v)| opencode_literal(v.pointer("/options/apiKey")))
                     .map(|(k, _)| k.clone())
                     .collect()
             })
             .unwrap_or_default(),
     };
-    let mut bindings = Vec::new();
-    for id in &ids {
-        let p = providers.and_then(|p| p.get(id));
-        if literal(p.and_then(|p| p.pointer("/options/apiKey"))) {
-            bindings.push(bind(
-                segs(&["provider", id, "options", "apiKey"]),
-                o,
-                "token",
-                false,
-            ));
-        }
-        if let Some(h) = p
-            .and_then(|p| p.pointer("/options/headers/Authorization"))
+    let bindings = ids
+        .iter()
+        .flat_map(|id| opencode_provider_bindings(id, providers.and_then(|p| p.get(id)), o))
+        .collect();
+    let api_key_in_auth = |id: &str| {
+        auth.as_ref()
+            .and_then(|a| a.get(id))
+            .and_then(|e| e.get("type"))
             .and_then(Value::as_str)
-        {
-            if h.starts_with("Bearer ") {
-                bindings.push(Binding {
-                    prefix: "Bearer ".into(),
-                    ..bind(
-                        segs(&["provider", id, "options", "headers", "Authorization"]),
-                        o,
-                        "token",
-                        false,
-                    )
-                });
-            }
-        }
-    }
+            == Some("api")
+    };
     let auth_bindings: Vec<Binding> = ids
         .iter()
-        .filter(|id| {
-            auth.as_ref()
-                .and_then(|a| a.get(id.as_str()))
-                .and_then(|e| e.get("type"))
-                .and_then(Value::as_str)
-                == Some("api")
-        })
+        .filter(|id| api_key_in_auth(id))
         .map(|id| bind(segs(&[id, "key"]), o, "token", false))
         .collect();
-    // `opencode auth login` keeps the key in auth.json only: which entries
-    // share the credential is the user's call, never guessed.
-    let unbound: Vec<&String> = auth
-        .as_ref()
-        .and_then(Value::as_object)
-        .map(|a| {
-            a.iter()
-                .filter(|(id, e)| {
-                    e.get("type").and_then(Value::as_str) == Some("api") && !ids.contains(id)
-                })
-                .map(|(id, _)| id)
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut notes = Vec::new();
-    if o.providers.is_none() && !unbound.is_empty() {
-        let list: Vec<String> = unbound.iter().map(|id| format!("\"{id}\"")).collect();
-        notes.push(format!(
-            "auth.json holds API keys of {} that no opencode.json provider names as apiKey: not managed; add providers = [{}] to the mount to serve them",
-            list.join(", "),
-            list.join(", ")
-        ));
-    }
     let mut mounts = vec![Mount {
         dir: config_dir,
         files: vec![file("opencode.json", Format::Json, bindings, o)],
-        notes,
+        notes: opencode_unbound_note(auth.as_ref(), &ids, o),
     }];
     if !auth_bindings.is_empty() {
         mounts.push(Mount {
@@ -890,6 +840,65 @@ fn opencode(o: &Options) -> Vec<Mount> {
         });
     }
     mounts
+}
+
+/// A literal key (not `{env:…}` or `{file:…}`, which OpenCode resolves
+/// itself).
+fn opencode_literal(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_str)
+        .is_some_and(|s| !s.starts_with("{env:") && !s.starts_with("{file:"))
+}
+
+/// A provider's literal `options.apiKey`, and a `Bearer` Authorization
+/// header in its `options.headers`.
+fn opencode_provider_bindings(id: &str, p: Option<&Value>, o: &Options) -> Vec<Binding> {
+    let mut bindings = Vec::new();
+    if opencode_literal(p.and_then(|p| p.pointer("/options/apiKey"))) {
+        bindings.push(bind(
+            segs(&["provider", id, "options", "apiKey"]),
+            o,
+            "token",
+            false,
+        ));
+    }
+    let header = p
+        .and_then(|p| p.pointer("/options/headers/Authorization"))
+        .and_then(Value::as_str);
+    if header.is_some_and(|h| h.starts_with("Bearer ")) {
+        bindings.push(Binding {
+            prefix: "Bearer ".into(),
+            ..bind(
+                segs(&["provider", id, "options", "headers", "Authorization"]),
+                o,
+                "token",
+                false,
+            )
+        });
+    }
+    bindings
+}
+
+/// `opencode auth login` keeps the key in auth.json only: which entries
+/// share the credential is the user's call, never guessed.
+fn opencode_unbound_note(auth: Option<&Value>, ids: &[String], o: &Options) -> Vec<String> {
+    let unbound: Vec<String> = auth
+        .and_then(Value::as_object)
+        .map(|a| {
+            a.iter()
+                .filter(|(id, e)| {
+                    e.get("type").and_then(Value::as_str) == Some("api") && !ids.contains(id)
+                })
+                .map(|(id, _)| format!("\"{id}\""))
+                .collect()
+        })
+        .unwrap_or_default();
+    if o.providers.is_some() || unbound.is_empty() {
+        return Vec::new();
+    }
+    let list = unbound.join(", ");
+    vec![format!(
+        "auth.json holds API keys of {list} that no opencode.json provider names as apiKey: not managed; add providers = [{list}] to the mount to serve them"
+    )]
 }
 
 /// The directory that serves `~/.databrickscfg` (which lives directly in
