@@ -26,7 +26,7 @@ use crate::config::{Config, ManagedConfig};
 use crate::fs::managed::{FileHealth, TMP_PREFIX};
 use crate::fs::{MountInfo, ServedFile};
 use crate::render::{self, Binding, Format, Template};
-use crate::secret::{Secret, SecretBytes};
+use crate::secret::SecretBytes;
 use crate::source::Adopt;
 use crate::store::{SlotRef, Snapshot, Store};
 
@@ -302,7 +302,7 @@ impl FileCopy {
     /// it has none; later, a value a program wrote is offered to its source.
     fn convert(&self, store: &Store, adopt: &dyn Adopt, bytes: &[u8], startup: bool) -> Template {
         let snap = store.snapshot();
-        let known = self.known(store, &snap);
+        let known = store.known(&snap, &self.slots);
         let refs: Vec<(&str, &[u8])> = known
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose()))
@@ -340,21 +340,6 @@ impl FileCopy {
             }
         }
         render::template(self.format, conv.template, &self.bindings)
-    }
-
-    /// The values (current and recent) this file's slots have had.
-    fn known(&self, store: &Store, snap: &Snapshot) -> Vec<(String, Secret)> {
-        let mut known = Vec::new();
-        for slot in &self.slots {
-            known.extend(snap.get(slot).cloned().map(|s| (slot.to_string(), s)));
-            known.extend(
-                store
-                    .recent(slot)
-                    .into_iter()
-                    .map(|s| (slot.to_string(), s)),
-            );
-        }
-        known
     }
 
     /// At start, a bound key holding a different token than its credential

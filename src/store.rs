@@ -360,6 +360,22 @@ impl Store {
         Ok(Some(generation))
     }
 
+    /// Every value (current, then recent) `slots` have had, keyed by slot:
+    /// a file carrying one of them carries *our* token, not a new one.
+    pub fn known<'a>(
+        &self,
+        snap: &Snapshot,
+        slots: impl IntoIterator<Item = &'a SlotRef>,
+    ) -> Vec<(String, Secret)> {
+        let mut known = Vec::new();
+        for slot in slots {
+            let key = slot.to_string();
+            known.extend(snap.get(slot).cloned().map(|s| (key.clone(), s)));
+            known.extend(self.recent(slot).into_iter().map(|s| (key.clone(), s)));
+        }
+        known
+    }
+
     /// Earlier values of a slot, newest first (not including the current one).
     pub fn recent(&self, slot: &SlotRef) -> Vec<Secret> {
         self.publish

@@ -279,14 +279,12 @@ impl ManagedFile {
             return Vec::new();
         };
         let snap = store.snapshot();
-        let mut known: Vec<(String, Secret)> = Vec::new();
-        for b in &cfg.bindings {
-            let Ok(slot) = SlotRef::parse(&b.slot) else {
-                continue;
-            };
-            known.extend(snap.get(&slot).cloned().map(|s| (b.slot.clone(), s)));
-            known.extend(store.recent(&slot).into_iter().map(|s| (b.slot.clone(), s)));
-        }
+        let slots: Vec<SlotRef> = cfg
+            .bindings
+            .iter()
+            .filter_map(|b| SlotRef::parse(&b.slot).ok())
+            .collect();
+        let known = store.known(&snap, &slots);
         let refs: Vec<(&str, &[u8])> = known
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose()))
@@ -375,23 +373,8 @@ impl ManagedFile {
         }
     }
 
-    /// Values (current and recent) this file's slots have had: a write that
-    /// carries one of them carries *our* token, not a new one.
-    fn known_secrets(&self, snap: &Snapshot) -> Vec<(String, Secret)> {
-        let mut known = Vec::new();
-        for slot in &self.slots {
-            if let Some(s) = snap.get(slot) {
-                known.push((slot.to_string(), s.clone()));
-            }
-            for old in self.ctx.store.recent(slot) {
-                known.push((slot.to_string(), old));
-            }
-        }
-        known
-    }
-
     fn to_template(&self, snap: &Snapshot, bytes: &[u8]) -> Conversion {
-        let known = self.known_secrets(snap);
+        let known = self.ctx.store.known(snap, &self.slots);
         let refs: Vec<(&str, &[u8])> = known
             .iter()
             .map(|(slot, s)| (slot.as_str(), s.expose()))
