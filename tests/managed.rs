@@ -378,7 +378,9 @@ fn a_managed_file_renamed_away_is_readable_at_its_new_name_at_once() {
 /// Names beside a managed file are cached, so after `rename(tmp, config)`
 /// the kernel's moved name points at the temp file's node: every stat and
 /// read right after the rename, here and from another process, must still
-/// be the managed file (its inode, its rendering).
+/// be the managed file (its inode, its rendering). 1,000 rounds: a LOOKUP
+/// reply showing a view's node id as `st_ino` leaked to about 1 `stat` in
+/// 20,000 here.
 #[test]
 fn the_instant_after_a_temp_file_rename_shows_the_managed_file() {
     let tok = token("inst", 32);
@@ -405,7 +407,7 @@ fn the_instant_after_a_temp_file_rename_shows_the_managed_file() {
             bad
         })
     };
-    for i in 0..200 {
+    for i in 0..1000 {
         let text = hermes_yaml(&tok).replace("max_turns: 60", &format!("max_turns: {i}"));
         let tmp = dir.join(format!(".config.yaml.{i}.tmp"));
         fs::write(&tmp, &text).unwrap();
@@ -424,7 +426,7 @@ fn the_instant_after_a_temp_file_rename_shows_the_managed_file() {
         &bad[..bad.len().min(5)]
     );
     let on_disk = String::from_utf8(backing.read("config.yaml").unwrap()).unwrap();
-    assert!(on_disk.contains("max_turns: 199") && !on_disk.contains(&tok));
+    assert!(on_disk.contains("max_turns: 999") && !on_disk.contains(&tok));
 }
 
 /// A temp file with a second hard link keeps its node (the other name is a

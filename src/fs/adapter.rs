@@ -203,10 +203,11 @@ impl TokenFs<FuseKernel> {
         reply: ReplyEntry,
     ) {
         match r {
-            Ok(e) => reply.entry_with_ttls(
+            Ok(e) => reply.node_entry(
+                INodeNo(e.id),
                 &e.attr_ttl,
                 &e.entry_ttl,
-                &to_attr(e.id, &e.stat),
+                &to_attr(e.ino, &e.stat),
                 Generation(0),
             ),
             Err(e) => fail(&self.info, op, ino, e, reply),
@@ -652,7 +653,7 @@ impl fuser::Filesystem for TokenFs<FuseKernel> {
         match r {
             Ok(c) => {
                 let (e, o) = (&c.entry, &c.open);
-                let (attr, fh) = (to_attr(e.id, &e.stat), FileHandle(o.fh));
+                let (attr, fh) = (to_attr(e.ino, &e.stat), FileHandle(o.fh));
                 match &o.backing {
                     Some(id) => reply.created_passthrough(
                         &e.entry_ttl,
@@ -662,7 +663,14 @@ impl fuser::Filesystem for TokenFs<FuseKernel> {
                         o.flags,
                         id,
                     ),
-                    None => reply.created(&e.entry_ttl, &attr, Generation(0), fh, o.flags),
+                    None => reply.created_node(
+                        INodeNo(e.id),
+                        &e.entry_ttl,
+                        &attr,
+                        Generation(0),
+                        fh,
+                        o.flags,
+                    ),
                 }
             }
             Err(e) => fail(&self.info, "create", parent.0, e, reply),

@@ -221,9 +221,8 @@ impl ManagedHandle {
 
 impl<K: Kernel> TokenFs<K> {
     /// A managed name's entry: its current view (counted as one kernel
-    /// reference). fuser sends the node id as `st_ino` here: attribute
-    /// TTL 0 makes the kernel ask GETATTR (the stable `st_ino`) before
-    /// showing it.
+    /// reference), showing the file's stable `st_ino`. A current view's
+    /// attributes never change, so the kernel keeps them as long as the name.
     pub(super) fn lookup_managed(&self, m: &Arc<ManagedFile>) -> FsResult<Entry> {
         let v = self.views.lookup(m).ok_or(FsError::new(libc::ENOENT))?;
         let Some(stat) = m.stat_of(&v.rendering) else {
@@ -232,8 +231,9 @@ impl<K: Kernel> TokenFs<K> {
         };
         Ok(Entry {
             id: v.id,
+            ino: m.id,
             stat,
-            attr_ttl: NO_CACHE,
+            attr_ttl: VIEW_TTL,
             entry_ttl: VIEW_TTL,
         })
     }
@@ -443,6 +443,7 @@ impl<K: Kernel> TokenFs<K> {
         }
         let entry = Entry {
             id: v.id,
+            ino: m.id,
             stat,
             attr_ttl: NO_CACHE,
             entry_ttl: NO_CACHE,

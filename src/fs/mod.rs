@@ -217,11 +217,15 @@ enum Handle<B> {
     Managed(ManagedHandle),
 }
 
-/// A name's entry: its node id and `stat`, and how long the kernel may keep
-/// each. Node id 0 is a negative entry ("no such name", cached as a name).
+/// A name's entry: its node id, the `st_ino` it shows, its `stat`, and how
+/// long the kernel may keep each. Node id 0 is a negative entry ("no such
+/// name", cached as a name).
 #[derive(Clone, Copy)]
 pub struct Entry {
     pub id: u64,
+    /// The node id, except for a managed file's views: each is its own node
+    /// (its own page cache) and all show the file's one `st_ino`.
+    pub ino: u64,
     pub stat: libc::stat,
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,

@@ -270,6 +270,7 @@ impl<K: Kernel> TokenFs<K> {
         let open = self.open_plain(&node, File::from(fd), flags, backer);
         let entry = Entry {
             id: node.id,
+            ino: node.id,
             stat,
             attr_ttl: ttl,
             entry_ttl: ttl,

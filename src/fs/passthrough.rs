@@ -127,12 +127,14 @@ impl<K: Kernel> TokenFs<K> {
         match self.remember(parent, name) {
             Ok((node, stat)) => Ok(Entry {
                 id: node.id,
+                ino: node.id,
                 stat,
                 attr_ttl: PASSTHROUGH_TTL,
                 entry_ttl: self.entry_ttl(parent, Some(&stat)),
             }),
             Err(e) if negative && e.raw_os_error() == Some(libc::ENOENT) => Ok(Entry {
                 id: 0,
+                ino: 0,
                 stat: empty_stat(),
                 attr_ttl: NO_CACHE,
                 entry_ttl: self.entry_ttl(parent, None),

@@ -12,10 +12,11 @@
 //! after a rotation the name is invalidated (from the publishing thread,
 //! before the publish returns), so the next open looks up the new view.
 //!
-//! Every view reports the managed file's one stable inode number (`st_ino`,
-//! from GETATTR), so programs see one file for the life of the mount. fuser
-//! sends the node id as `st_ino` in LOOKUP replies; those carry attribute
-//! TTL 0, so the kernel asks GETATTR before it shows them to anyone.
+//! Every view reports the managed file's one stable inode number (`st_ino`),
+//! so programs see one file for the life of the mount. Every reply that
+//! carries attributes shows it, LOOKUP and CREATE included (our patch to
+//! fuser, `vendor/fuser/TOKENFS.md`): the kernel shows a `stat` the last
+//! `st_ino` any reply gave it, so a single reply with the node id leaks.
 //!
 //! A view that is no longer current (a rotation, or a writer opened it) still
 //! serves its old handles from the cache; new opens through it (a bind mount,
