@@ -1,11 +1,17 @@
 //! `tokenfs.toml`: the schema, its validation, and errors that point at the
 //! file, line, column and key.
 //!
-//! Parsing is two steps: serde reads the raw document (keeping spans), then
-//! [`Config::validate`] turns it into typed values that cannot express a
+//! Loading is three steps. serde reads the raw document (keeping spans);
+//! [`ConfigFile::parse`] turns it into typed values that cannot express a
 //! wrong state (every binding names a known credential and field, every
-//! managed path is relative and inside its mount). A config that fails either
-//! step never mounts anything.
+//! managed path is relative and inside its mount), reading nothing but the
+//! config's text and the environment (`HOME`, the XDG directories, the
+//! `TOKENFS_*` overrides). Then [`ConfigFile::resolve`] expands presets, which
+//! read the agents' own files, and places each mount (its canonical path,
+//! no overlap, no system directory). `status` and `stop` need only the first
+//! two; the daemon needs all three. A config that fails any step never
+//! mounts anything. Presets are handed in (`Presets`), so this module does
+//! not depend on them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +41,99 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `[[proxy]]` tables: loopback auth proxies (see [`crate::proxy`]).
     pub proxies: Vec<ProxyConfig>,
+}
+
+/// The knobs a `[[mount]] preset = …` table may set.
+#[derive(Debug, Clone, Default)]
+pub struct PresetOptions {
+    /// The credential whose fields the files show.
+    pub credential: String,
+    /// Overrides the preset's directory (only for presets with one mount).
+    pub dir: Option<PathBuf>,
+    /// Create files that do not exist yet.
+    pub create: bool,
+    /// `~/.databrickscfg` profile (default `DEFAULT`).
+    pub profile: Option<String>,
+    /// OpenCode / Pi provider ids to manage (default: those with a literal key).
+    pub providers: Option<Vec<String>>,
+    /// Claude: also manage `.credentials.json` (OAuth login).
+    pub oauth: bool,
+    /// Let the credential replace differing values at mount (see
+    /// `ManagedConfig::replace`).
+    pub replace: bool,
+    /// The agent talks to this loopback proxy instead of its upstream.
+    pub via_proxy: Option<ViaProxy>,
+    /// The credential is an OAuth session tokenfs refreshes: its files also
+    /// show the expiry and the time of the last refresh it publishes.
+    pub oauth_source: bool,
+}
+
+/// `via_proxy = "NAME"`: the agent's base URL renders as the proxy's URL and
+/// its key as the proxy's local key, so it never holds the upstream token.
+#[derive(Debug, Clone, Default)]
+pub struct ViaProxy {
+    pub name: String,
+    /// The proxy's upstream (`https://host/base`), to keep a base URL's
+    /// path beyond it (`…/serving-endpoints/anthropic` → `PROXY/anthropic`).
+    pub upstream: String,
+}
+
+/// One directory a preset mounts.
+#[derive(Debug, Clone)]
+pub struct PresetMount {
+    pub dir: PathBuf,
+    pub files: Vec<ManagedConfig>,
+    /// Things the user should know (shown in `status` and by `init`).
+    pub notes: Vec<String>,
+}
+
+/// Expands `[[mount]] preset = NAME` into the directories and files of that
+/// agent; it reads the agent's own files to see what they hold, which is why
+/// it is a separate step ([`ConfigFile::resolve`]) given by the caller
+/// (`preset::Agents`).
+pub trait Presets {
+    fn expand(&self, name: &str, o: &PresetOptions) -> Result<Vec<PresetMount>, String>;
+}
+
+/// The config file as written, checked on its own: reading it opens no
+/// other file. Its mounts are placed and its presets expanded by
+/// [`ConfigFile::resolve`], which makes the [`Config`] the daemon runs.
+pub struct ConfigFile {
+    config: Config,
+    mounts: Vec<MountSpec>,
+    max_size: u64,
+}
+
+/// One `[[mount]]` as written: its files, and the preset that adds more.
+struct MountSpec {
+    key: String,
+    /// Where `dir` (or the table, without one) is, for placement errors.
+    dir_at: Place,
+    dir: Option<PathBuf>,
+    allow_other: bool,
+    files: Vec<ManagedConfig>,
+    preset: Option<(String, PresetOptions, Place)>,
+}
+
+/// A position in the config file, kept for errors found after parsing.
+#[derive(Clone)]
+struct Place {
+    file: PathBuf,
+    line: usize,
+    column: usize,
+    key: String,
+}
+
+impl Place {
+    fn error(&self, message: &str) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            key: self.key.clone(),
+            message: message.to_owned(),
+        }
+    }
 }
 
 /// The largest managed file served unless `max_file_size` says otherwise.
@@ -133,7 +232,9 @@ pub struct DatabricksConfig {
     /// How long a replaced token stays valid for in-flight requests.
     pub revoke_grace: Duration,
     /// Comment on minted tokens; also how `cleanup_orphans` recognises ours.
-    pub comment: String,
+    /// `None`: `tokenfs-rotated:HOSTNAME`, named by the source when it starts
+    /// (the config is read without asking the system anything).
+    pub comment: Option<String>,
     /// Revoke tokens with our comment that an earlier run left behind.
     pub cleanup_orphans: bool,
     /// Per-request timeout (connect and total).
@@ -465,8 +566,8 @@ enum RawBind {
 
 // ---- loading ------------------------------------------------------------
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             line: 0,
@@ -474,21 +575,21 @@ impl Config {
             key: String::new(),
             message: format!("cannot read config: {e}"),
         })?;
-        Config::parse(path, &text)
+        ConfigFile::parse(path, &text)
     }
 
     /// Parses and validates `text`; `path` is used in error messages and to
     /// resolve relative paths.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
         let at = Locator { file: path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             at.error(span, "", e.message().trim())
         })?;
-        Config::validate(raw, &at)
+        ConfigFile::validate(raw, &at)
     }
 
-    fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+    fn validate(raw: RawConfig, at: &Locator<'_>) -> Result<ConfigFile, ConfigError> {
         let state_dir = match std::env::var_os("TOKENFS_STATE_DIR") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => raw
@@ -500,23 +601,85 @@ impl Config {
         let (credentials, min_length) = validate_credentials(&raw, &state_dir, at)?;
         let proxies = validate_proxies(&raw, &credentials, at)?;
         let mounts = validate_mounts(&raw, &credentials, &proxies, at)?;
-        if mounts.is_empty() && proxies.is_empty() {
+        if raw.mount.is_empty() && proxies.is_empty() {
             return Err(at.error(
                 0..0,
                 "mount",
                 "no [[mount]] or [[proxy]] tables: nothing to serve",
             ));
         }
-        Ok(Config {
+        let config = Config {
             path: at.file.to_owned(),
             mode: raw.mode.unwrap_or(Mode::Fuse),
             socket: validate_socket(&raw, at)?,
             credentials,
             min_length,
-            mounts,
+            mounts: Vec::new(),
             state_dir,
             proxies,
+        };
+        Ok(ConfigFile {
+            config,
+            mounts,
+            max_size: max_file_size(&raw, at)?,
         })
+    }
+
+    /// Where the daemon listens (all `status` and `stop` need).
+    pub fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    /// Expands each mount's preset (reading the agent's files), then places
+    /// every mount so that no two overlap and none covers a system directory.
+    pub fn resolve(self, presets: &dyn Presets) -> Result<Config, ConfigError> {
+        let mut config = self.config;
+        let mut origins: Vec<(String, String)> = Vec::new();
+        for spec in self.mounts {
+            for mut m in spec.expand(presets)? {
+                for f in &mut m.files {
+                    f.max_size = self.max_size;
+                }
+                let written = m.dir.display().to_string();
+                let placed = placement(&m.dir, &config.mounts, &origins);
+                m.dir = placed.map_err(|e| spec.dir_at.error(&e))?;
+                origins.push((spec.key.clone(), written));
+                config.mounts.push(m);
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl MountSpec {
+    /// The mount as written, or the preset's mounts with the files listed
+    /// beside it joining its first one.
+    fn expand(&self, presets: &dyn Presets) -> Result<Vec<MountConfig>, ConfigError> {
+        let Some((name, opts, at)) = &self.preset else {
+            return Ok(vec![MountConfig {
+                dir: self.dir.clone().unwrap_or_default(),
+                allow_other: self.allow_other,
+                files: self.files.clone(),
+                notes: Vec::new(),
+            }]);
+        };
+        let expanded = presets.expand(name, opts).map_err(|e| at.error(&e))?;
+        let mut mounts: Vec<MountConfig> = expanded
+            .into_iter()
+            .map(|m| MountConfig {
+                dir: m.dir,
+                allow_other: self.allow_other,
+                files: m.files,
+                notes: m.notes,
+            })
+            .collect();
+        if let Some(first) = mounts.first_mut() {
+            first
+                .files
+                .retain(|f| !self.files.iter().any(|o| o.path == f.path));
+            first.files.extend(self.files.iter().cloned());
+        }
+        Ok(mounts)
     }
 }
 
@@ -581,26 +744,30 @@ fn validate_proxies(
     Ok(proxies)
 }
 
-/// Every `[[mount]]` (presets expanded), each placed so that no two mounts
-/// overlap.
+/// `max_file_size`, or the default.
+fn max_file_size(raw: &RawConfig, at: &Locator<'_>) -> Result<u64, ConfigError> {
+    let Some(v) = &raw.max_file_size else {
+        return Ok(DEFAULT_MAX_FILE_SIZE);
+    };
+    parse_size(v.get_ref())
+        .filter(|n| *n >= 1024)
+        .map(|n| n as u64)
+        .ok_or_else(|| {
+            at.error(
+                v.span(),
+                "max_file_size",
+                "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
+            )
+        })
+}
+
+/// Every `[[mount]]` as written (see [`ConfigFile::resolve`] for the rest).
 fn validate_mounts(
     raw: &RawConfig,
     credentials: &Credentials,
     proxies: &[ProxyConfig],
     at: &Locator<'_>,
-) -> Result<Vec<MountConfig>, ConfigError> {
-    let max_size = match &raw.max_file_size {
-        Some(v) => parse_size(v.get_ref())
-            .filter(|n| *n >= 1024)
-            .ok_or_else(|| {
-                at.error(
-                    v.span(),
-                    "max_file_size",
-                    "write a size such as 1048576, \"1MiB\" or \"512KiB\" (at least 1 KiB)",
-                )
-            })? as u64,
-        None => DEFAULT_MAX_FILE_SIZE,
-    };
+) -> Result<Vec<MountSpec>, ConfigError> {
     // A managed file may also bind a proxy's local key: `proxy.NAME.token`.
     let mut bindable = credentials.clone();
     for p in proxies {
@@ -609,27 +776,11 @@ fn validate_mounts(
             SourceConfig::Push { initial_env: None },
         );
     }
-    let mut mounts: Vec<MountConfig> = Vec::new();
-    let mut origins: Vec<(Range<usize>, String, String)> = Vec::new();
-    for (i, mount) in raw.mount.iter().enumerate() {
-        let key = format!("mount[{i}]");
-        for mut m in validate_mount(mount, &key, &bindable, proxies, at)? {
-            for f in &mut m.files {
-                f.max_size = max_size;
-            }
-            let span = mount
-                .get_ref()
-                .dir
-                .as_ref()
-                .map_or(mount.span(), |d| d.span());
-            let written = m.dir.display().to_string();
-            m.dir = placement(&m.dir, &mounts, &origins)
-                .map_err(|e| at.error(span.clone(), &format!("{key}.dir"), &e))?;
-            origins.push((span, key.clone(), written));
-            mounts.push(m);
-        }
-    }
-    Ok(mounts)
+    raw.mount
+        .iter()
+        .enumerate()
+        .map(|(i, mount)| validate_mount(mount, &format!("mount[{i}]"), &bindable, proxies, at))
+        .collect()
 }
 
 /// `control.socket`: absolute (a relative one would depend on where each
@@ -1096,13 +1247,7 @@ fn validate_databricks(
             "lifetime ({}) must be longer than rotate_every ({}), or tokens expire before they are replaced",
             humantime::format_duration(lifetime), humantime::format_duration(rotate_every))));
     }
-    let comment = raw.comment.clone().unwrap_or_else(|| {
-        let hostname = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown".into());
-        format!("tokenfs-rotated:{hostname}")
-    });
+    let comment = raw.comment.clone();
     Ok(DatabricksConfig {
         host,
         initial_env: raw.initial_env.clone(),
@@ -1298,10 +1443,11 @@ fn validate_mount(
     credentials: &BTreeMap<String, SourceConfig>,
     proxies: &[ProxyConfig],
     at: &Locator<'_>,
-) -> Result<Vec<MountConfig>, ConfigError> {
+) -> Result<MountSpec, ConfigError> {
     let raw = spanned.get_ref();
     let f = Fields { at, key };
     let dir = mount_dir(spanned, &f)?;
+    let dir_span = raw.dir.as_ref().map_or(spanned.span(), |d| d.span());
     let mut files: Vec<ManagedConfig> = Vec::new();
     for (j, file) in raw.file.iter().enumerate() {
         let fkey = format!("{key}.file[{j}]");
@@ -1312,23 +1458,25 @@ fn validate_mount(
         }
         files.push(m);
     }
-    let Some(preset) = &raw.preset else {
-        return Ok(vec![MountConfig {
-            dir: dir.unwrap_or_default(),
-            allow_other: raw.allow_other,
-            files,
-            notes: Vec::new(),
-        }]);
+    let preset = match &raw.preset {
+        Some(name) => Some(preset_options(
+            raw,
+            name,
+            dir.clone(),
+            credentials,
+            proxies,
+            &f,
+        )?),
+        None => None,
     };
-    let mut mounts = preset_mounts(raw, preset, dir, credentials, proxies, &f)?;
-    // Files listed next to a preset join its first mount.
-    if let Some(first) = mounts.first_mut() {
-        first
-            .files
-            .retain(|f| !files.iter().any(|o| o.path == f.path));
-        first.files.extend(files);
-    }
-    Ok(mounts)
+    Ok(MountSpec {
+        key: key.to_owned(),
+        dir_at: at.place(dir_span, &format!("{key}.dir")),
+        dir,
+        allow_other: raw.allow_other,
+        files,
+        preset,
+    })
 }
 
 /// `dir`: absolute after `~` expansion; absent only with a preset (which
@@ -1364,7 +1512,7 @@ fn via_proxy(
     raw: &RawMount,
     proxies: &[ProxyConfig],
     f: &Fields<'_>,
-) -> Result<Option<crate::preset::ViaProxy>, ConfigError> {
+) -> Result<Option<ViaProxy>, ConfigError> {
     let Some(name) = &raw.via_proxy else {
         return Ok(None);
     };
@@ -1378,22 +1526,22 @@ fn via_proxy(
                 &format!("no [[proxy]] named `{}`", name.get_ref()),
             )
         })?;
-    Ok(Some(crate::preset::ViaProxy {
+    Ok(Some(ViaProxy {
         name: p.name.clone(),
         upstream: p.upstream.to_string(),
     }))
 }
 
-/// A `preset` mount: its credential and proxy checked, then expanded by
-/// the preset (which reads the agent's files to see what they hold).
-fn preset_mounts(
+/// A `preset` mount: its credential and proxy checked, and what the preset
+/// is asked (it is expanded by [`ConfigFile::resolve`]).
+fn preset_options(
     raw: &RawMount,
     preset: &Spanned<String>,
     dir: Option<PathBuf>,
     credentials: &BTreeMap<String, SourceConfig>,
     proxies: &[ProxyConfig],
     f: &Fields<'_>,
-) -> Result<Vec<MountConfig>, ConfigError> {
+) -> Result<(String, PresetOptions, Place), ConfigError> {
     let credential = raw
         .credential
         .as_ref()
@@ -1407,7 +1555,7 @@ fn preset_mounts(
         ));
     }
     let via_proxy = via_proxy(raw, proxies, f)?;
-    let opts = crate::preset::Options {
+    let opts = PresetOptions {
         credential: credential.to_owned(),
         dir,
         create: raw.create,
@@ -1418,17 +1566,8 @@ fn preset_mounts(
         oauth_source: matches!(credentials.get(credential), Some(SourceConfig::OAuth(_))),
         via_proxy,
     };
-    let expanded = crate::preset::expand(preset.get_ref(), &opts)
-        .map_err(|e| f.error(preset.span(), "preset", &e))?;
-    Ok(expanded
-        .into_iter()
-        .map(|m| MountConfig {
-            dir: m.dir,
-            allow_other: raw.allow_other,
-            files: m.files,
-            notes: m.notes,
-        })
-        .collect())
+    let at = f.at.place(preset.span(), &format!("{}.preset", f.key));
+    Ok((preset.get_ref().clone(), opts, at))
 }
 
 fn validate_file(
@@ -1572,7 +1711,7 @@ const SYSTEM_DIRS: &[&str] = &[
 fn placement(
     dir: &Path,
     earlier: &[MountConfig],
-    origins: &[(Range<usize>, String, String)],
+    origins: &[(String, String)],
 ) -> Result<PathBuf, String> {
     if !dir.is_absolute() {
         return Err(format!(
@@ -1620,9 +1759,9 @@ fn overlap(
     canon: &Path,
     shown: &str,
     earlier: &[MountConfig],
-    origins: &[(Range<usize>, String, String)],
+    origins: &[(String, String)],
 ) -> Option<String> {
-    for (other, (_, key, written)) in earlier.iter().zip(origins) {
+    for (other, (key, written)) in earlier.iter().zip(origins) {
         if other.dir == canon {
             return Some(format!(
                 "{shown} is the same directory as {key}.dir (\"{written}\"): list it once"
@@ -1721,6 +1860,16 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
+    fn place(&self, span: Range<usize>, key: &str) -> Place {
+        let (line, column) = line_col(self.text, span.start);
+        Place {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.to_owned(),
+        }
+    }
+
     fn error(&self, span: Range<usize>, key: &str, message: &str) -> ConfigError {
         let (line, column) = line_col(self.text, span.start);
         ConfigError {
@@ -1752,7 +1901,64 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("t.toml"), text)
+        ConfigFile::parse(Path::new("t.toml"), text)?.resolve(&crate::preset::Agents)
+    }
+
+    /// Records what a preset is asked, and answers with one directory.
+    struct Recorder(std::cell::RefCell<Vec<(String, PresetOptions)>>);
+
+    impl Presets for Recorder {
+        fn expand(&self, name: &str, o: &PresetOptions) -> Result<Vec<PresetMount>, String> {
+            self.0.borrow_mut().push((name.to_owned(), o.clone()));
+            if name == "broken" {
+                return Err("cannot read its files".into());
+            }
+            Ok(vec![PresetMount {
+                dir: PathBuf::from("/srv/agent-home/.agent"),
+                files: Vec::new(),
+                notes: vec!["a note".into()],
+            }])
+        }
+    }
+
+    #[test]
+    fn presets_are_expanded_only_by_resolve_with_the_options_written() {
+        let text = r#"
+[credentials.databricks]
+source = "push"
+
+[[mount]]
+preset = "hermes"
+dir = "/srv/agent-home/.agent"
+create = true
+profile = "dev"
+allow_other = true
+"#;
+        let presets = Recorder(Default::default());
+        let file = ConfigFile::parse(Path::new("t.toml"), text).unwrap();
+        assert!(presets.0.borrow().is_empty());
+        let config = file.resolve(&presets).unwrap();
+        let asked = presets.0.borrow();
+        assert_eq!(asked.len(), 1);
+        let (name, o) = &asked[0];
+        assert_eq!(name, "hermes");
+        assert_eq!(o.credential, "databricks");
+        assert_eq!(o.dir.as_deref(), Some(Path::new("/srv/agent-home/.agent")));
+        assert!(o.create && !o.oauth && o.via_proxy.is_none());
+        assert_eq!(o.profile.as_deref(), Some("dev"));
+        assert_eq!(config.mounts.len(), 1);
+        assert!(config.mounts[0].allow_other);
+        assert_eq!(config.mounts[0].notes, vec!["a note".to_owned()]);
+    }
+
+    #[test]
+    fn a_preset_that_fails_is_reported_at_its_line_after_parsing() {
+        let text =
+            "[credentials.databricks]\nsource = \"push\"\n\n[[mount]]\npreset = \"broken\"\n";
+        let file = ConfigFile::parse(Path::new("t.toml"), text).unwrap();
+        let e = file.resolve(&Recorder(Default::default())).err().unwrap();
+        assert_eq!((e.line, e.key.as_str()), (5, "mount[0].preset"));
+        assert!(e.message.contains("cannot read its files"), "{e}");
     }
 
     const GOOD: &str = r#"
@@ -1839,7 +2045,10 @@ bind = { "model.api_key" = "databricks.token", "h" = { slot = "databricks", pref
                 Duration::from_secs(180)
             )
         );
-        assert!(d.comment.starts_with("tokenfs-rotated:"));
+        assert_eq!(
+            d.comment, None,
+            "named by the source, not by reading the config"
+        );
         let e = parse(&format!(
             "{base}rotate_every = \"10m\"\nlifetime = \"5m\"\n{mount}"
         ))

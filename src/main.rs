@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use tokenfs::config::{self, Config};
+use tokenfs::config::{self, Config, ConfigFile};
 use tokenfs::control::{self, Request};
 
 #[derive(Parser)]
@@ -175,7 +175,9 @@ fn socket_of(target: &Target) -> Result<PathBuf, String> {
         return Ok(s.clone());
     }
     match &target.config {
-        Some(c) => Config::load(c).map(|c| c.socket).map_err(|e| e.to_string()),
+        Some(c) => ConfigFile::load(c)
+            .map(|c| c.socket().to_owned())
+            .map_err(|e| e.to_string()),
         None => Ok(config::default_socket()),
     }
 }
@@ -239,16 +241,21 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// The config the daemon runs: the file, then its presets (which read the
+/// agents' files to see what they hold).
+fn load_config(path: &Path) -> Result<Config, String> {
+    ConfigFile::load(path)
+        .and_then(|c| c.resolve(&tokenfs::preset::Agents))
+        .map_err(|e| e.to_string())
+}
+
 fn mount(config: &Path) -> Result<(), String> {
-    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let config = load_config(config)?;
     tokenfs::daemon::run(config)
 }
 
 fn doctor(config: Option<&Path>) -> Result<(), String> {
-    let config = config
-        .map(Config::load)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let config = config.map(load_config).transpose()?;
     let checks = tokenfs::doctor::run(config.as_ref());
     for c in &checks {
         if c.ok {
@@ -265,7 +272,7 @@ fn doctor(config: Option<&Path>) -> Result<(), String> {
 
 /// Validates a config as `mount` would, without mounting.
 fn check(config: &Path) -> Result<(), String> {
-    let c = Config::load(config).map_err(|e| e.to_string())?;
+    let c = load_config(config)?;
     // What `mount` would refuse first.
     if let Some(m) = c.mounts.iter().find(|m| !m.dir.is_dir()) {
         return Err(format!(

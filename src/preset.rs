@@ -24,48 +24,17 @@ pub const NAMES: [&str; 7] = [
     "pi",
 ];
 
-/// The knobs a `[[mount]] preset = …` table may set.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// The credential whose fields the files show.
-    pub credential: String,
-    /// Overrides the preset's directory (only for presets with one mount).
-    pub dir: Option<PathBuf>,
-    /// Create files that do not exist yet.
-    pub create: bool,
-    /// `~/.databrickscfg` profile (default `DEFAULT`).
-    pub profile: Option<String>,
-    /// OpenCode / Pi provider ids to manage (default: those with a literal key).
-    pub providers: Option<Vec<String>>,
-    /// Claude: also manage `.credentials.json` (OAuth login).
-    pub oauth: bool,
-    /// Let the credential replace differing values at mount (see
-    /// `ManagedConfig::replace`).
-    pub replace: bool,
-    /// The agent talks to this loopback proxy instead of its upstream.
-    pub via_proxy: Option<ViaProxy>,
-    /// The credential is an OAuth session tokenfs refreshes: its files also
-    /// show the expiry and the time of the last refresh it publishes.
-    pub oauth_source: bool,
-}
+/// What `expand` is given and returns (defined with the config they come
+/// from, so the config never needs this module).
+pub use crate::config::{PresetMount as Mount, PresetOptions as Options, ViaProxy};
 
-/// `via_proxy = "NAME"`: the agent's base URL renders as the proxy's URL and
-/// its key as the proxy's local key, so it never holds the upstream token.
-#[derive(Debug, Clone, Default)]
-pub struct ViaProxy {
-    pub name: String,
-    /// The proxy's upstream (`https://host/base`), to keep a base URL's
-    /// path beyond it (`…/serving-endpoints/anthropic` → `PROXY/anthropic`).
-    pub upstream: String,
-}
+/// The presets as the config's resolution step sees them.
+pub struct Agents;
 
-/// One directory a preset mounts.
-#[derive(Debug, Clone)]
-pub struct Mount {
-    pub dir: PathBuf,
-    pub files: Vec<ManagedConfig>,
-    /// Things the user should know (shown in `status` and by `init`).
-    pub notes: Vec<String>,
+impl crate::config::Presets for Agents {
+    fn expand(&self, name: &str, o: &Options) -> Result<Vec<Mount>, String> {
+        expand(name, o)
+    }
 }
 
 pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {

@@ -1179,7 +1179,7 @@ fn make_certs(dir: &Path, hosts: &[&str]) {
         let ok = Command::new("sh")
             .arg("-c")
             .arg(script)
-            .current_dir(&dir)
+            .current_dir(dir)
             .output()
             .expect("sh");
         assert!(

@@ -11,10 +11,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http::{Conn, Upstream};
-use tokenfs::config::Config;
+use tokenfs::config::{Config, ConfigError, ConfigFile};
 use tokenfs::proxy::{Proxies, Proxy};
 use tokenfs::secret::Secret;
 use tokenfs::store::{Store, Update};
+
+fn parse_config(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    ConfigFile::parse(path, text)?.resolve(&tokenfs::preset::Agents)
+}
 
 /// A push credential `db`, a proxy `llm` to `UPSTREAM/base`, and a helper
 /// that rotates like a minting source: mint, publish, revoke the old one.
@@ -36,7 +40,7 @@ impl Rig {
             "[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"llm\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\ncredential = \"db\"\n{extra}",
             up.url("/base")
         );
-        let cfg = Config::parse(Path::new("t.toml"), &toml).expect("config");
+        let cfg = parse_config(Path::new("t.toml"), &toml).expect("config");
         let store = Arc::new(Store::new([("db", "push")]));
         let proxies = Proxies::start(&cfg.proxies, store.clone()).expect("start");
         let rig = Rig {
@@ -465,7 +469,7 @@ fn an_unreachable_upstream_gives_502_and_a_log_line_without_the_token() {
     let toml = format!(
         "[credentials.db]\nsource = \"push\"\n[[proxy]]\nname = \"down\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{url}\"\ncredential = \"db\"\nconnect_timeout = \"2s\"\n"
     );
-    let cfg = Config::parse(Path::new("t.toml"), &toml).expect("config");
+    let cfg = parse_config(Path::new("t.toml"), &toml).expect("config");
     let store = Arc::new(Store::new([("db", "push")]));
     let proxies = Proxies::start(&cfg.proxies, store.clone()).expect("start");
     let p = proxies.get("down").expect("proxy");
@@ -782,7 +786,7 @@ fn an_https_upstream_is_verified_with_ca_file_and_spoken_to_over_http2() {
     store
         .publish("db", Update::token(Secret::new(token.clone())))
         .expect("publish");
-    let cfg = Config::parse(
+    let cfg = parse_config(
         Path::new("t.toml"),
         &toml(&format!("ca_file = \"{}\"\n", dir.join("ca.pem").display())),
     )
@@ -808,7 +812,7 @@ fn an_https_upstream_is_verified_with_ca_file_and_spoken_to_over_http2() {
         );
     }
     // Without the CA the upstream is not trusted: 502, said in status.
-    let cfg = Config::parse(Path::new("t.toml"), &toml("")).expect("config");
+    let cfg = parse_config(Path::new("t.toml"), &toml("")).expect("config");
     let untrusted = Proxies::start(&cfg.proxies, store).expect("start");
     let p = untrusted.get("tls").expect("proxy");
     let key = p.local_key().expose_str().to_owned();

@@ -20,7 +20,7 @@ use super::kernel::{Caller, Kernel, OpenBacking};
 use super::managed::Context;
 use super::{AttrChange, Step, TokenFs};
 use crate::backup::Backups;
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::secret::Secret;
 use crate::store::{SlotRef, Store, Update};
 
@@ -132,7 +132,9 @@ fn fixture() -> Fixture {
         dir.path().join("state").display(),
         mount.display()
     );
-    let config = Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    let config = ConfigFile::parse(Path::new("test.toml"), &text)
+        .and_then(|c| c.resolve(&crate::preset::Agents))
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut m = config.mounts[0].clone();
     m.files[0].max_size = MAX;
     let store = Arc::new(Store::new([("databricks", "push")]));

@@ -1180,42 +1180,41 @@ fn number_bindings_render_bare_numbers_and_are_never_adopted() {
         Binding::new("o.accessToken".parse().unwrap(), "c.access_token"),
     ];
     let input = "{\"o\": {\"accessToken\": \"sk-ant-oat01-aaaaaaaaaaaaaaaa\", \"expiresAt\": 1733150000000, \"scopes\": [\"user:inference\"]}}\n";
-    for format in [Format::Json] {
-        let conv = to_template(format, input.as_bytes(), &bindings, &[], true);
-        assert!(conv.problems.is_empty(), "{:?}", conv.problems);
-        assert_eq!(conv.found.len(), 1, "only the token is found");
-        let t = text(conv.template.clone());
-        assert!(
-            t.contains("\"expiresAt\": \"__tokenfs:c.expires_at_ms__\""),
-            "{t}"
-        );
-        let tpl = super::template(format, conv.template, &bindings);
-        let values = |slot: &str| match slot {
-            "c.expires_at_ms" => Some(&b"1800000000000"[..]),
-            "c.access_token" => Some(&b"sk-ant-oat01-bbbbbbbbbbbbbbbb"[..]),
-            _ => None,
-        };
-        let mut out = Vec::new();
-        assert!(tpl.render(&values, &mut out).is_empty());
-        let rendered = text(out);
-        assert!(
-            rendered.contains("\"expiresAt\": 1800000000000,"),
-            "{rendered}"
-        );
-        check(format, rendered.as_bytes(), &bindings, &values).unwrap();
-        assert!(tpl.carries("c.expires_at_ms", b"soon").is_err());
-        // Written back with another number: replaced, nothing adopted.
-        let written = rendered.replace("1800000000000", "1900000000000");
-        let again = to_template(
-            format,
-            written.as_bytes(),
-            &bindings,
-            &[("c.access_token", b"sk-ant-oat01-bbbbbbbbbbbbbbbb")],
-            true,
-        );
-        assert!(again.found.iter().all(|f| f.known) && again.problems.is_empty());
-        assert_eq!(text(again.template), t);
-    }
+    let format = Format::Json;
+    let conv = to_template(format, input.as_bytes(), &bindings, &[], true);
+    assert!(conv.problems.is_empty(), "{:?}", conv.problems);
+    assert_eq!(conv.found.len(), 1, "only the token is found");
+    let t = text(conv.template.clone());
+    assert!(
+        t.contains("\"expiresAt\": \"__tokenfs:c.expires_at_ms__\""),
+        "{t}"
+    );
+    let tpl = super::template(format, conv.template, &bindings);
+    let values = |slot: &str| match slot {
+        "c.expires_at_ms" => Some(&b"1800000000000"[..]),
+        "c.access_token" => Some(&b"sk-ant-oat01-bbbbbbbbbbbbbbbb"[..]),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    assert!(tpl.render(&values, &mut out).is_empty());
+    let rendered = text(out);
+    assert!(
+        rendered.contains("\"expiresAt\": 1800000000000,"),
+        "{rendered}"
+    );
+    check(format, rendered.as_bytes(), &bindings, &values).unwrap();
+    assert!(tpl.carries("c.expires_at_ms", b"soon").is_err());
+    // Written back with another number: replaced, nothing adopted.
+    let written = rendered.replace("1800000000000", "1900000000000");
+    let again = to_template(
+        format,
+        written.as_bytes(),
+        &bindings,
+        &[("c.access_token", b"sk-ant-oat01-bbbbbbbbbbbbbbbb")],
+        true,
+    );
+    assert!(again.found.iter().all(|f| f.known) && again.problems.is_empty());
+    assert_eq!(text(again.template), t);
 }
 
 #[test]

@@ -102,6 +102,7 @@ pub fn start(name: &str, cfg: &DatabricksConfig, store: Arc<Store>) -> Result<Ha
     let flight = Arc::new(Flight::default());
     let source = Source {
         name: name.to_owned(),
+        comment: cfg.comment.clone().unwrap_or_else(default_comment),
         cfg: cfg.clone(),
         store,
         client,
@@ -146,6 +147,8 @@ struct Current {
 
 struct Source {
     name: String,
+    /// On every token we mint: how `cleanup_orphans` knows ours.
+    comment: String,
     cfg: DatabricksConfig,
     store: Arc<Store>,
     client: Client,
@@ -158,6 +161,15 @@ struct Source {
     /// A token written by a CLI whose validation failed for a transient
     /// reason: tried again with backoff, never adopted unvalidated.
     pending: Option<Pending>,
+}
+
+/// `tokenfs-rotated:HOSTNAME`: one container's tokens told from another's.
+fn default_comment() -> String {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("tokenfs-rotated:{hostname}")
 }
 
 struct Pending {
@@ -320,7 +332,7 @@ impl Source {
     fn mint(&self, with: &Secret) -> Result<Current, Failure> {
         let body = serde_json::json!({
             "lifetime_seconds": self.cfg.lifetime.as_secs(),
-            "comment": self.cfg.comment,
+            "comment": self.comment,
         });
         let resp = self
             .client
@@ -533,7 +545,7 @@ impl Source {
         };
         let ours = cur.token_id.clone();
         for t in listed.token_infos {
-            if t.comment.as_deref() == Some(self.cfg.comment.as_str())
+            if t.comment.as_deref() == Some(self.comment.as_str())
                 && Some(&t.token_id) != ours.as_ref()
             {
                 info!(credential = %self.name, token_id = %t.token_id, "revoking a token an earlier run left behind");
