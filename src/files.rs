@@ -23,8 +23,8 @@ use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ManagedConfig};
-use crate::fs::managed::{FileHealth, TMP_PREFIX};
 use crate::fs::{MountInfo, ServedFile};
+use crate::managed::{FileHealth, TMP_PREFIX};
 use crate::render::{self, Binding, Format, Template};
 use crate::secret::SecretBytes;
 use crate::source::Adopt;
