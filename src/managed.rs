@@ -629,3 +629,265 @@ pub fn sweep_temp_files(dir: BorrowedFd<'_>, shown: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The core's rules on a tempdir, without FUSE or root: what both modes
+    //! do at start and when a program writes.
+
+    use super::*;
+    use crate::store::Update;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::fs::PermissionsExt;
+
+    const T1: &str = "dapiaaaaaaaaaaaaaaaaaaaaaaaaaaaa1";
+    const T2: &str = "dapibbbbbbbbbbbbbbbbbbbbbbbbbbbb2";
+
+    /// A source that records what it is offered, and takes it or not.
+    struct Fake {
+        take: bool,
+        validates: bool,
+        offered: Mutex<Vec<String>>,
+    }
+
+    impl Adopt for Fake {
+        fn offer(&self, slot: &SlotRef, _value: Secret, _origin: &str) -> Result<(), String> {
+            self.offered.lock().push(slot.to_string());
+            if self.take {
+                Ok(())
+            } else {
+                Err("refused by the test".into())
+            }
+        }
+        fn plausible(&self, _slot: &SlotRef, value: &Secret) -> Result<(), String> {
+            crate::source::plausible(value, crate::source::DEFAULT_MIN_LENGTH)
+        }
+        fn validates(&self, _slot: &SlotRef) -> bool {
+            self.validates
+        }
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: Config,
+        store: Arc<Store>,
+        adopt: Arc<Fake>,
+        ctx: Arc<Context>,
+    }
+
+    /// Two YAML files, `a.yaml` and `b.yaml`, both bound to databricks.token;
+    /// the credential holds `current` when given.
+    fn fixture(current: Option<&str>, take: bool, validates: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut text = format!(
+            "state_dir = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\ndir = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().display()
+        );
+        for name in ["a.yaml", "b.yaml"] {
+            text.push_str(&format!(
+                "[[mount.file]]\npath = \"{name}\"\nformat = \"yaml\"\nbind = {{ \"model.api_key\" = \"databricks.token\" }}\n"
+            ));
+        }
+        let config = Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(Store::new([("databricks", "push")]));
+        if let Some(t) = current {
+            let r = store.publish("databricks", Update::token(Secret::new(t)));
+            assert!(r.is_ok(), "{r:?}");
+        }
+        let adopt = Arc::new(Fake {
+            take,
+            validates,
+            offered: Mutex::new(Vec::new()),
+        });
+        let backups = Backups::new(&config.state_dir);
+        let ctx = Arc::new(Context::new(store.clone(), adopt.clone(), backups));
+        Fixture {
+            dir,
+            config,
+            store,
+            adopt,
+            ctx,
+        }
+    }
+
+    impl Fixture {
+        fn core(&self, i: usize) -> FileCore {
+            let m = &self.config.mounts[0];
+            FileCore::new(&m.dir, &m.files[i], self.ctx.clone())
+        }
+        fn write(&self, name: &str, text: &str) -> Vec<u8> {
+            std::fs::write(self.dir.path().join(name), text).unwrap_or_else(|e| panic!("{e}"));
+            text.as_bytes().to_vec()
+        }
+        fn backup(&self, core: &FileCore) -> Option<String> {
+            std::fs::read_to_string(self.ctx.backups.original_of(&core.shown)).ok()
+        }
+    }
+
+    fn yaml(value: &str) -> String {
+        format!("# keep me\nmodel:\n  api_key: {value}\n  note: \"a \\\"b\\\" # c \\\\ d\"\n")
+    }
+
+    #[test]
+    fn no_token_at_a_bound_key_is_replaced_after_a_backup_and_not_offered() {
+        for value in ["none", "x", "\"\""] {
+            let f = fixture(Some(T1), true, false);
+            let core = f.core(0);
+            let bytes = f.write("a.yaml", &yaml(value));
+            let conv = core
+                .convert_at_start(&bytes, true)
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            let text = String::from_utf8_lossy(&conv.template).into_owned();
+            assert!(text.contains("__tokenfs:databricks.token__"), "{text}");
+            assert!(text.contains("note: \"a \\\"b\\\" # c \\\\ d\""), "{text}");
+            assert_eq!(f.backup(&core), Some(yaml(value)), "{value}");
+            assert!(f.adopt.offered.lock().is_empty(), "{value}");
+        }
+    }
+
+    #[test]
+    fn the_credentials_own_token_converts_and_a_first_value_is_adopted() {
+        let f = fixture(None, true, false);
+        let (a, b) = (f.core(0), f.core(1));
+        let bytes = f.write("a.yaml", &yaml(T1));
+        assert!(a.convert_at_start(&bytes, true).is_ok());
+        assert_eq!(*f.adopt.offered.lock(), vec!["databricks.token"]);
+        // A second file holding the value the first one claimed agrees.
+        let bytes = f.write("b.yaml", &yaml(T1));
+        assert!(b.convert_at_start(&bytes, true).is_ok());
+        assert_eq!(
+            f.adopt.offered.lock().len(),
+            1,
+            "claimed, not offered twice"
+        );
+    }
+
+    #[test]
+    fn a_different_token_refuses_the_start_naming_file_and_key_without_the_token() {
+        let f = fixture(Some(T1), true, false);
+        let core = f.core(0);
+        let bytes = f.write("a.yaml", &yaml(T2));
+        let err = match core.convert_at_start(&bytes, true) {
+            Ok(_) => panic!("a conflicting token was converted"),
+            Err(e) => e,
+        };
+        assert!(
+            err.contains("a.yaml") && err.contains("model.api_key"),
+            "{err}"
+        );
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert!(!err.contains(T1) && !err.contains(T2), "{err}");
+        assert_eq!(f.backup(&core), None, "nothing was backed up");
+    }
+
+    #[test]
+    fn a_validating_source_is_offered_a_different_session_instead_of_refusing() {
+        let f = fixture(Some(T1), true, true);
+        let core = f.core(0);
+        let bytes = f.write("a.yaml", &yaml(T2));
+        assert!(core.convert_at_start(&bytes, true).is_ok());
+        assert_eq!(*f.adopt.offered.lock(), vec!["databricks.token"]);
+        assert_eq!(
+            f.backup(&core),
+            Some(yaml(T2)),
+            "backed up before replacing"
+        );
+    }
+
+    #[test]
+    fn precheck_refuses_two_files_with_two_tokens_for_one_credential() {
+        let f = fixture(None, true, false);
+        f.write("a.yaml", &yaml(T1));
+        f.write("b.yaml", &yaml(T2));
+        let err = match precheck(&f.config, &f.store, f.adopt.as_ref()) {
+            Ok(()) => panic!("two tokens for one credential were accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            err.contains("b.yaml") && err.contains("model.api_key"),
+            "{err}"
+        );
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert!(!err.contains(T1) && !err.contains(T2), "{err}");
+        assert!(
+            f.adopt.offered.lock().is_empty(),
+            "the precheck offers nothing"
+        );
+        // The same token in both files is one credential's value.
+        f.write("b.yaml", &yaml(T1));
+        assert!(precheck(&f.config, &f.store, f.adopt.as_ref()).is_ok());
+    }
+
+    #[test]
+    fn a_written_value_that_is_not_adopted_is_backed_up_and_reported() {
+        let f = fixture(Some(T1), false, false);
+        let core = f.core(0);
+        let conv = core.take_write(yaml(T2).as_bytes());
+        let conv = conv.unwrap_or_else(|e| panic!("{e}"));
+        assert!(String::from_utf8_lossy(&conv.template).contains("__tokenfs:"));
+        assert_eq!(f.backup(&core), Some(yaml(T2)));
+        let health = core.health();
+        let error = health.last_error.unwrap_or_default();
+        assert!(
+            error.contains("not adopted") && !error.contains(T2),
+            "{error}"
+        );
+        // Our own token written back is ours: no offer, no new backup.
+        assert!(core.take_write(yaml(T1).as_bytes()).is_ok());
+        assert_eq!(f.adopt.offered.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_write_over_the_size_limit_is_efbig() {
+        let f = fixture(Some(T1), true, false);
+        let core = f.core(0);
+        let big = vec![b'#'; core.max_size as usize + 1];
+        let errno = core.take_write(&big).err().and_then(|e| e.raw_os_error());
+        assert_eq!(errno, Some(libc::EFBIG));
+    }
+
+    #[test]
+    fn a_rendering_carries_the_current_token_and_reports_a_missing_one() {
+        let f = fixture(None, true, false);
+        let core = f.core(0);
+        let conv = core.to_template(&f.store.snapshot(), yaml("none").as_bytes());
+        let template = core.template(conv.template);
+        let missing = core.missing(&f.store.snapshot()).unwrap_or_default();
+        assert!(missing.contains("tokenfs set databricks"), "{missing}");
+        let r = f
+            .store
+            .publish("databricks", Update::token(Secret::new(T1)));
+        assert!(r.is_ok(), "{r:?}");
+        let snap = f.store.snapshot();
+        assert_eq!(core.missing(&snap), None);
+        let out = core.render(&snap, &template, false);
+        assert_eq!(String::from_utf8_lossy(&out), yaml(T1));
+        assert_eq!(core.health().last_error, None, "the rendering checks out");
+    }
+
+    #[test]
+    fn save_at_keeps_the_mode_and_leaves_no_temp_file_and_stale_ones_are_swept() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("f.env");
+        std::fs::write(&path, "A=1\n").unwrap_or_else(|e| panic!("{e}"));
+        let mode = std::fs::Permissions::from_mode(0o640);
+        std::fs::set_permissions(&path, mode).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join(format!("{TMP_PREFIX}stale")), "T")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let fd: OwnedFd = sys::open_dir_path(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let name = CString::new("f.env").unwrap_or_default();
+        let previous = sys::stat_name(fd.as_fd(), &name).ok();
+        let st = save_at(fd.as_fd(), &name, b"A=2\n", previous.as_ref(), 0o7777);
+        let st = st.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(st.st_mode & 0o7777, 0o640);
+        assert_eq!(std::fs::read(&path).unwrap_or_default(), b"A=2\n");
+        sweep_temp_files(fd.as_fd(), &path);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f.env")]);
+    }
+}
