@@ -254,6 +254,10 @@ impl FileCopy {
         };
         let Ok(dir) = copy.open_dir() else {
             info!(file = %copy.core.shown.display(), "the directory of this managed file does not exist; it is written once that directory exists");
+            if copy.core.create {
+                let conv = copy.core.convert_at_start(b"", false)?;
+                copy.install(conv.template, conv.parse_error.is_some());
+            }
             return Ok(copy);
         };
         managed::sweep_temp_files(dir.as_fd(), &copy.core.shown);
@@ -519,6 +523,24 @@ mod tests {
         assert_eq!(f.read(".env"), edited.replace(T1, T2));
         let mode = std::fs::metadata(&path).map(|m| m.permissions().mode());
         assert_eq!(mode.unwrap_or(0) & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn a_file_to_create_in_a_missing_directory_is_written_once_it_exists() {
+        let f = fixture(YAML, ENV);
+        let mut cfg = f.config.mounts[0].files[1].clone();
+        cfg.path = PathBuf::from("later/.env");
+        cfg.create = true;
+        let adopt: Arc<dyn Adopt> = Arc::new(TakeAll);
+        let backups = Backups::new(&f.config.state_dir);
+        let ctx = Arc::new(Context::new(f.store.clone(), adopt, backups));
+        let copy = FileCopy::load(f.dir.path(), &cfg, ctx);
+        let copy = copy.unwrap_or_else(|e| panic!("{e}"));
+        copy.refresh();
+        assert_eq!(f.read("later/.env"), "", "no directory yet");
+        std::fs::create_dir(f.dir.path().join("later")).unwrap_or_else(|e| panic!("{e}"));
+        copy.refresh();
+        assert_eq!(f.read("later/.env"), format!("API_KEY={T1}\n"));
     }
 
     #[test]
