@@ -17,8 +17,8 @@ use crate::control::{self, MountLife};
 use crate::files;
 use crate::fs::MountInfo;
 use crate::fs::TokenFs;
-use crate::fs::managed::{Context, ManagedFile};
 use crate::lock::{self, Refused};
+use crate::managed::{self, Context};
 use crate::mounts;
 use crate::proxy::Proxies;
 use crate::source::Sources;
@@ -170,7 +170,7 @@ fn serve_fuse(
         sources.clone(),
         Backups::new(&config.state_dir),
     ));
-    precheck(config, store, sources.as_ref())?;
+    managed::precheck(config, store, sources.as_ref())?;
     let mut filesystems = Vec::new();
     for m in &config.mounts {
         let root = open_dir(&m.dir)?;
@@ -203,39 +203,6 @@ fn serve_fuse(
         lives.push(life);
     }
     Ok((infos, mounted, lives))
-}
-
-/// Refuses, before any file is converted, a config whose files hold a
-/// different token at a bound key than their credential (unless `replace`),
-/// so that a refused mount leaves every file exactly as it was.
-fn precheck(
-    config: &Config,
-    store: &Store,
-    adopt: &dyn crate::source::Adopt,
-) -> Result<(), String> {
-    let mut claims = std::collections::HashMap::new();
-    let mut conflicts = Vec::new();
-    for m in &config.mounts {
-        for f in &m.files {
-            conflicts.extend(ManagedFile::precheck(
-                &m.dir.join(&f.path),
-                f,
-                store,
-                adopt,
-                &mut claims,
-            ));
-        }
-    }
-    if conflicts.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "{}; nothing was changed. Bind such a key to its own credential, or set replace = true on its mount to let the credential take over (the file is backed up first, under {})",
-        conflicts.join("; "),
-        crate::backup::Backups::new(&config.state_dir)
-            .original_of(std::path::Path::new("/"))
-            .display()
-    ))
 }
 
 /// Serves until every mount is gone (files mode: until a signal).

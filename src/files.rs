@@ -3,79 +3,85 @@
 //! reader can still race a rotation (it sees the old or the new file whole,
 //! never half, thanks to rename). Use it where `/dev/fuse` is unavailable.
 //!
-//! At start, each file is converted to a template in memory (a token found
-//! in it becomes the credential's first value). On every new generation the
-//! file is re-read: bytes a program wrote since our last write are taken as
-//! its edits (secrets turned back into placeholders, new values offered to
-//! the source), then the rendering is written with temp file + fsync +
-//! rename + fsync(dir), keeping mode and owner, and skipped when unchanged.
+//! The rules of a managed file are the core's ([`crate::managed`]), the
+//! same as in FUSE mode: a config whose files hold a different token at a
+//! bound key than their credential refuses to start before any file
+//! changes; a value tokenfs replaces is backed up first; `none` or `x` at a
+//! bound key is no token and is simply replaced; an OAuth session found is
+//! offered for validation; what a conversion finds is reported in `status`.
+//! What is left here is what files mode alone does: on every new
+//! generation the file is re-read, bytes a program wrote since our last
+//! write are taken in as its edits, then the rendering is written with the
+//! core's atomic save, keeping mode and owner, and skipped when unchanged.
 //! A program's write is also taken in when it lands (inotify), so a
 //! consumer's wiped OAuth session is refreshed for at once.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tracing::{error, info, warn};
 
+use crate::backup::Backups;
 use crate::config::{Config, ManagedConfig};
-use crate::fs::managed::{FileHealth, TMP_PREFIX};
-use crate::fs::{MountInfo, ServedFile};
-use crate::render::{self, Binding, Format, Template};
+use crate::fs::{MountInfo, ServedFile, sys};
+use crate::managed::{self, Context, FileCore, FileHealth};
+use crate::render::{self, Format, Template};
 use crate::secret::SecretBytes;
 use crate::source::Adopt;
-use crate::store::{SlotRef, Snapshot, Store};
+use crate::store::{Credential, Store};
 
 /// One file kept up to date on disk.
 pub struct FileCopy {
-    path: PathBuf,
-    rel: PathBuf,
-    format: Format,
-    bindings: Vec<Binding>,
-    slots: Vec<SlotRef>,
-    create: bool,
-    replace: bool,
-    state: Mutex<CopyState>,
-    health: Mutex<FileHealth>,
-}
-
-#[derive(Default)]
-struct CopyState {
-    template: Option<Template>,
-    /// What we last wrote (or found), to tell a program's edits apart.
-    last: Option<SecretBytes>,
+    core: FileCore,
+    /// The real file's directory and name (`core.shown` is both joined).
+    dir: PathBuf,
+    name: CString,
+    /// The template, and whether it did not parse. `None` while there is
+    /// nothing to write: the file is absent (and not `create`), or it is
+    /// left alone because a program's write could not be taken in (over the
+    /// size limit, or its backup failed). Kept apart from `last` so that a
+    /// publish asking [`FileCopy::carries`] while a refresh offers a value
+    /// does not wait for that refresh.
+    template: RwLock<Option<(Arc<Template>, bool)>>,
+    /// What we last wrote or took in, to tell a program's edits apart.
+    /// Held for a whole refresh, so refreshes never interleave.
+    last: Mutex<Option<SecretBytes>>,
 }
 
 impl ServedFile for FileCopy {
     fn rel(&self) -> &Path {
-        &self.rel
+        &self.core.rel
     }
     fn format(&self) -> Format {
-        self.format
+        self.core.format
     }
     fn health(&self) -> FileHealth {
-        self.health.lock().clone()
+        self.core.health()
     }
 }
 
-/// Converts every file and starts the writer thread. Returns what status
-/// shows about each directory.
+/// Checks every file against its credential (refusing a conflict before
+/// anything changes), converts them, and starts the watcher and the writer
+/// thread. Returns what status shows about each directory.
 pub fn start(
     config: &Config,
     store: Arc<Store>,
     adopt: Arc<dyn Adopt>,
 ) -> Result<Vec<Arc<MountInfo>>, String> {
+    let backups = Backups::new(&config.state_dir);
+    let ctx = Arc::new(Context::new(store.clone(), adopt, backups));
+    managed::precheck(config, &store, ctx.adopt.as_ref())?;
     let mut infos = Vec::new();
     let mut all = Vec::new();
     for m in &config.mounts {
         let mut files: Vec<Arc<dyn ServedFile>> = Vec::new();
         for f in &m.files {
-            let copy = Arc::new(FileCopy::new(&m.dir, f));
-            copy.refresh(&store, adopt.as_ref(), true);
+            let copy = Arc::new(FileCopy::load(&m.dir, f, ctx.clone())?);
             let weak = Arc::downgrade(&copy);
             store.on_validate(move |name, cred| {
                 weak.upgrade().map_or(Ok(()), |c| c.carries(name, cred))
@@ -89,14 +95,14 @@ pub fn start(
     }
     warn!("files mode: managed files are rewritten on disk at each rotation and hold tokens");
     let watcher = Watcher::new(&all)?;
-    let (w_files, w_store, w_adopt) = (all.clone(), store.clone(), adopt.clone());
+    let w_files = all.clone();
     std::thread::Builder::new()
         .name("files-watcher".into())
-        .spawn(move || watcher.run(&w_files, &w_store, w_adopt.as_ref()))
+        .spawn(move || watcher.run(&w_files))
         .map_err(|e| format!("cannot start the files watcher: {e}"))?;
     std::thread::Builder::new()
         .name("files-writer".into())
-        .spawn(move || writer(all, store, adopt))
+        .spawn(move || writer(all, store))
         .map_err(|e| format!("cannot start the files writer: {e}"))?;
     Ok(infos)
 }
@@ -119,22 +125,21 @@ impl Watcher {
         let mask = AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO;
         let mut dirs: Vec<(WatchDescriptor, PathBuf)> = Vec::new();
         for f in files {
-            let dir = f.path.parent().unwrap_or(Path::new(".")).to_owned();
-            if dirs.iter().any(|(_, d)| *d == dir) {
+            if dirs.iter().any(|(_, d)| *d == f.dir) {
                 continue;
             }
-            match inotify.add_watch(&dir, mask) {
-                Ok(wd) => dirs.push((wd, dir)),
+            match inotify.add_watch(&f.dir, mask) {
+                Ok(wd) => dirs.push((wd, f.dir.clone())),
                 // A directory made later by `create`: seen at rotations only.
                 Err(e) => {
-                    warn!(dir = %dir.display(), "files mode: cannot watch ({e}); edits there are taken in at the next rotation")
+                    warn!(dir = %f.dir.display(), "files mode: cannot watch ({e}); edits there are taken in at the next rotation")
                 }
             }
         }
         Ok(Watcher { inotify, dirs })
     }
 
-    fn run(self, files: &[Arc<FileCopy>], store: &Store, adopt: &dyn Adopt) {
+    fn run(self, files: &[Arc<FileCopy>]) {
         loop {
             let events = match self.inotify.read_events() {
                 Ok(events) => events,
@@ -156,8 +161,8 @@ impl Watcher {
                     continue;
                 };
                 let Some(name) = ev.name else { continue };
-                for f in files.iter().filter(|f| f.path == dir.join(&name)) {
-                    f.refresh(store, adopt, false);
+                for f in files.iter().filter(|f| f.core.shown == dir.join(&name)) {
+                    f.refresh();
                 }
             }
         }
@@ -171,32 +176,54 @@ impl Watcher {
 pub fn restore(config: &Config, store: &Store) {
     for m in &config.mounts {
         for f in &m.files {
-            let copy = FileCopy::new(&m.dir, f);
-            let Ok(bytes) = std::fs::read(&copy.path) else {
-                continue;
-            };
-            let template = render::template(copy.format, bytes.clone(), &copy.bindings);
-            if template.bound().next().is_none() {
-                continue;
-            }
-            let rendered = render_with(&template, &store.snapshot(), &copy.path);
-            if *rendered != *bytes {
-                match copy.write_atomically(&rendered) {
-                    Ok(()) => info!(file = %copy.path.display(), "put the current tokens back"),
-                    Err(e) => {
-                        error!(file = %copy.path.display(), "could not put the current tokens back: {e}")
-                    }
-                }
-            }
+            restore_file(&m.dir.join(&f.path), f, store);
         }
     }
 }
 
+fn restore_file(path: &Path, cfg: &ManagedConfig, store: &Store) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let template = render::template(cfg.format, bytes.clone(), &cfg.bindings);
+    if template.bound().next().is_none() {
+        return;
+    }
+    let snap = store.snapshot();
+    let mut rendered = Vec::new();
+    for r in template.render(
+        &|slot| snap.get_str(slot).map(|s| s.expose()),
+        &mut rendered,
+    ) {
+        error!(file = %path.display(), "{r}; its placeholder is kept");
+    }
+    let rendered = SecretBytes::new(rendered);
+    if *rendered == *bytes {
+        return;
+    }
+    let saved = split(path).and_then(|(dir, name)| {
+        let dir = sys::open_dir_path(&dir)?;
+        let previous = sys::stat_name(dir.as_fd(), &name).ok();
+        managed::save_at(dir.as_fd(), &name, &rendered, previous.as_ref(), 0o7777)
+    });
+    match saved {
+        Ok(_) => info!(file = %path.display(), "put the current tokens back"),
+        Err(e) => error!(file = %path.display(), "could not put the current tokens back: {e}"),
+    }
+}
+
+/// A file's directory and its name as a C string.
+fn split(path: &Path) -> std::io::Result<(PathBuf, CString)> {
+    let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let name = sys::cname(path.file_name().unwrap_or_default())?;
+    Ok((dir, name))
+}
+
 /// Sleeps until the next generation (no polling), then rewrites every file.
-fn writer(files: Vec<Arc<FileCopy>>, store: Arc<Store>, adopt: Arc<dyn Adopt>) {
+fn writer(files: Vec<Arc<FileCopy>>, store: Arc<Store>) {
     let mut seen = store.snapshot().generation;
     for f in &files {
-        f.refresh(&store, adopt.as_ref(), false);
+        f.refresh();
     }
     loop {
         let snap = store.wait_past(seen, Duration::from_secs(24 * 3600));
@@ -205,207 +232,327 @@ fn writer(files: Vec<Arc<FileCopy>>, store: Arc<Store>, adopt: Arc<dyn Adopt>) {
         }
         seen = snap.generation;
         for f in &files {
-            f.refresh(&store, adopt.as_ref(), false);
+            f.refresh();
         }
     }
 }
 
 impl FileCopy {
-    /// Whether every bound position can carry `cred`'s new values. While
-    /// this file is being refreshed (its own conversion may publish the
-    /// value it found, which it carries by definition) it is not asked.
-    fn carries(&self, name: &str, cred: &crate::store::Credential) -> Result<(), String> {
-        let Some(st) = self.state.try_lock() else {
-            return Ok(());
+    /// Converts the file found at start (or an empty one with `create`),
+    /// with the same refusals as a mount: not a regular file, over the size
+    /// limit, a conflicting value at a bound key, a failed backup. Nothing
+    /// is written here; the writer writes the first rendering.
+    fn load(mount_dir: &Path, cfg: &ManagedConfig, ctx: Arc<Context>) -> Result<FileCopy, String> {
+        let core = FileCore::new(mount_dir, cfg, ctx);
+        let (dir, name) = split(&core.shown).map_err(|e| core.describe(&e))?;
+        let copy = FileCopy {
+            core,
+            dir,
+            name,
+            template: RwLock::new(None),
+            last: Mutex::new(None),
         };
-        let Some(template) = &st.template else {
-            return Ok(());
-        };
-        for slot in self.slots.iter().filter(|s| s.credential == name) {
-            if let Some(secret) = cred.fields.get(&slot.field) {
-                template
-                    .carries(&slot.to_string(), secret.expose())
-                    .map_err(|r| format!("{}: {r}", self.path.display()))?;
+        let Ok(dir) = copy.open_dir() else {
+            info!(file = %copy.core.shown.display(), "the directory of this managed file does not exist; it is written once that directory exists");
+            if copy.core.create {
+                let conv = copy.core.convert_at_start(b"", false)?;
+                copy.install(conv.template, conv.parse_error.is_some());
             }
+            return Ok(copy);
+        };
+        managed::sweep_temp_files(dir.as_fd(), &copy.core.shown);
+        copy.first_conversion(dir.as_fd())?;
+        Ok(copy)
+    }
+
+    fn first_conversion(&self, dir: BorrowedFd<'_>) -> Result<(), String> {
+        let core = &self.core;
+        match sys::stat_name(dir, &self.name) {
+            Ok(st) => {
+                core.check_start(&st)?;
+                let bytes = managed::read_at(dir, &self.name).map_err(|e| core.describe(&e))?;
+                let conv = core.convert_at_start(&bytes, true)?;
+                self.install(conv.template, conv.parse_error.is_some());
+                *self.last.lock() = Some(SecretBytes::new(bytes));
+                core.set_present(true);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && core.create => {
+                let conv = core.convert_at_start(b"", false)?;
+                self.install(conv.template, conv.parse_error.is_some());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                info!(file = %core.shown.display(), "managed file does not exist; it is written once a program creates it");
+            }
+            Err(e) => return Err(core.describe(&e)),
         }
         Ok(())
     }
 
-    fn new(dir: &Path, f: &ManagedConfig) -> FileCopy {
-        FileCopy {
-            path: dir.join(&f.path),
-            rel: f.path.clone(),
-            format: f.format,
-            bindings: f.bindings.clone(),
-            slots: f
-                .bindings
-                .iter()
-                .filter_map(|b| SlotRef::parse(&b.slot).ok())
-                .collect(),
-            create: f.create,
-            replace: f.replace,
-            state: Mutex::new(CopyState::default()),
-            health: Mutex::new(FileHealth::default()),
-        }
+    fn open_dir(&self) -> std::io::Result<OwnedFd> {
+        sys::open_dir_path(&self.dir)
+    }
+
+    fn install(&self, template: Vec<u8>, broken: bool) {
+        *self.template.write() = Some((Arc::new(self.core.template(template)), broken));
+    }
+
+    /// Whether every bound position can carry `cred`'s new values.
+    fn carries(&self, name: &str, cred: &Credential) -> Result<(), String> {
+        let Some((template, _)) = self.template.read().clone() else {
+            return Ok(());
+        };
+        self.core.carries(&template, name, cred)
     }
 
     /// Takes in a program's edits, then writes the current rendering if it
-    /// differs from the file. `convert_only` is the start-up pass.
-    fn refresh(&self, store: &Store, adopt: &dyn Adopt, convert_only: bool) {
-        let mut st = self.state.lock();
-        let on_disk = std::fs::read(&self.path).ok().map(SecretBytes::new);
-        self.health.lock().present = on_disk.is_some();
-        let edited = match (&on_disk, &st.last) {
-            (Some(now), Some(last)) => now != last,
-            (Some(_), None) => true,
-            (None, _) => false,
+    /// differs from the file.
+    fn refresh(&self) {
+        let mut last = self.last.lock();
+        let Ok(dir) = self.open_dir() else {
+            self.core.set_present(false);
+            return;
         };
-        if edited || (on_disk.is_none() && st.template.is_none() && self.create) {
-            let bytes: &[u8] = on_disk.as_deref().unwrap_or(b"");
-            st.template = Some(self.convert(store, adopt, bytes, convert_only));
-            st.last = on_disk.clone();
+        let on_disk = match managed::read_at(dir.as_fd(), &self.name) {
+            Ok(bytes) => Some(SecretBytes::new(bytes)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => {
+                // A symlink or directory put in its place: not ours to replace.
+                let msg = format!("cannot read it ({e}); it is left as it is");
+                warn!(file = %self.core.shown.display(), "{msg}");
+                return self.core.note_error(msg);
+            }
+        };
+        self.core.set_present(on_disk.is_some());
+        if let Some(now) = on_disk.as_ref().filter(|now| last.as_ref() != Some(*now)) {
+            self.take_in(now);
+            *last = on_disk.clone();
         }
-        if convert_only {
-            return;
+        if let Some(written) = self.write_rendering(dir.as_fd(), on_disk.as_ref()) {
+            *last = Some(written);
         }
-        let Some(template) = &st.template else { return };
-        let snap = store.snapshot();
-        if self.slots.iter().any(|s| snap.get(s).is_none()) {
-            return; // Never replace a token on disk with a placeholder.
+    }
+
+    /// A program's edit: taken in by the core, as a write through the mount
+    /// would be. One the core refuses (over the size limit, or a value that
+    /// could not be backed up) leaves the file alone until it changes again,
+    /// since writing the rendering over it would lose the program's bytes.
+    fn take_in(&self, bytes: &[u8]) {
+        match self.core.take_write(bytes) {
+            Ok(conv) => self.install(conv.template, conv.parse_error.is_some()),
+            Err(e) => {
+                warn!(file = %self.core.shown.display(), "a program's edit was not taken in ({e}); the file is left as it is until it changes");
+                *self.template.write() = None;
+            }
         }
-        let rendered = render_with(template, &snap, &self.path);
-        if on_disk.as_ref() == Some(&rendered) {
-            st.last = Some(rendered);
-            return;
+    }
+
+    /// Writes the rendering of the current snapshot unless the file already
+    /// holds it; returns what the file holds now when that is the rendering.
+    /// A file whose credential has no value yet is not written: a token on
+    /// disk is never replaced by a placeholder.
+    fn write_rendering(
+        &self,
+        dir: BorrowedFd<'_>,
+        on_disk: Option<&SecretBytes>,
+    ) -> Option<SecretBytes> {
+        let (template, broken) = self.template.read().clone()?;
+        let snap = self.core.ctx.store.snapshot();
+        if let Some(missing) = self.core.missing(&snap) {
+            let msg = format!("not written yet: {missing}");
+            warn!(file = %self.core.shown.display(), "{msg}");
+            self.core.note_error(msg);
+            return None;
         }
-        match self.write_atomically(&rendered) {
-            Ok(()) => {
-                st.last = Some(rendered);
-                let mut h = self.health.lock();
-                h.present = true;
-                h.last_write = Some(SystemTime::now());
+        let rendered = self.core.render(&snap, &template, broken);
+        if on_disk == Some(&rendered) {
+            return Some(rendered);
+        }
+        let previous = sys::stat_name(dir, &self.name).ok();
+        match managed::save_at(dir, &self.name, &rendered, previous.as_ref(), 0o7777) {
+            Ok(_) => {
+                self.core.note_write();
+                Some(rendered)
             }
             Err(e) => {
                 let msg = format!(
                     "writing {} failed: {e}; it still holds the previous token",
-                    self.path.display()
+                    self.core.shown.display()
                 );
                 error!("{msg}");
-                let mut h = self.health.lock();
-                h.last_error = Some(msg);
-                h.last_error_at = Some(SystemTime::now());
+                self.core.note_error(msg);
+                None
             }
         }
-    }
-
-    /// `startup`: a value found becomes the credential's first value only if
-    /// it has none; later, a value a program wrote is offered to its source.
-    fn convert(&self, store: &Store, adopt: &dyn Adopt, bytes: &[u8], startup: bool) -> Template {
-        let snap = store.snapshot();
-        let known = store.known(&snap, &self.slots);
-        let refs: Vec<(&str, &[u8])> = known
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.expose()))
-            .collect();
-        let conv = render::to_template(self.format, bytes, &self.bindings, &refs, true);
-        if let Some(e) = &conv.parse_error {
-            warn!(file = %self.path.display(), "not valid {} ({e}); kept as written", self.format);
-        }
-        for s in &conv.stray {
-            warn!(file = %self.path.display(), line = s.line, key = %s.key, fingerprint = %s.fingerprint,
-                "a token is stored outside the bound keys: bind that key or remove it");
-        }
-        if startup && !self.replace && self.conflict(&snap, adopt, &conv.found) {
-            return render::template(self.format, bytes.to_vec(), &[]);
-        }
-        let origin = self.path.display().to_string();
-        if !startup {
-            for (slot, _) in &conv.blanked {
-                if let Ok(slot) = SlotRef::parse(slot) {
-                    adopt.blanked(&slot, &origin);
-                }
-            }
-        }
-        for found in conv.found.into_iter().filter(|f| !f.known) {
-            let Ok(slot) = SlotRef::parse(&found.slot) else {
-                continue;
-            };
-            if !startup || snap.get(&slot).is_none() || adopt.validates(&slot) {
-                match adopt.offer(&slot, found.value, &origin) {
-                    Ok(()) => {
-                        info!(file = %origin, slot = %slot, "adopted a value found in the file")
-                    }
-                    Err(why) => warn!(file = %origin, slot = %slot, "not adopted: {why}"),
-                }
-            }
-        }
-        render::template(self.format, conv.template, &self.bindings)
-    }
-
-    /// At start, a bound key holding a different token than its credential
-    /// leaves the whole file alone (nothing lost), reported: whether so.
-    fn conflict(&self, snap: &Snapshot, adopt: &dyn Adopt, found: &[render::Found]) -> bool {
-        let conflict = found.iter().filter(|f| !f.known).find(|f| {
-            let Ok(slot) = SlotRef::parse(&f.slot) else {
-                return false;
-            };
-            let differs = snap.get(&slot).is_some_and(|c| *c != f.value);
-            differs && !adopt.validates(&slot) && adopt.plausible(&slot, &f.value).is_ok()
-        });
-        let Some(f) = conflict else { return false };
-        let msg = format!(
-            "{}: key {} holds {}, a different token than credential {}: left as it is (set replace = true to let the credential take over)",
-            self.path.display(),
-            f.key,
-            f.value,
-            f.slot
-        );
-        error!("{msg}");
-        let mut h = self.health.lock();
-        h.last_error = Some(msg);
-        h.last_error_at = Some(SystemTime::now());
-        true
-    }
-
-    /// temp file + fsync + rename + fsync(dir), keeping mode and owner.
-    fn write_atomically(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-        let meta = std::fs::metadata(&self.path).ok();
-        let mode = meta
-            .as_ref()
-            .map_or(0o600, |m| m.permissions().mode() & 0o7777);
-        let result = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)?;
-            f.write_all(bytes)?;
-            if let Some(m) = &meta {
-                std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
-                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-            }
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            std::fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
     }
 }
 
-fn render_with(template: &Template, snap: &Snapshot, path: &Path) -> SecretBytes {
-    let mut out = Vec::new();
-    for r in template.render(&|slot| snap.get_str(slot).map(|s| s.expose()), &mut out) {
-        error!(file = %path.display(), "{r}; its placeholder is kept");
+#[cfg(test)]
+mod tests {
+    //! Files mode on a tempdir (no FUSE, no root): the start-up rules it
+    //! shares with FUSE mode, and what it writes to the real file.
+
+    use super::*;
+    use crate::secret::Secret;
+    use crate::store::{SlotRef, Update};
+    use std::os::unix::fs::PermissionsExt;
+
+    const T1: &str = "dapiaaaaaaaaaaaaaaaaaaaaaaaaaaaa1";
+    const T2: &str = "dapibbbbbbbbbbbbbbbbbbbbbbbbbbbb2";
+
+    /// Takes every plausible value (nothing validates).
+    struct TakeAll;
+
+    impl Adopt for TakeAll {
+        fn offer(&self, _slot: &SlotRef, _value: Secret, _origin: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn plausible(&self, _slot: &SlotRef, value: &Secret) -> Result<(), String> {
+            crate::source::plausible(value, crate::source::DEFAULT_MIN_LENGTH)
+        }
     }
-    SecretBytes::new(out)
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: Config,
+        store: Arc<Store>,
+    }
+
+    /// `config.yaml` and `.env` in one directory, both bound to
+    /// databricks.token, which holds `T1`.
+    fn fixture(yaml: &str, env: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join(".env"), env).unwrap_or_else(|e| panic!("{e}"));
+        let text = format!(
+            "mode = \"files\"\nstate_dir = \"{}\"\n[credentials.databricks]\nsource = \"push\"\n[[mount]]\ndir = \"{}\"\n[[mount.file]]\npath = \"config.yaml\"\nformat = \"yaml\"\nbind = {{ \"model.api_key\" = \"databricks.token\" }}\n[[mount.file]]\npath = \".env\"\nformat = \"dotenv\"\nbind = {{ \"API_KEY\" = \"databricks.token\" }}\n",
+            dir.path().join("state").display(),
+            dir.path().display()
+        );
+        let config = crate::config::ConfigFile::parse(Path::new("test.toml"), &text)
+            .and_then(|c| c.resolve(&crate::preset::Agents))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(Store::new([("databricks", "push")]));
+        let r = store.publish("databricks", Update::token(Secret::new(T1)));
+        assert!(r.is_ok(), "{r:?}");
+        Fixture { dir, config, store }
+    }
+
+    impl Fixture {
+        fn copies(&self) -> Result<Vec<FileCopy>, String> {
+            let adopt: Arc<dyn Adopt> = Arc::new(TakeAll);
+            managed::precheck(&self.config, &self.store, adopt.as_ref())?;
+            let backups = Backups::new(&self.config.state_dir);
+            let ctx = Arc::new(Context::new(self.store.clone(), adopt, backups));
+            let m = &self.config.mounts[0];
+            m.files
+                .iter()
+                .map(|f| FileCopy::load(&m.dir, f, ctx.clone()))
+                .collect()
+        }
+        fn read(&self, name: &str) -> String {
+            std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+        }
+        fn backup(&self, name: &str) -> Option<String> {
+            let backups = Backups::new(&self.config.state_dir);
+            let original = backups.original_of(&self.dir.path().join(name));
+            std::fs::read_to_string(original).ok()
+        }
+    }
+
+    const YAML: &str = "# keep: 'quotes' \"and\" # hashes\nmodel:\n  api_key: none\n  note: \"a \\\"b\\\" # c \\\\ d\"\n  path: 'C:\\Users\\x'  # trailing\n";
+    const ENV: &str = "API_KEY=x\nQUOTED=\"a \\\"b\\\" # c\"\nRAW='x\\y'\nHASH=abc#def\n";
+
+    #[test]
+    fn no_token_is_replaced_after_a_backup_and_every_other_byte_is_kept() {
+        let f = fixture(YAML, ENV);
+        for copy in f.copies().unwrap_or_else(|e| panic!("{e}")) {
+            copy.refresh();
+        }
+        assert_eq!(f.read("config.yaml"), YAML.replace("none", T1));
+        assert_eq!(
+            f.read(".env"),
+            ENV.replace("API_KEY=x", &format!("API_KEY={T1}"))
+        );
+        assert_eq!(f.backup("config.yaml").as_deref(), Some(YAML));
+        assert_eq!(f.backup(".env").as_deref(), Some(ENV));
+    }
+
+    #[test]
+    fn an_empty_value_is_filled_after_a_backup() {
+        let f = fixture("model:\n  api_key: ''\n", "API_KEY=\n# end\n");
+        for copy in f.copies().unwrap_or_else(|e| panic!("{e}")) {
+            copy.refresh();
+        }
+        assert_eq!(f.read(".env"), format!("API_KEY={T1}\n# end\n"));
+        let yaml = f.read("config.yaml");
+        assert!(yaml.contains(T1), "{yaml}");
+        assert_eq!(f.backup(".env").as_deref(), Some("API_KEY=\n# end\n"));
+    }
+
+    #[test]
+    fn two_tokens_for_one_credential_refuse_to_start_and_change_nothing() {
+        let yaml = YAML.replace("none", T1);
+        let env = ENV.replace("API_KEY=x", &format!("API_KEY={T2}"));
+        let f = fixture(&yaml, &env);
+        let err = match f.copies() {
+            Ok(_) => panic!("a conflicting token was accepted"),
+            Err(e) => e,
+        };
+        assert!(err.contains(".env") && err.contains("API_KEY"), "{err}");
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert!(!err.contains(T1) && !err.contains(T2), "{err}");
+        assert_eq!((f.read("config.yaml"), f.read(".env")), (yaml, env));
+        assert!(!f.dir.path().join("state").exists(), "nothing backed up");
+    }
+
+    #[test]
+    fn a_program_edit_with_quotes_and_hashes_survives_a_rotation_keeping_its_mode() {
+        let f = fixture(YAML, ENV);
+        let copies = f.copies().unwrap_or_else(|e| panic!("{e}"));
+        copies.iter().for_each(FileCopy::refresh);
+        let path = f.dir.path().join(".env");
+        let edited = format!("API_KEY={T1}\nNEW=\"q # \\\\\"\n");
+        std::fs::write(&path, &edited).unwrap_or_else(|e| panic!("{e}"));
+        let mode = std::fs::Permissions::from_mode(0o640);
+        std::fs::set_permissions(&path, mode).unwrap_or_else(|e| panic!("{e}"));
+        copies.iter().for_each(FileCopy::refresh);
+        assert_eq!(f.read(".env"), edited, "nothing to rewrite");
+        let r = f
+            .store
+            .publish("databricks", Update::token(Secret::new(T2)));
+        assert!(r.is_ok(), "{r:?}");
+        copies.iter().for_each(FileCopy::refresh);
+        assert_eq!(f.read(".env"), edited.replace(T1, T2));
+        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode());
+        assert_eq!(mode.unwrap_or(0) & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn a_file_to_create_in_a_missing_directory_is_written_once_it_exists() {
+        let f = fixture(YAML, ENV);
+        let mut cfg = f.config.mounts[0].files[1].clone();
+        cfg.path = PathBuf::from("later/.env");
+        cfg.create = true;
+        let adopt: Arc<dyn Adopt> = Arc::new(TakeAll);
+        let backups = Backups::new(&f.config.state_dir);
+        let ctx = Arc::new(Context::new(f.store.clone(), adopt, backups));
+        let copy = FileCopy::load(f.dir.path(), &cfg, ctx);
+        let copy = copy.unwrap_or_else(|e| panic!("{e}"));
+        copy.refresh();
+        assert_eq!(f.read("later/.env"), "", "no directory yet");
+        std::fs::create_dir(f.dir.path().join("later")).unwrap_or_else(|e| panic!("{e}"));
+        copy.refresh();
+        assert_eq!(f.read("later/.env"), format!("API_KEY={T1}\n"));
+    }
+
+    #[test]
+    fn a_symlink_at_a_managed_path_refuses_to_start() {
+        let f = fixture(YAML, ENV);
+        let env = f.dir.path().join(".env");
+        std::fs::remove_file(&env).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("config.yaml", &env).unwrap_or_else(|e| panic!("{e}"));
+        let err = f.copies().err().unwrap_or_default();
+        assert!(err.contains("not a regular file"), "{err}");
+        assert_eq!(f.read("config.yaml"), YAML);
+    }
 }

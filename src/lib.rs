@@ -15,6 +15,7 @@ pub mod files;
 pub mod fs;
 pub mod init;
 pub mod lock;
+pub mod managed;
 pub mod mounts;
 pub mod preset;
 pub mod proxy;

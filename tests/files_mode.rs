@@ -105,3 +105,78 @@ fn auto_mode_mounts_when_fuse_works() {
     let _d = Daemon::start(&s, &cfg, &[&dir]);
     assert!(is_mounted(&dir));
 }
+
+/// A config with `config.yaml` and `.env` in `dir`, both bound to
+/// databricks.token, in files mode.
+fn two_files_config(s: &Scratch, dir: &Path) -> String {
+    format!(
+        "{}[[mount.file]]\npath = \".env\"\nformat = \"dotenv\"\nbind = {{ \"API_KEY\" = \"databricks.token\" }}\n",
+        files_config(s, dir)
+    )
+}
+
+/// Files mode follows FUSE mode's rule: two different tokens for one
+/// credential refuse the start, naming the file and key (never the
+/// token), and no file is changed or backed up.
+#[test]
+fn two_different_keys_refuse_to_start_and_change_nothing() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    let (first, second) = (token("fa", 36), token("fb", 36));
+    let yaml = hermes_yaml(&first);
+    let env = format!("API_KEY={second}\n# keep\n");
+    s.write("home/.hermes/config.yaml", &yaml);
+    s.write("home/.hermes/.env", &env);
+    let cfg = s.write("tokenfs.toml", &two_files_config(&s, &dir));
+    let out = std::process::Command::new(BIN)
+        .args(["mount", "--config"])
+        .arg(&cfg)
+        .env("TOKENFS_STATE_DIR", s.path("state"))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".env") && err.contains("API_KEY"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(!err.contains(&first) && !err.contains(&second), "{err}");
+    assert_eq!(fs::read_to_string(dir.join("config.yaml")).unwrap(), yaml);
+    assert_eq!(fs::read_to_string(dir.join(".env")).unwrap(), env);
+    assert!(!s.path("state/originals").exists(), "nothing was backed up");
+}
+
+/// `none`, `x` or an empty value at a bound key is no token: replaced by
+/// the credential's, after the file's original bytes are backed up; quotes,
+/// `#` and backslashes everywhere else are kept byte for byte, also across
+/// a program's edit and the next rotation.
+#[test]
+fn no_token_values_are_replaced_after_a_backup_and_other_bytes_survive() {
+    let s = Scratch::new();
+    let dir = s.path("home/.hermes");
+    let yaml = "# 'quoted' \"comment\" # more\nmodel:\n  api_key: none\n  note: \"a \\\"b\\\" # c \\\\ d\"\n  path: 'C:\\Users\\x'  # trailing\nagent:\n  max_turns: 60\n";
+    let env = "API_KEY=x\nQUOTED=\"a \\\"b\\\" # c\"\nRAW='x\\y'\nHASH=abc#def\n";
+    s.write("home/.hermes/config.yaml", yaml);
+    s.write("home/.hermes/.env", env);
+    let d = Daemon::start(&s, &two_files_config(&s, &dir), &[]);
+    let first = token("fn0", 40);
+    d.set("databricks", &first);
+    wait_for(&dir.join("config.yaml"), &yaml.replace("none", &first));
+    let env_now = env.replace("API_KEY=x", &format!("API_KEY={first}"));
+    wait_for(&dir.join(".env"), &env_now);
+    let originals = s
+        .path("state/originals")
+        .join(dir.strip_prefix("/").unwrap());
+    assert_eq!(
+        fs::read_to_string(originals.join("config.yaml")).unwrap(),
+        yaml
+    );
+    assert_eq!(fs::read_to_string(originals.join(".env")).unwrap(), env);
+    // A program's edit with more of the same survives the next rotation.
+    let edited = format!("{env_now}NEW=\"q # \\\\ '\"\n");
+    fs::write(dir.join(".env"), &edited).unwrap();
+    let second = token("fn1", 40);
+    d.set("databricks", &second);
+    wait_for(&dir.join(".env"), &edited.replace(&first, &second));
+    wait_for(&dir.join("config.yaml"), &yaml.replace("none", &second));
+    assert!(!d.log_text().contains(&second), "a token in the log");
+}

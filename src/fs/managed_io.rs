@@ -21,10 +21,11 @@ use tracing::{info, warn};
 use super::error::{Context as _, FsError, FsResult};
 use super::inode::Node;
 use super::kernel::Kernel;
-use super::managed::{ManagedFile, TMP_PREFIX};
+use super::managed::ManagedFile;
 use super::passthrough::{AttrChange, apply_meta};
 use super::view::{View, Views};
 use super::{Attr, Created, Entry, Handle, NO_CACHE, Opened, TokenFs, VIEW_TTL, sys};
+use crate::managed::TMP_PREFIX;
 use crate::secret::SecretBytes;
 
 /// An open managed file, one variant per way it does its I/O.
@@ -267,7 +268,7 @@ impl<K: Kernel> TokenFs<K> {
     /// A managed file was unlinked: it is absent until a program creates
     /// it again (its name then gets a new view).
     pub(super) fn unlinked_managed(&self, m: &ManagedFile) {
-        info!(file = %m.shown.display(), "managed file unlinked; it reappears when a program creates it");
+        info!(file = %m.core.shown.display(), "managed file unlinked; it reappears when a program creates it");
         m.set_absent();
         self.views.retire(m);
     }
@@ -343,7 +344,7 @@ impl<K: Kernel> TokenFs<K> {
             (Some(src), None) => {
                 let view = self.views.current_id(&src);
                 rename().context("rename")?;
-                info!(file = %src.shown.display(), "managed file renamed away (its copy keeps the placeholders); it reappears when a program creates it");
+                info!(file = %src.core.shown.display(), "managed file renamed away (its copy keeps the placeholders); it reappears when a program creates it");
                 src.set_absent();
                 self.views.retire(&src);
                 if let Some(id) = view {
@@ -429,7 +430,7 @@ impl<K: Kernel> TokenFs<K> {
             }
         } else {
             m.create_empty(mode).context("create")?;
-            info!(file = %m.shown.display(), "managed file created by a program");
+            info!(file = %m.core.shown.display(), "managed file created by a program");
         }
         let fh = self.open_managed(m, flags, tid)?;
         let view = self.views.lookup(m);
@@ -498,7 +499,7 @@ pub(super) fn rename_onto_managed<K: Kernel>(
         .map_err(|e| FsError::from(e).reported())?;
     views.retire(dst);
     if let Err(e) = sys::unlink_at(p.fd(), &c, 0) {
-        warn!(file = %dst.shown.display(), "saved, but could not remove the renamed temp file: {e}");
+        warn!(file = %dst.core.shown.display(), "saved, but could not remove the renamed temp file: {e}");
     }
     if st.st_nlink == 1 {
         views.alias((st.st_dev, st.st_ino), dst);

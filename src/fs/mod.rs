@@ -51,10 +51,11 @@ pub use self::passthrough::AttrChange;
 
 use self::inode::{Inodes, Node};
 use self::io_mode::{Io, IoModes};
-use self::managed::{Context, ManagedFile};
+use self::managed::ManagedFile;
 use self::managed_io::ManagedHandle;
 use self::view::Views;
 use crate::config::MountConfig;
+use crate::managed::{Context, FileHealth};
 
 /// Attribute and entry lifetime for passthrough inodes. Every change to them
 /// arrives through this mount, and the kernel drops its cached attributes of
@@ -162,7 +163,7 @@ pub trait ServedFile: Send + Sync {
     /// Path relative to the mount dir.
     fn rel(&self) -> &Path;
     fn format(&self) -> crate::render::Format;
-    fn health(&self) -> managed::FileHealth;
+    fn health(&self) -> FileHealth;
     /// Writes the current secrets into the file on disk (before an unmount
     /// that must leave working files); how many bound keys it restored.
     fn restore(&self) -> std::io::Result<usize> {
@@ -176,12 +177,12 @@ impl ServedFile for ManagedFile {
     }
 
     fn rel(&self) -> &Path {
-        &self.rel
+        &self.core.rel
     }
     fn format(&self) -> crate::render::Format {
-        self.format
+        self.core.format
     }
-    fn health(&self) -> managed::FileHealth {
+    fn health(&self) -> FileHealth {
         ManagedFile::health(self)
     }
 }

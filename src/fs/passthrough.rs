@@ -17,8 +17,9 @@ use super::error::{Context as _, FsError, FsResult};
 use super::inode::Node;
 use super::io_mode::{Io, SMALL_FILE, Want};
 use super::kernel::{Caller, Kernel, OpenBacking};
-use super::managed::{TMP_PREFIX, empty_stat};
+use super::managed::empty_stat;
 use super::{DirSink, Entry, Handle, NO_CACHE, Opened, PASSTHROUGH_TTL, TokenFs, sys};
+use crate::managed::TMP_PREFIX;
 
 /// Open flags of plain files. NOFLUSH: `close` has nothing to wait for
 /// (writes reach the backing file at once, and POSIX locks are the

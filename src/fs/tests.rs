@@ -17,10 +17,10 @@ use parking_lot::Mutex;
 use super::error::{FsError, FsResult, Level};
 use super::inode::ROOT_ID;
 use super::kernel::{Caller, Kernel, OpenBacking};
-use super::managed::Context;
 use super::{AttrChange, Step, TokenFs};
 use crate::backup::Backups;
 use crate::config::ConfigFile;
+use crate::managed::Context;
 use crate::secret::Secret;
 use crate::store::{SlotRef, Store, Update};
 

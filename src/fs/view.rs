@@ -242,11 +242,11 @@ impl<K: Kernel> Job<K> {
             if self.scope == Scope::NameAndAttributes {
                 let name = OsStr::from_bytes(v.file.name.as_bytes());
                 if let Err(e) = self.kernel.inval_entry(v.file.dir.id, name) {
-                    debug!(file = %v.file.shown.display(), "name invalidation: {e}");
+                    debug!(file = %v.file.core.shown.display(), "name invalidation: {e}");
                 }
             }
             if let Err(e) = self.kernel.inval_inode(v.id) {
-                debug!(file = %v.file.shown.display(), "attribute invalidation: {e}");
+                debug!(file = %v.file.core.shown.display(), "attribute invalidation: {e}");
             }
         }
     }
