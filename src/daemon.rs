@@ -170,11 +170,11 @@ fn serve_fuse(
         sources.clone(),
         Backups::new(&config.state_dir),
     ));
-    managed::precheck(config, store, sources.as_ref())?;
+    managed::precheck(config, store, sources.as_ref()).map_err(|e| e.to_string())?;
     let mut filesystems = Vec::new();
     for m in &config.mounts {
         let root = open_dir(&m.dir)?;
-        let fs = TokenFs::new(m, root, ctx.clone())?;
+        let fs = TokenFs::new(m, root, ctx.clone()).map_err(|e| e.to_string())?;
         let views = fs.views.clone();
         store.on_publish(move || views.retire_stale());
         filesystems.push(fs);

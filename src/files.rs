@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use crate::backup::Backups;
 use crate::config::{Config, ManagedConfig};
 use crate::fs::{MountInfo, ServedFile, sys};
-use crate::managed::{self, Context, FileCore, FileHealth};
+use crate::managed::{self, Context, FileCore, FileHealth, StartError};
 use crate::render::{self, Format, Template};
 use crate::secret::SecretBytes;
 use crate::source::Adopt;
@@ -75,13 +75,13 @@ pub fn start(
 ) -> Result<Vec<Arc<MountInfo>>, String> {
     let backups = Backups::new(&config.state_dir);
     let ctx = Arc::new(Context::new(store.clone(), adopt, backups));
-    managed::precheck(config, &store, ctx.adopt.as_ref())?;
+    managed::precheck(config, &store, ctx.adopt.as_ref()).map_err(|e| e.to_string())?;
     let mut infos = Vec::new();
     let mut all = Vec::new();
     for m in &config.mounts {
         let mut files: Vec<Arc<dyn ServedFile>> = Vec::new();
         for f in &m.files {
-            let copy = Arc::new(FileCopy::load(&m.dir, f, ctx.clone())?);
+            let copy = Arc::new(FileCopy::load(&m.dir, f, ctx.clone()).map_err(|e| e.to_string())?);
             let weak = Arc::downgrade(&copy);
             store.on_validate(move |name, cred| {
                 weak.upgrade().map_or(Ok(()), |c| c.carries(name, cred))
@@ -242,9 +242,13 @@ impl FileCopy {
     /// with the same refusals as a mount: not a regular file, over the size
     /// limit, a conflicting value at a bound key, a failed backup. Nothing
     /// is written here; the writer writes the first rendering.
-    fn load(mount_dir: &Path, cfg: &ManagedConfig, ctx: Arc<Context>) -> Result<FileCopy, String> {
+    fn load(
+        mount_dir: &Path,
+        cfg: &ManagedConfig,
+        ctx: Arc<Context>,
+    ) -> Result<FileCopy, StartError> {
         let core = FileCore::new(mount_dir, cfg, ctx);
-        let (dir, name) = split(&core.shown).map_err(|e| core.describe(&e))?;
+        let (dir, name) = split(&core.shown).map_err(|e| core.io_error(e))?;
         let copy = FileCopy {
             core,
             dir,
@@ -265,12 +269,12 @@ impl FileCopy {
         Ok(copy)
     }
 
-    fn first_conversion(&self, dir: BorrowedFd<'_>) -> Result<(), String> {
+    fn first_conversion(&self, dir: BorrowedFd<'_>) -> Result<(), StartError> {
         let core = &self.core;
         match sys::stat_name(dir, &self.name) {
             Ok(st) => {
                 core.check_start(&st)?;
-                let bytes = managed::read_at(dir, &self.name).map_err(|e| core.describe(&e))?;
+                let bytes = managed::read_at(dir, &self.name).map_err(|e| core.io_error(e))?;
                 let conv = core.convert_at_start(&bytes, true)?;
                 self.install(conv.template, conv.parse_error.is_some());
                 *self.last.lock() = Some(SecretBytes::new(bytes));
@@ -283,7 +287,7 @@ impl FileCopy {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 info!(file = %core.shown.display(), "managed file does not exist; it is written once a program creates it");
             }
-            Err(e) => return Err(core.describe(&e)),
+            Err(e) => return Err(core.io_error(e)),
         }
         Ok(())
     }
@@ -438,7 +442,7 @@ mod tests {
     }
 
     impl Fixture {
-        fn copies(&self) -> Result<Vec<FileCopy>, String> {
+        fn copies(&self) -> Result<Vec<FileCopy>, StartError> {
             let adopt: Arc<dyn Adopt> = Arc::new(TakeAll);
             managed::precheck(&self.config, &self.store, adopt.as_ref())?;
             let backups = Backups::new(&self.config.state_dir);
@@ -496,7 +500,8 @@ mod tests {
         let f = fixture(&yaml, &env);
         let err = match f.copies() {
             Ok(_) => panic!("a conflicting token was accepted"),
-            Err(e) => e,
+            Err(e @ (StartError::Conflict { .. } | StartError::Conflicts { .. })) => e.to_string(),
+            Err(e) => panic!("not a conflict: {e}"),
         };
         assert!(err.contains(".env") && err.contains("API_KEY"), "{err}");
         assert!(err.contains("nothing was changed"), "{err}");
@@ -551,7 +556,7 @@ mod tests {
         let env = f.dir.path().join(".env");
         std::fs::remove_file(&env).unwrap_or_else(|e| panic!("{e}"));
         std::os::unix::fs::symlink("config.yaml", &env).unwrap_or_else(|e| panic!("{e}"));
-        let err = f.copies().err().unwrap_or_default();
+        let err = f.copies().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("not a regular file"), "{err}");
         assert_eq!(f.read("config.yaml"), YAML);
     }

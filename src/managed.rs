@@ -109,11 +109,45 @@ fn classify(
     }
 }
 
+/// Why a start is refused (either mode), before any file changes. Shown
+/// to the user as it is: it names the file (and key), never a token, since
+/// conflicts describe values by fingerprint.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{} is not a regular file (a symlink or directory); tokenfs manages regular files only: point the config at the real file", file.display())]
+    NotRegular { file: PathBuf },
+    #[error("{} is {size} bytes, over the limit of {limit} for a managed file: point the config at the right file, or raise max_file_size", file.display())]
+    TooBig {
+        file: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    /// One file's bound keys hold other tokens than their credentials.
+    #[error("{}: {}; nothing was changed. Bind that key to its own credential, or set replace = true on this mount to let the credential take over (the file's bytes are backed up first, under {})", file.display(), conflicts.join("; "), backup.display())]
+    Conflict {
+        file: PathBuf,
+        conflicts: Vec<String>,
+        backup: PathBuf,
+    },
+    /// The precheck over every file: each conflict names its file.
+    #[error("{}; nothing was changed. Bind such a key to its own credential, or set replace = true on its mount to let the credential take over (the file is backed up first, under {})", conflicts.join("; "), backups.display())]
+    Conflicts {
+        conflicts: Vec<String>,
+        backups: PathBuf,
+    },
+    #[error("{}: cannot back up the original before converting it: {source}; nothing was changed", file.display())]
+    Backup { file: PathBuf, source: io::Error },
+    #[error("{}: the directory of a managed file must exist: {source}", file.display())]
+    NoDirectory { file: PathBuf, source: io::Error },
+    #[error("{}: {source}", file.display())]
+    Io { file: PathBuf, source: io::Error },
+}
+
 /// Refuses, before any file is converted or written, a config whose files
 /// hold a different token at a bound key than their credential (unless
 /// `replace`), so that a refused start leaves every file exactly as it was.
 /// Both modes call it first.
-pub fn precheck(config: &Config, store: &Store, adopt: &dyn Adopt) -> Result<(), String> {
+pub fn precheck(config: &Config, store: &Store, adopt: &dyn Adopt) -> Result<(), StartError> {
     let mut claims = HashMap::new();
     let mut conflicts = Vec::new();
     for m in &config.mounts {
@@ -125,13 +159,10 @@ pub fn precheck(config: &Config, store: &Store, adopt: &dyn Adopt) -> Result<(),
     if conflicts.is_empty() {
         return Ok(());
     }
-    Err(format!(
-        "{}; nothing was changed. Bind such a key to its own credential, or set replace = true on its mount to let the credential take over (the file is backed up first, under {})",
-        conflicts.join("; "),
-        Backups::new(&config.state_dir)
-            .original_of(Path::new("/"))
-            .display()
-    ))
+    Err(StartError::Conflicts {
+        conflicts,
+        backups: Backups::new(&config.state_dir).original_of(Path::new("/")),
+    })
 }
 
 /// The conflicts one file would raise at start. `claims`: what earlier
@@ -245,9 +276,12 @@ impl FileCore {
         h.last_error_at = Some(SystemTime::now());
     }
 
-    /// An I/O error prefixed with the file, as start-up errors are.
-    pub fn describe(&self, e: &io::Error) -> String {
-        format!("{}: {e}", self.shown.display())
+    /// An I/O error at start, naming the file.
+    pub fn io_error(&self, source: io::Error) -> StartError {
+        StartError::Io {
+            file: self.shown.clone(),
+            source,
+        }
     }
 
     /// Bytes as the template this file's format and bindings read them.
@@ -258,20 +292,15 @@ impl FileCore {
     /// Refuses at start what tokenfs must not manage: anything but a
     /// regular file (a symlink would be replaced by a file), and a file over
     /// the size limit (likely the wrong file).
-    pub fn check_start(&self, st: &libc::stat) -> Result<(), String> {
+    pub fn check_start(&self, st: &libc::stat) -> Result<(), StartError> {
+        let file = self.shown.clone();
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(format!(
-                "{} is not a regular file (a symlink or directory); tokenfs manages regular files only: point the config at the real file",
-                self.shown.display()
-            ));
+            return Err(StartError::NotRegular { file });
         }
-        if st.st_size.max(0) as u64 > self.max_size {
-            return Err(format!(
-                "{} is {} bytes, over the limit of {} for a managed file: point the config at the right file, or raise max_file_size",
-                self.shown.display(),
-                st.st_size,
-                self.max_size
-            ));
+        let size = st.st_size.max(0) as u64;
+        if size > self.max_size {
+            let limit = self.max_size;
+            return Err(StartError::TooBig { file, size, limit });
         }
         Ok(())
     }
@@ -306,29 +335,30 @@ impl FileCore {
     /// anything is written (in FUSE mode the file will hold placeholders; in
     /// files mode a replaced value is gone from it), and a failed backup
     /// refuses the start too. `existed`: there were bytes to back up.
-    pub fn convert_at_start(&self, bytes: &[u8], existed: bool) -> Result<Conversion, String> {
+    pub fn convert_at_start(&self, bytes: &[u8], existed: bool) -> Result<Conversion, StartError> {
         let snap = self.ctx.store.snapshot();
         let conv = self.to_template(&snap, bytes);
         let conflicts = self.claim_found(&snap, &conv.found);
         if !conflicts.is_empty() && !self.replace {
-            return Err(format!(
-                "{}: {}; nothing was changed. Bind that key to its own credential, or set replace = true on this mount to let the credential take over (the file's bytes are backed up first, under {})",
-                self.shown.display(),
-                conflicts.join("; "),
-                self.ctx.backups.original_of(&self.shown).display()
-            ));
+            return Err(StartError::Conflict {
+                file: self.shown.clone(),
+                conflicts,
+                backup: self.ctx.backups.original_of(&self.shown),
+            });
         }
         for c in &conflicts {
             warn!(file = %self.shown.display(), "replace = true: {c}; the credential takes over");
         }
         self.report_conversion(&conv, "at start");
         if existed && conv.template != bytes {
-            let kept = self.ctx.backups.keep(&self.shown, bytes).map_err(|e| {
-                format!(
-                    "{}: cannot back up the original before converting it: {e}; nothing was changed",
-                    self.shown.display()
-                )
-            })?;
+            let kept = self
+                .ctx
+                .backups
+                .keep(&self.shown, bytes)
+                .map_err(|source| StartError::Backup {
+                    file: self.shown.clone(),
+                    source,
+                })?;
             info!(file = %self.shown.display(), backup = %kept.display(), "original bytes backed up before the first conversion");
         }
         Ok(conv)
@@ -772,7 +802,8 @@ mod tests {
         let bytes = f.write("a.yaml", &yaml(T2));
         let err = match core.convert_at_start(&bytes, true) {
             Ok(_) => panic!("a conflicting token was converted"),
-            Err(e) => e,
+            Err(e @ StartError::Conflict { .. }) => e.to_string(),
+            Err(e) => panic!("not a conflict: {e}"),
         };
         assert!(
             err.contains("a.yaml") && err.contains("model.api_key"),
@@ -804,7 +835,8 @@ mod tests {
         f.write("b.yaml", &yaml(T2));
         let err = match precheck(&f.config, &f.store, f.adopt.as_ref()) {
             Ok(()) => panic!("two tokens for one credential were accepted"),
-            Err(e) => e,
+            Err(e @ StartError::Conflicts { .. }) => e.to_string(),
+            Err(e) => panic!("not the precheck's conflicts: {e}"),
         };
         assert!(
             err.contains("b.yaml") && err.contains("model.api_key"),

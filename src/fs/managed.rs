@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::inode::Node;
 use super::sys;
 use crate::config::ManagedConfig;
-use crate::managed::{self, Context, FileCore, FileHealth};
+use crate::managed::{self, Context, FileCore, FileHealth, StartError};
 use crate::render::Template;
 use crate::secret::SecretBytes;
 use crate::store::{Credential, Snapshot};
@@ -110,9 +110,12 @@ impl ManagedFile {
         mount_dir: &Path,
         cfg: &ManagedConfig,
         ctx: Arc<Context>,
-    ) -> Result<ManagedFile, String> {
+    ) -> Result<ManagedFile, StartError> {
         let name_os = cfg.path.file_name().unwrap_or_default();
-        let name = sys::cname(name_os).map_err(|e| format!("{}: {e}", cfg.path.display()))?;
+        let name = sys::cname(name_os).map_err(|source| StartError::Io {
+            file: mount_dir.join(&cfg.path),
+            source,
+        })?;
         let file = ManagedFile {
             id,
             core: FileCore::new(mount_dir, cfg, ctx),
@@ -131,12 +134,12 @@ impl ManagedFile {
 
     /// Converts what is on disk at mount (or an empty file with `create`):
     /// refuses files over the size limit and anything but a regular file.
-    fn first_conversion(&self) -> Result<(), String> {
+    fn first_conversion(&self) -> Result<(), StartError> {
         match sys::stat_name(self.dir.fd(), &self.name) {
             Ok(st) => {
                 self.core.check_start(&st)?;
                 let bytes = managed::read_at(self.dir.fd(), &self.name)
-                    .map_err(|e| self.core.describe(&e))?;
+                    .map_err(|e| self.core.io_error(e))?;
                 self.convert_at_mount(&bytes, st)
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.core.create => {
@@ -146,19 +149,19 @@ impl ManagedFile {
                 info!(file = %self.core.shown.display(), "managed file does not exist; it appears when a program creates it");
                 Ok(())
             }
-            Err(e) => Err(self.core.describe(&e)),
+            Err(e) => Err(self.core.io_error(e)),
         }
     }
 
     /// The first conversion (see [`FileCore::convert_at_start`]), saved as
     /// the backing file when it changed anything; `st.st_ino == 0`: the file
     /// is being created.
-    fn convert_at_mount(&self, bytes: &[u8], st: libc::stat) -> Result<(), String> {
+    fn convert_at_mount(&self, bytes: &[u8], st: libc::stat) -> Result<(), StartError> {
         let created = st.st_ino == 0;
         let conv = self.core.convert_at_start(bytes, !created)?;
         let stat = if conv.template != bytes || created {
             self.save_backing(&conv.template)
-                .map_err(|e| self.core.describe(&e))?
+                .map_err(|e| self.core.io_error(e))?
         } else {
             st
         };

@@ -55,7 +55,7 @@ use self::managed::ManagedFile;
 use self::managed_io::ManagedHandle;
 use self::view::Views;
 use crate::config::MountConfig;
-use crate::managed::{Context, FileHealth};
+use crate::managed::{Context, FileHealth, StartError};
 
 /// Attribute and entry lifetime for passthrough inodes. Every change to them
 /// arrives through this mount, and the kernel drops its cached attributes of
@@ -270,7 +270,7 @@ pub trait DirSink {
 impl TokenFs<FuseKernel> {
     /// Builds the filesystem for one mount from the directory fd opened before
     /// mounting, loading (and converting) its managed files.
-    pub fn new(cfg: &MountConfig, root: OwnedFd, ctx: Arc<Context>) -> Result<Self, String> {
+    pub fn new(cfg: &MountConfig, root: OwnedFd, ctx: Arc<Context>) -> Result<Self, StartError> {
         TokenFs::with_kernel(cfg, root, ctx, Arc::new(FuseKernel::default()))
     }
 }
@@ -282,10 +282,12 @@ impl<K: Kernel> TokenFs<K> {
         root: OwnedFd,
         ctx: Arc<Context>,
         kernel: Arc<K>,
-    ) -> Result<Self, String> {
-        let shown = cfg.dir.display().to_string();
+    ) -> Result<Self, StartError> {
         let root_stat =
-            sys::stat_fd(std::os::fd::AsFd::as_fd(&root)).map_err(|e| format!("{shown}: {e}"))?;
+            sys::stat_fd(std::os::fd::AsFd::as_fd(&root)).map_err(|source| StartError::Io {
+                file: cfg.dir.clone(),
+                source,
+            })?;
         let inodes = Inodes::new(root, &root_stat);
         let (managed, files) = load_managed(cfg, &inodes, &ctx)?;
         for note in &cfg.notes {
@@ -359,16 +361,15 @@ fn load_managed(
     cfg: &MountConfig,
     inodes: &Inodes,
     ctx: &Arc<Context>,
-) -> Result<(Managed, Vec<Arc<dyn ServedFile>>), String> {
+) -> Result<(Managed, Vec<Arc<dyn ServedFile>>), StartError> {
     let mut managed = Managed::default();
     let mut files = Vec::new();
     for fcfg in &cfg.files {
-        let parent = resolve_parent(inodes, &fcfg.path).map_err(|e| {
-            format!(
-                "{}: the directory of a managed file must exist: {e}",
-                cfg.dir.join(&fcfg.path).display()
-            )
-        })?;
+        let parent =
+            resolve_parent(inodes, &fcfg.path).map_err(|source| StartError::NoDirectory {
+                file: cfg.dir.join(&fcfg.path),
+                source,
+            })?;
         let id = inodes.synthetic_id();
         let file = Arc::new(ManagedFile::load(
             id,
