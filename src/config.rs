@@ -1901,7 +1901,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        ConfigFile::parse(Path::new("t.toml"), text)?.resolve(&crate::preset::Agents)
+        crate::preset::parse_config(Path::new("t.toml"), text)
     }
 
     /// Records what a preset is asked, and answers with one directory.

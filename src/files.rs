@@ -432,8 +432,7 @@ mod tests {
             dir.path().join("state").display(),
             dir.path().display()
         );
-        let config = crate::config::ConfigFile::parse(Path::new("test.toml"), &text)
-            .and_then(|c| c.resolve(&crate::preset::Agents))
+        let config = crate::preset::parse_config(Path::new("test.toml"), &text)
             .unwrap_or_else(|e| panic!("{e}"));
         let store = Arc::new(Store::new([("databricks", "push")]));
         let r = store.publish("databricks", Update::token(Secret::new(T1)));

@@ -244,9 +244,7 @@ fn run(cli: Cli) -> Result<(), String> {
 /// The config the daemon runs: the file, then its presets (which read the
 /// agents' files to see what they hold).
 fn load_config(path: &Path) -> Result<Config, String> {
-    ConfigFile::load(path)
-        .and_then(|c| c.resolve(&tokenfs::preset::Agents))
-        .map_err(|e| e.to_string())
+    tokenfs::preset::load_config(path).map_err(|e| e.to_string())
 }
 
 fn mount(config: &Path) -> Result<(), String> {

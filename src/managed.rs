@@ -719,8 +719,7 @@ mod tests {
                 "[[mount.file]]\npath = \"{name}\"\nformat = \"yaml\"\nbind = {{ \"model.api_key\" = \"databricks.token\" }}\n"
             ));
         }
-        let config = crate::config::ConfigFile::parse(Path::new("test.toml"), &text)
-            .and_then(|c| c.resolve(&crate::preset::Agents))
+        let config = crate::preset::parse_config(Path::new("test.toml"), &text)
             .unwrap_or_else(|e| panic!("{e}"));
         let store = Arc::new(Store::new([("databricks", "push")]));
         if let Some(t) = current {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{ManagedConfig, expand_home};
+use crate::config::{Config, ConfigError, ConfigFile, ManagedConfig, expand_home};
 use crate::render::{Binding, Format, KeyPath, Kind};
 
 pub const NAMES: [&str; 7] = [
@@ -35,6 +35,17 @@ impl crate::config::Presets for Agents {
     fn expand(&self, name: &str, o: &Options) -> Result<Vec<Mount>, String> {
         expand(name, o)
     }
+}
+
+/// The config the daemon runs from `path`: parsed, then resolved with
+/// these presets (which read the agents' files).
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    ConfigFile::load(path)?.resolve(&Agents)
+}
+
+/// [`load_config`] of a config's text (`path` names it in errors).
+pub fn parse_config(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    ConfigFile::parse(path, text)?.resolve(&Agents)
 }
 
 pub fn expand(name: &str, o: &Options) -> Result<Vec<Mount>, String> {

@@ -11,14 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http::{Conn, Upstream};
-use tokenfs::config::{Config, ConfigError, ConfigFile};
+use tokenfs::preset::parse_config;
 use tokenfs::proxy::{Proxies, Proxy};
 use tokenfs::secret::Secret;
 use tokenfs::store::{Store, Update};
-
-fn parse_config(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    ConfigFile::parse(path, text)?.resolve(&tokenfs::preset::Agents)
-}
 
 /// A push credential `db`, a proxy `llm` to `UPSTREAM/base`, and a helper
 /// that rotates like a minting source: mint, publish, revoke the old one.

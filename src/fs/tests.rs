@@ -19,7 +19,6 @@ use super::inode::ROOT_ID;
 use super::kernel::{Caller, Kernel, OpenBacking};
 use super::{AttrChange, Step, TokenFs};
 use crate::backup::Backups;
-use crate::config::ConfigFile;
 use crate::managed::Context;
 use crate::secret::Secret;
 use crate::store::{SlotRef, Store, Update};
@@ -132,8 +131,7 @@ fn fixture() -> Fixture {
         dir.path().join("state").display(),
         mount.display()
     );
-    let config = ConfigFile::parse(Path::new("test.toml"), &text)
-        .and_then(|c| c.resolve(&crate::preset::Agents))
+    let config = crate::preset::parse_config(Path::new("test.toml"), &text)
         .unwrap_or_else(|e| panic!("{e}"));
     let mut m = config.mounts[0].clone();
     m.files[0].max_size = MAX;
